@@ -1,0 +1,358 @@
+"""LoRA layer wrappers: a frozen base layer plus named adapters.
+
+Each wrapper keeps the layout PEFT uses (``base_layer``, ``lora_A`` /
+``lora_B`` as ``nn.ModuleDict`` keyed by adapter name, ``lora_embedding_A`` /
+``lora_embedding_B`` as ``nn.ParameterDict`` for embeddings), so state-dict
+keys line up with PEFT's on-disk format without translation tables.
+
+State changes are explicit calls (``merge``, ``unmerge``, ``set_adapter``);
+nothing happens as a side effect of ``.eval()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LorakitError, UnsupportedModuleError
+
+__all__ = [
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "ModulesToSaveWrapper",
+    "SUPPORTED_KINDS",
+    "wrap_module",
+]
+
+try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    HFConv1D = None
+
+SUPPORTED_KINDS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D (GPT-2)"
+
+
+class LoraLayer(nn.Module):
+    """Common state of a LoRA wrapper around one frozen base layer.
+
+    Attributes:
+        base_layer: the original module (frozen).
+        r, lora_alpha, scaling: per-adapter rank, alpha and scaling.
+        active_adapters: adapters whose update is applied in forward.
+        merged_adapters: adapters currently folded into ``base_layer.weight``.
+        disabled: when True, forward is the base layer alone.
+    """
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # Attributes transformers and user code read off the layer they replaced.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, scaling: float, dropout: float, init: bool | str) -> None:
+        """Create adapter ``name`` on this layer and initialise it."""
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self.reset_parameters(name, init)
+        weight = self.base_layer.weight
+        # Adapters live on the base layer's device, in fp32 unless the base is fp64.
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        for pname in self.adapter_param_names:
+            container = getattr(self, pname)
+            container[name] = container[name].to(device=weight.device, dtype=dtype)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerging it first if merged)."""
+        if name in self.merged_adapters:
+            self.unmerge()
+        for pname in (*self.adapter_param_names, "lora_dropout"):
+            container = getattr(self, pname)
+            if name in container:
+                del container[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_scale(self, name: str, scaling: float) -> None:
+        self.scaling[name] = scaling
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold the given (default: active) adapters into the base weight.
+
+        The delta is computed in fp32 (or fp64) and the weight cast back once.
+        Merging an adapter that is already merged is a no-op with a warning.
+
+        Raises:
+            LorakitError: with ``safe=True``, when the merged weight would hold NaN/Inf.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.r:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; nothing to do", stacklevel=3)
+                continue
+            delta = self.delta_weight(name)
+            new = weight.data.to(delta.dtype) + delta
+            if safe and not torch.isfinite(new).all():
+                raise LorakitError(
+                    f"merging adapter {name!r} would put NaN/Inf into the base weight; the adapter is broken "
+                    f"(check its training loss); nothing was changed."
+                )
+            weight.data.copy_(new.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight (last merged first)."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name)
+            weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
+
+    def _pending(self) -> list[str]:
+        """Active adapters whose update forward must still compute."""
+        if self.disabled:
+            return []
+        return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
+
+    # Subclasses implement these three.
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def reset_parameters(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` shaped like the base weight, in fp32 (fp64 for fp64 adapters)."""
+        raise NotImplementedError
+
+
+def _init_linear_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str) -> None:
+    if init is False:  # both random (nn.Linear's default init), the model changes at once
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        return
+    if init == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.zeros_(B)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        w = base_layer.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)  # weight (r, in)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)  # weight (out, r)
+
+    def reset_parameters(self, name: str, init: bool | str) -> None:
+        _init_linear_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        delta = (B.to(dtype) @ A.to(dtype)) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the storage layout."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pending = self._pending()
+        if not pending:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in pending:  # several adapters at once: the plain composition
+            A, B = self.lora_A[name], self.lora_B[name]
+            xd = self.lora_dropout[name](x).to(A.weight.dtype)
+            result = result + (B(A(xd)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: ``A`` (r, num_embeddings) is looked up, then ``B`` (dim, r)."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
+
+    def reset_parameters(self, name: str, init: bool | str) -> None:
+        if init is False:  # keep the random normal init of both
+            return
+        # As PEFT: A zero, B normal, so the product starts at zero.
+        nn.init.zeros_(self.lora_embedding_A[name])
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        return (B.to(dtype) @ A.to(dtype)).T * self.scaling[name]  # (num, dim)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self._pending():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                                  base.scale_grad_by_freq, base.sparse)  # (..., r)
+            result = result + ((after_a @ B.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA around ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv to r channels, B a 1x1 conv back."""
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise UnsupportedModuleError(
+                f"grouped convolutions (groups={base_layer.groups}) are not supported for LoRA; "
+                f"exclude this module with exclude_modules."
+            )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        base = self.base_layer
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                 dilation=base.dilation, bias=False)
+        self.lora_B[name] = conv(r, base.out_channels, ones, ones, bias=False)
+
+    def reset_parameters(self, name: str, init: bool | str) -> None:
+        _init_linear_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        A, B = A.to(dtype), B.to(dtype)
+        # B is 1x1: delta[o, i, k...] = sum_r B[o, r] A[r, i, k...]
+        delta = torch.einsum("or,r...->o...", B.flatten(1), A)
+        return delta * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._pending():
+            A, B = self.lora_A[name], self.lora_B[name]
+            xd = self.lora_dropout[name](x).to(A.weight.dtype)
+            result = result + (B(A(xd)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module and one trainable copy per adapter (PEFT's layout)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "original_module" not in modules:
+                raise
+            return getattr(self.current, name)
+
+
+def wrap_module(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
+    """Return the LoRA wrapper for ``module``.
+
+    Raises:
+        UnsupportedModuleError: for a module kind lorakit cannot adapt.
+    """
+    if isinstance(module, nn.Linear):
+        if fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; using fan_in_fan_out=False", stacklevel=3)
+        return LoraLinear(module, fan_in_fan_out=False)
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv(module)
+    raise UnsupportedModuleError(
+        f"cannot apply LoRA to a {type(module).__module__}.{type(module).__name__}; "
+        f"supported layers are {SUPPORTED_KINDS}. Narrow target_modules or add it to exclude_modules."
+    )

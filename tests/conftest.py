@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def make_llama(seed: int = 0, bias: bool = False, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    if bias:  # random non-zero biases so bias handling is visible in outputs
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model
+
+
+def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def llama():
+    return make_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return make_gpt2()
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, 96, (2, 10), generator=g)
