@@ -162,8 +162,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
             tensors = torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
             raise AdapterFormatError(
-                f"{binary} could not be read safely ({type(exc).__name__}: {exc}); lorakit loads .bin adapters "
-                f"only as plain tensors (weights_only). Convert it to {WEIGHTS_NAME}."
+                f"{binary} could not be read safely ({type(exc).__name__}): it holds more than plain tensors, and "
+                f"lorakit never unpickles code (torch.load with weights_only=True). Convert it to {WEIGHTS_NAME} "
+                f"where you trust the file."
             ) from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise AdapterFormatError(f"{binary} does not hold a mapping of tensor names to tensors.")

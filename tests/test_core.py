@@ -1,0 +1,211 @@
+"""Core behaviour: injection, gradients, merge, adapter lifecycle, and PEFT's accounting."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import make_gpt2, make_llama
+from lorakit.layers import LoraLinear
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_injection_at_init_is_bit_equal(llama, input_ids):
+    before = logits(llama, input_ids)
+    lorakit.inject(llama, lorakit.LoraConfig(r=8, target_modules="all-linear"))
+    assert isinstance(llama.model.layers[0].self_attn.q_proj, LoraLinear)
+    assert torch.equal(logits(llama, input_ids), before)
+
+
+def test_gaussian_init_matches_spec(llama):
+    lorakit.inject(llama, lorakit.LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    A = torch.cat([m.self_attn.q_proj.lora_A["default"].weight.flatten() for m in llama.model.layers])
+    B = llama.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.all(B == 0)
+    assert abs(A.std().item() - 1 / 8) < 0.02
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_gradients_reach_only_trainable(bias, input_ids):
+    model = make_llama(bias=True)
+    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias, modules_to_save=["lm_head"],
+                             init_lora_weights=False)
+    lorakit.inject(model, cfg)
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    for name, p in model.named_parameters():
+        expected = (".lora_" in name or ".modules_to_save." in name
+                    or (bias == "all" and name.endswith("bias"))
+                    or (bias == "lora_only" and name.endswith("base_layer.bias")
+                        and (".q_proj." in name or ".v_proj." in name)))
+        assert p.requires_grad == expected, name
+        if expected:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_print_trainable_parameters_matches_peft(capsys):
+    base = make_llama()
+    cfg = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg)).print_trainable_parameters()
+    theirs = capsys.readouterr().out.strip()
+    lorakit.print_trainable_parameters(lorakit.inject(base, lorakit.LoraConfig(**cfg)))
+    ours = capsys.readouterr().out.strip()
+    assert ours == theirs
+    assert ours.startswith("trainable params: ") and " || all params: " in ours
+
+
+def test_gradient_checkpointing_generate_and_trainer(tmp_path, input_ids):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.gradient_checkpointing_disable()
+
+    out = model.generate(input_ids=input_ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+    data = [{"input_ids": input_ids[0], "labels": input_ids[0]}] * 16
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                             learning_rate=3e-2, lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] * 0.7, losses
+
+
+def test_merge_unmerge_and_warnings(input_ids):
+    model = lorakit.inject(make_gpt2(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    unmerged = logits(model, input_ids)
+    w0 = model.transformer.h[0].attn.c_attn.base_layer.weight.clone()
+    lorakit.merge(model)
+    torch.testing.assert_close(logits(model, input_ids), unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="already merged"):
+        lorakit.merge(model)
+    lorakit.unmerge(model)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.base_layer.weight, w0, rtol=1e-6, atol=1e-6)
+
+
+def test_safe_merge_refuses_nan():
+    model = lorakit.inject(make_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.model.layers[1].self_attn.q_proj
+    w0 = layer.base_layer.weight.clone()
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(lorakit.LorakitError, match="NaN/Inf"):
+        lorakit.merge(model, safe=True)
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_bf16_base_merges_in_fp32(input_ids):
+    base = make_llama()
+    model = lorakit.inject(copy.deepcopy(base).to(torch.bfloat16),
+                           lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    expected = (layer.base_layer.weight.float() + layer.delta_weight("default")).to(torch.bfloat16)
+    lorakit.merge(model)
+    assert torch.equal(layer.base_layer.weight, expected)
+
+
+def test_merge_and_unload_gives_plain_model(tmp_path, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = lorakit.inject(make_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    expected = logits(model, input_ids)
+    plain = lorakit.merge_and_unload(model)
+    assert not any(type(m).__module__.startswith("lorakit") for m in plain.modules())
+    plain.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(again, input_ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_returns_base_unchanged(input_ids):
+    base = make_llama()
+    expected = logits(base, input_ids)
+    sd = copy.deepcopy(base.state_dict())
+    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lorakit.merge(model)
+    plain = lorakit.unload(model)
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(plain, input_ids), expected)
+
+
+def test_adapter_lifecycle_and_disable(input_ids):
+    base = make_llama()
+    expected_base = logits(base, input_ids)
+    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    assert lorakit.list_adapters(model) == ["default", "b"]
+    assert lorakit.active_adapters(model) == ["default"]
+    out_a = logits(model, input_ids)
+    lorakit.set_adapter(model, "b")
+    out_b = logits(model, input_ids)
+    assert not torch.allclose(out_a, out_b)
+    # Only the active adapter trains.
+    assert all(p.requires_grad == (".b." in n) for n, p in model.named_parameters() if ".lora_" in n)
+    lorakit.set_adapter(model, ["default", "b"])
+    both = logits(model, input_ids)
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, input_ids), expected_base)
+    torch.testing.assert_close(logits(model, input_ids), both)
+    # Adapters come back after an exception, merged ones too.
+    lorakit.merge(model)
+    with pytest.raises(RuntimeError):
+        with lorakit.disable_adapters(model):
+            torch.testing.assert_close(logits(model, input_ids), expected_base, rtol=1e-5, atol=1e-5)
+            raise RuntimeError("boom")
+    torch.testing.assert_close(logits(model, input_ids), both, rtol=1e-5, atol=1e-5)
+    lorakit.unmerge(model)
+    lorakit.delete_adapter(model, "b")
+    assert lorakit.list_adapters(model) == ["default"] and lorakit.active_adapters(model) == ["default"]
+    torch.testing.assert_close(logits(model, input_ids), out_a)
+    with pytest.raises(lorakit.AdapterNotFoundError, match="no adapter named 'zzz'.*adapters: default"):
+        lorakit.set_adapter(model, "zzz")
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 5, 3, stride=2)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):  # x: (B, 3, L*L)
+        h = self.c1(x)
+        side = int(h.shape[-1] ** 0.5)
+        h = self.c2(h.view(h.shape[0], 6, side, side))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_conv_layers_match_peft(tmp_path):
+    torch.manual_seed(0)
+    base = ConvNet()
+    x = torch.randn(2, 3, 64)
+    cfg = dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "fc"])
+    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(init_lora_weights=False, **cfg))
+    lorakit.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    merged = lorakit.merge_and_unload(copy.deepcopy(ours))
+    torch.testing.assert_close(merged(x), ours(x), rtol=1e-5, atol=1e-6)
