@@ -1,0 +1,290 @@
+"""Tests of lorakit.train.loop and lorakit.train.report on a tiny offline model (fp32, CPU).
+
+The independent references: a second run (resume == uninterrupted, accumulation == a
+big batch), PEFT (loads the adapter, same logits), and the schedule formulas written
+out here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit.errors import ConfigError, TrainingError  # noqa: E402
+from lorakit.train import loop  # noqa: E402
+from lorakit.train.config import RunConfig  # noqa: E402
+from lorakit.train.loop import TrainingInterrupted, lr_factor, resolve_precision, train  # noqa: E402
+from lorakit.train.report import read_metrics  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: one thread is faster and steadier on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_tiny_model_dir(root / "model"), write_chat_jsonl(root / "train.jsonl", n=32)
+
+
+# lm_head too: the tiny model's final RMSNorm bounds what the inner layers alone can do to the logits.
+TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]
+
+
+def make_cfg(assets, out: Path, lora=None, data=None, **train) -> RunConfig:
+    model, data_file = assets
+    return RunConfig.model_validate({
+        "model": str(model),
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **(lora or {})},
+        "data": {"train": str(data_file), **(data or {})},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "eval_every": 0,
+                  "save_every": 0, **train},
+        "output": {"dir": str(out)},
+    })
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+def test_loss_falls_and_run_dir_is_complete(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(make_cfg(assets, out, data={"eval_fraction": 0.25}, steps=30, batch_size=8, lr=3e-2,
+                            eval_every=10, save_every=10, log_every=1), device="cpu")
+    rows = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    assert all(set(r) == {"step", "loss", "lr", "tokens", "elapsed_s"} for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [10, 20, 30] and all(set(r) == {"step", "eval_loss"} for r in eval_rows)
+    first, last = train_rows[0]["loss"], sum(r["loss"] for r in train_rows[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+    assert train_rows[-1]["tokens"] == result.tokens and train_rows[0]["tokens"] > 0
+    assert result.steps == 30 and result.eval_loss == eval_rows[-1]["eval_loss"]
+    assert result.train_loss == pytest.approx(train_rows[-1]["loss"])
+    assert result.trainable_params == lorakit.trainable_parameters(_injected(assets))[0]
+    assert result.peak_memory_bytes > 0 and result.precision == "fp32"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lorakit.yaml", "README.md"):
+        assert (out / name).is_file(), name
+    assert "fp32" in (out / "README.md").read_text()
+    # only the last 2 checkpoints are kept; each holds an adapter and a trainer state
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    state = torch.load(out / "checkpoints/step-000030/trainer_state.pt", weights_only=True)
+    assert state["step"] == 30
+    assert torch.equal(adapter(out / "checkpoints/step-000030")["base_model.model.model.layers.0.self_attn.q_proj"
+                                                                 ".lora_A.weight"],
+                       adapter(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    # a second, fresh run into the same folder is refused (it would mix two runs)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(make_cfg(assets, out), device="cpu")
+
+
+def _injected(assets):
+    from lorakit.models import load_model
+
+    model, _ = load_model(str(assets[0]), dtype=torch.float32)
+    return lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+
+
+def test_adapter_at_root_loads_in_peft_with_same_logits(assets, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import load_model
+
+    out = tmp_path / "run"
+    train(make_cfg(assets, out, steps=3, lr=5e-2), device="cpu")
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours, _ = load_model(str(assets[0]), dtype=torch.float32)
+    lorakit.load_adapter(ours, out)
+    base = AutoModelForCausalLM.from_pretrained(assets[0], dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()
+        ref, got = theirs(ids).logits, ours.eval()(ids).logits
+    assert not torch.allclose(ref, plain, atol=1e-4)  # the adapter changes the model
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stop_in_step", [4, 5])
+def test_interrupted_and_resumed_run_is_bit_identical(assets, tmp_path, monkeypatch, stop_in_step):
+    kw = dict(lora={"lora_dropout": 0.1}, steps=6, save_every=3, schedule="cosine", warmup_steps=2)
+    straight = tmp_path / "straight"
+    train(make_cfg(assets, straight, **kw), device="cpu")
+
+    resumed = tmp_path / "resumed"
+    real, calls = loop._forward_loss, []
+
+    def interrupt(model, batch):
+        calls.append(1)
+        if len(calls) == stop_in_step:  # one micro-batch per step here: this is step stop_in_step
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "_forward_loss", interrupt)
+    with pytest.raises(TrainingInterrupted, match="--resume") as info:
+        train(make_cfg(assets, resumed, **kw), device="cpu")
+    assert info.value.step == stop_in_step - 1
+    assert info.value.checkpoint == resumed / "checkpoints" / f"step-{stop_in_step - 1:06d}"
+    assert isinstance(info.value, TrainingError)
+    assert not (resumed / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(loop, "_forward_loss", real)
+
+    result = train(make_cfg(assets, resumed, **kw), resume=True, device="cpu")
+    assert result.steps == 6
+    a, b = adapter(straight), adapter(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # metrics read as one run; losses equal to the uninterrupted run's
+    rows_a = [r for r in read_metrics(straight / "metrics.jsonl") if "loss" in r]
+    rows_b = [r for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows_b] == list(range(1, 7))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
+
+
+def test_interrupt_before_the_first_step_saves_nothing(assets, tmp_path, monkeypatch):
+    def interrupt(model, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_forward_loss", interrupt)
+    with pytest.raises(TrainingInterrupted, match="nothing to resume") as info:
+        train(make_cfg(assets, tmp_path / "run"), device="cpu")
+    assert info.value.step == 0 and info.value.checkpoint is None
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(assets, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(make_cfg(assets, tmp_path / "none"), resume=True, device="cpu")
+    out = tmp_path / "run"
+    train(make_cfg(assets, out, steps=2), device="cpu")
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 4 -> 2"):
+        train(make_cfg(assets, out, steps=4, batch_size=2), resume=True, device="cpu")
+    result = train(make_cfg(assets, out, steps=3), resume=True, device="cpu")  # more steps is fine
+    assert result.steps == 3
+
+
+def test_grad_accum_equals_one_big_batch_and_lr_follows_the_schedule(assets, tmp_path):
+    kw = dict(steps=3, lr=2e-2, schedule="linear", warmup_steps=1, max_grad_norm=0.5)
+    train(make_cfg(assets, tmp_path / "accum", batch_size=4, grad_accum=2, **kw), device="cpu")
+    train(make_cfg(assets, tmp_path / "big", batch_size=8, **kw), device="cpu")
+    a, b = adapter(tmp_path / "accum"), adapter(tmp_path / "big")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "accum" / "metrics.jsonl")]
+    # warmup 1 of 3 steps: step 0 -> 1/2, then linear 1 - (s - 1) / 2
+    assert lrs == pytest.approx([2e-2 * 0.5, 2e-2 * 1.0, 2e-2 * 0.5])
+
+
+def test_lr_factor_formulas():
+    total, warm = 10, 2
+    for s in range(total):
+        p = (s - warm) / (total - warm)
+        expected_warm = (s + 1) / (warm + 1)
+        assert lr_factor("constant", s, total, warm) == pytest.approx(expected_warm if s < warm else 1.0)
+        assert lr_factor("linear", s, total, warm) == pytest.approx(expected_warm if s < warm else 1 - p)
+        assert lr_factor("cosine", s, total, warm) == pytest.approx(
+            expected_warm if s < warm else 0.5 * (1 + math.cos(math.pi * p)))
+    assert lr_factor("cosine", 0, 5, 0) == 1.0 and lr_factor("linear", 4, 5, 0) == pytest.approx(0.2)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = loop._forward_loss, []
+
+    def poisoned(model, batch):
+        loss_sum, n = real(model, batch)
+        calls.append(1)
+        return (loss_sum * float("nan") if len(calls) == 4 else loss_sum), n
+
+    monkeypatch.setattr(loop, "_forward_loss", poisoned)
+    good = out / "checkpoints" / "step-000002"
+    with pytest.raises(TrainingError, match=rf"loss became nan at step 4; the last good checkpoint is {good}; "
+                                            "lower train.lr"):
+        train(make_cfg(assets, out, steps=6, save_every=2), device="cpu")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    state = torch.load(good / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in adapter(good).values())
+    assert not (out / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(loop, "_forward_loss", real)
+    assert train(make_cfg(assets, out, steps=6, save_every=2), resume=True, device="cpu").steps == 6
+
+
+def test_huge_lr_diverges_with_a_training_error(assets, tmp_path):
+    with pytest.raises(TrainingError, match="became (nan|inf)"):
+        train(make_cfg(assets, tmp_path / "run", steps=8, lr=1e30, max_grad_norm=None,
+                       lora={"init_lora_weights": False}), device="cpu")
+
+
+def test_bf16_packing_and_checkpointing_run(assets, tmp_path):
+    out = tmp_path / "run"
+    seen = {}
+    real = loop._forward_loss
+
+    def spy(model, batch):
+        seen["base"] = model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype
+        seen["lora"] = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
+        seen["packed"] = "position_ids" in batch and "attention_mask" not in batch
+        loss_sum, n = real(model, batch)
+        seen["loss"] = loss_sum.dtype
+        return loss_sum, n
+
+    loop._forward_loss = spy
+    try:
+        result = train(make_cfg(assets, out, data={"packing": True, "max_seq_len": 128}, steps=2, precision="bf16",
+                                gradient_checkpointing=True), device="cpu")
+    finally:
+        loop._forward_loss = real
+    assert seen == {"base": torch.bfloat16, "lora": torch.float32, "packed": True, "loss": torch.float32}
+    assert result.precision == "bf16" and math.isfinite(result.train_loss)
+    assert "bf16" in (out / "README.md").read_text()
+
+
+def test_auto_precision_reads_cpu_flags(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(loop, "_CPUINFO", info)
+    info.write_text("flags\t: fpu sse avx2 avx512f\n")
+    precision, why = resolve_precision("auto", cpu)
+    assert precision == "fp32" and "neither AMX nor AVX512-BF16" in why
+    info.write_text("flags\t: fpu avx512f avx512_bf16\n")
+    assert resolve_precision("auto", cpu) == ("bf16", "auto: the CPU has AVX512-BF16 (avx512_bf16)")
+    info.write_text("flags\t: fpu amx_bf16 amx_tile\n")
+    assert resolve_precision("auto", cpu)[0] == "bf16"
+    assert resolve_precision("fp32", cpu) == ("fp32", "train.precision is fp32")
+    assert resolve_precision("bf16", cpu)[0] == "bf16"
+    info.unlink()
+    assert resolve_precision("auto", cpu)[0] == "fp32"
+
+
+def test_yaml_path_with_overrides(assets, tmp_path):
+    model, data_file = assets
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps({"model": str(model), "lora": {"r": 2, "target_modules": ["q_proj"]},
+                                "data": {"train": str(data_file)},
+                                "train": {"steps": 5, "precision": "fp32", "batch_size": 4},
+                                "output": {"dir": str(tmp_path / "out")}}))
+    result = train(path, overrides=["train.steps=2", "train.eval_every=0"], device="cpu")
+    assert result.steps == 2
+    assert "steps: 2" in (tmp_path / "out" / "lorakit.yaml").read_text()
+    with pytest.raises(ConfigError, match="overrides"):
+        train(make_cfg(assets, tmp_path / "x"), overrides=["train.steps=1"])
