@@ -1,0 +1,545 @@
+"""What the ``lorakit`` verbs do, as library functions: open, generate, evaluate, merge, inspect.
+
+Each CLI verb in :mod:`lorakit.cli` parses its arguments and calls one function
+here; Python users call the same functions::
+
+    model, tokenizer, info = open_adapter("runs/quickstart")
+    print(generate(model, tokenizer, "Name three colours."))
+    for prompt, base, tuned in compare_base(model, tokenizer, ["Hi!"]): ...
+    evaluate(model, tokenizer, "data/eval.jsonl")   # {"eval_loss": ..., "perplexity": ..., "exact_match": ...}
+    merge_to_dir("runs/quickstart", "out/merged")   # plain transformers model dir
+    inspect_adapter("runs/quickstart")              # per-module r, alpha, params, ||ΔW||
+
+A *run directory* (written by ``lorakit train``) holds the adapter at its root
+(``adapter_config.json`` + ``adapter_model.safetensors``) plus ``lorakit.yaml``
+(the resolved run config), ``metrics.jsonl``, ``loss.png`` and ``checkpoints/``.
+A plain *adapter directory* (lorakit's or PEFT's) holds only the adapter files.
+Both are accepted wherever ``run_or_adapter`` appears.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import models
+from .adapters import disable_adapters, merge_and_unload
+from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
+from .errors import AdapterFormatError, ConfigError, ModelMismatchError
+from .inject import _pattern_value
+from .io import _LORA_KEY, load_adapter, read_adapter
+from .train.batching import IGNORE_INDEX, collate
+from .train.data import load_examples, read_rows
+
+__all__ = [
+    "RUN_CONFIG_NAME",
+    "METRICS_NAME",
+    "AdapterInfo",
+    "open_adapter",
+    "generate",
+    "compare_base",
+    "evaluate",
+    "merge_to_dir",
+    "inspect_adapter",
+    "last_metrics",
+]
+
+RUN_CONFIG_NAME = "lorakit.yaml"
+METRICS_NAME = "metrics.jsonl"
+_MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """Where an opened adapter came from.
+
+    Attributes:
+        adapter_dir: The folder holding ``adapter_config.json``.
+        run_dir: The run directory, or None for a plain adapter directory.
+        model: The base model as named (None = the embedded default).
+        model_source: Which rule chose it: ``"argument"``, ``"lorakit.yaml"``,
+            ``"adapter_config.json"`` or ``"default"``.
+        config: The adapter's LoRA config.
+    """
+
+    adapter_dir: Path
+    run_dir: Path | None
+    model: str | None
+    model_source: str
+    config: LoraConfig
+
+
+# --------------------------------------------------------------------------- open
+
+
+def _adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """(adapter dir, run dir or None), with errors that say what to pass instead."""
+    path = Path(run_or_adapter).expanduser()
+    if not path.exists():
+        raise AdapterFormatError(
+            f"{path} does not exist; pass a run directory written by `lorakit train` or an adapter "
+            f"directory holding {CONFIG_NAME} and {WEIGHTS_NAME}."
+        )
+    if not path.is_dir():
+        raise AdapterFormatError(
+            f"{path} is a file; pass the folder that holds {CONFIG_NAME} (a run or adapter directory)."
+        )
+    run_dir = path if (path / RUN_CONFIG_NAME).is_file() else None
+    if not (path / CONFIG_NAME).is_file():
+        checkpoints = sorted((path / "checkpoints").glob("*/" + CONFIG_NAME),
+                             key=lambda p: _natural(p.parent.name.replace("-", "."))) if run_dir else []
+        hint = (f" Training may not have finished; pass a checkpoint such as {checkpoints[-1].parent}."
+                if checkpoints else "")
+        kind = "run directory" if run_dir else "directory"
+        raise AdapterFormatError(
+            f"{kind} {path} holds no {CONFIG_NAME}, so it is not an adapter.{hint} Pass a run directory "
+            f"written by `lorakit train` or an adapter directory saved by lorakit.save_adapter / PEFT."
+        )
+    return path, run_dir
+
+
+def _run_model(run_dir: Path) -> tuple[bool, str | None]:
+    """(whether lorakit.yaml has a ``model`` key, its value: None = the default), relative paths resolved."""
+    file = run_dir / RUN_CONFIG_NAME
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file} is not readable YAML ({e}); re-run training or fix the file.") from None
+    if not isinstance(data, dict) or "model" not in data:
+        return False, None
+    if data["model"] is None:
+        return True, None
+    name = str(data["model"])
+    candidate = Path(name).expanduser()
+    if not candidate.is_absolute() and (run_dir / candidate).exists():
+        return True, str(run_dir / candidate)
+    return True, name
+
+
+def _resolves_locally(name: str) -> bool:
+    path = Path(name).expanduser()
+    return (
+        name.strip().lower() == models.DEFAULT_MODEL
+        or (path.is_dir() and (path / "config.json").is_file())
+        or (path.is_file() and path.suffix.lower() == ".gguf")
+    )
+
+
+def _choose_model(model: str | None, adapter_dir: Path, run_dir: Path | None) -> tuple[str | None, str]:
+    if model is not None:
+        return model, "argument"
+    if run_dir is not None:
+        named, name = _run_model(run_dir)
+        if named:
+            return name, RUN_CONFIG_NAME
+    try:
+        base = json.loads((adapter_dir / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None  # read_adapter reports a broken config with a better message
+    if isinstance(base, str) and base and _resolves_locally(base):
+        return base, CONFIG_NAME
+    return None, "default"
+
+
+def open_adapter(
+    run_or_adapter: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[Any, Any, AdapterInfo]:
+    """Load a base model with an adapter on it, ready for inference.
+
+    The base model is, in order: ``model`` if given; else ``lorakit.yaml``'s
+    ``model`` for a run directory; else the adapter's ``base_model_name_or_path``
+    if it names something on local disk (a model directory, a ``.gguf`` file or
+    the default model's name; never the hub); else the embedded default.
+
+    Args:
+        run_or_adapter: A run directory or an adapter directory (lorakit's or PEFT's).
+        model: Base model override (anything :func:`lorakit.models.resolve_model` takes).
+        dtype: Weight dtype for the base model (``"fp32"``, ``"bf16"``, ...); None
+            keeps the stored dtype.
+
+    Returns:
+        ``(model, tokenizer, info)``: the model in eval mode with the adapter
+        active, its tokenizer, and an :class:`AdapterInfo`.
+
+    Raises:
+        AdapterFormatError: the path is missing or holds no complete adapter.
+        ModelLoadError: the base model cannot be found or loaded.
+        ModelMismatchError: the adapter does not fit the chosen base model.
+        ConfigError: ``lorakit.yaml`` or ``adapter_config.json`` is invalid.
+    """
+    adapter_dir, run_dir = _adapter_dir(run_or_adapter)
+    config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
+    name, source = _choose_model(None if model is None else str(model), adapter_dir, run_dir)
+    base, tokenizer = models.load_model(name, dtype=dtype)
+    try:
+        load_adapter(base, adapter_dir)
+    except ModelMismatchError as e:
+        chosen = name or models.DEFAULT_MODEL
+        raise ModelMismatchError(
+            f"{e} (base model {chosen!r}, chosen from {source}; pass --model / model= to use another)"
+        ) from None
+    base.eval()
+    return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]], chat: bool) -> list[int]:
+    """Token ids of a prompt: the chat template with the generation prompt, or the plain text."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, str):
+        text = prompt
+    else:  # no template: a plain transcript the model can continue
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, do_sample: bool, temperature: float):
+    from transformers import GenerationConfig
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    if do_sample and not temperature > 0:
+        raise ConfigError(f"temperature must be > 0 when sampling, got {temperature!r}.")
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos or None,
+                            pad_token_id=tokenizer.pad_token_id, **sampling)
+
+
+@torch.inference_mode()
+def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_config: Any) -> list[list[int]]:
+    """Greedy / sampled continuation of a batch of token-id prompts (left-padded)."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         generation_config=gen_config)
+    return [row[width:].tolist() for row in out.cpu()]
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+) -> str:
+    """Answer one prompt.
+
+    Args:
+        model: A causal LM (with or without adapters).
+        tokenizer: Its tokenizer.
+        prompt: A user message, or a whole conversation as ``[{"role", "content"}, ...]``.
+        max_new_tokens: Most tokens to generate.
+        chat: Render the prompt with the tokenizer's chat template (when it has one)
+            and the generation prompt; False sends the text as it is.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature (only with ``do_sample``).
+
+    Returns:
+        The generated text, special tokens removed.
+
+    Raises:
+        ConfigError: ``max_new_tokens`` < 1, or ``temperature`` <= 0 when sampling.
+    """
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature)
+    ids = _generate_ids(model, tokenizer, [_prompt_ids(tokenizer, prompt, chat)], gen_config)[0]
+    return _decode(tokenizer, ids)
+
+
+def compare_base(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128, chat: bool = True
+) -> list[tuple[str, str, str]]:
+    """Greedy answers of the base model and of the adapter, one model in memory.
+
+    Args:
+        model: A model with an active adapter (e.g. from :func:`open_adapter`).
+        tokenizer: Its tokenizer.
+        prompts: User messages.
+        max_new_tokens: Most tokens to generate per answer.
+        chat: As in :func:`generate`.
+
+    Returns:
+        ``[(prompt, base_answer, adapter_answer), ...]`` in the order of ``prompts``.
+    """
+    tuned = [generate(model, tokenizer, p, max_new_tokens=max_new_tokens, chat=chat) for p in prompts]
+    with disable_adapters(model):
+        base = [generate(model, tokenizer, p, max_new_tokens=max_new_tokens, chat=chat) for p in prompts]
+    return list(zip(prompts, base, tuned))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    data_path: str | os.PathLike[str],
+    *,
+    max_seq_len: int = 512,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    exact_match: bool = True,
+) -> dict[str, Any]:
+    """Eval loss, perplexity and exact-match rate on a JSONL data file.
+
+    The loss is tokenized as training does (:func:`lorakit.train.data.load_examples`:
+    loss only on assistant turns / completions) and averaged over all label tokens
+    of the file (not per batch). Exact match sends each row's prompt (everything
+    before the final assistant turn, rendered with the chat template) and decodes
+    the greedy answer; it matches when ``answer.strip() == reference.strip()``
+    (only leading / trailing whitespace is ignored; case and inner whitespace
+    count). Rows without a reference (``text`` rows) are not counted.
+
+    Args:
+        model: A causal LM (with or without adapters).
+        tokenizer: Its tokenizer.
+        data_path: A JSONL file in any format :mod:`lorakit.train.data` reads.
+        max_seq_len: Examples are cut to this many tokens for the loss.
+        batch_size: Examples per forward pass (loss and generation).
+        max_new_tokens: Most tokens per greedy answer; None = the longest reference
+            in tokens plus 16.
+        exact_match: Also generate answers and score them (the slow part).
+
+    Returns:
+        ``{"eval_loss", "perplexity", "label_tokens", "examples", "exact_match",
+        "exact_match_rows"}``; ``exact_match`` is None when no row has a reference
+        or ``exact_match=False``.
+
+    Raises:
+        DataError: the file is missing or malformed.
+        ConfigError: a bad ``batch_size`` / ``max_seq_len`` / ``max_new_tokens``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    examples, _ = load_examples(data_path, tokenizer, max_seq_len=max_seq_len)
+    total, count = _loss_sum(model, tokenizer, examples, batch_size)
+    loss = total / count
+    result: dict[str, Any] = {
+        "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "label_tokens": count,
+        "examples": len(examples), "exact_match": None, "exact_match_rows": 0,
+    }
+    if exact_match:
+        rows = [r for r in read_rows(data_path) if r.reference is not None]
+        if rows:
+            hits = _exact_matches(model, tokenizer, rows, batch_size, max_new_tokens)
+            result.update(exact_match=sum(hits) / len(hits), exact_match_rows=len(hits))
+    return result
+
+
+@torch.inference_mode()
+def _loss_sum(model: Any, tokenizer: Any, examples: list[dict], batch_size: int) -> tuple[float, int]:
+    """(sum of token losses, number of label tokens), next-token shifted as transformers does."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+        labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total, count
+
+
+def _exact_matches(model, tokenizer, rows, batch_size: int, max_new_tokens: int | None) -> list[bool]:
+    templated = getattr(tokenizer, "chat_template", None) is not None
+    prompts = [_prompt_ids(tokenizer, r.prompt_messages, True) if templated or r.prompt is None
+               else _prompt_ids(tokenizer, r.prompt, False) for r in rows]
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) for r in rows) + 16
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, False, 1.0)
+    answers: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        answers += _generate_ids(model, tokenizer, prompts[i : i + batch_size], gen_config)
+    return [_decode(tokenizer, a).strip() == r.reference.strip() for a, r in zip(answers, rows)]
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_to_dir(
+    run_or_adapter: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "fp32",
+    model: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Fold an adapter into its base model and save a plain transformers model directory.
+
+    The merge is done in float32 and cast to ``dtype`` afterwards. The directory
+    (safetensors weights, config, generation config, tokenizer) loads with
+    ``AutoModelForCausalLM.from_pretrained`` without lorakit. It is written into a
+    temporary folder beside ``out_dir`` and renamed into place, so an interrupted
+    merge leaves nothing half-written.
+
+    Args:
+        run_or_adapter: A run directory or an adapter directory.
+        out_dir: Where the merged model goes.
+        dtype: ``"fp32"`` or ``"bf16"`` weights.
+        model: Base model override, as in :func:`open_adapter`.
+        overwrite: Replace ``out_dir`` if it exists and is not empty.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ConfigError: bad ``dtype``, or ``out_dir`` exists and is not empty (without ``overwrite``).
+        AdapterFormatError, ModelLoadError, ModelMismatchError: as :func:`open_adapter`.
+    """
+    if dtype not in _MERGE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported for merge; use one of {', '.join(_MERGE_DTYPES)}.")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the merged model needs a directory. Choose another path.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory or overwrite it "
+                          "(--force / overwrite=True).")
+    lora_model, tokenizer, _ = open_adapter(run_or_adapter, model=model, dtype="fp32")
+    merged = merge_and_unload(lora_model)
+    merged = merged.to(_MERGE_DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _update_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> float:
+    """``||scaling · B @ A||_F`` via r x r Gram matrices: ||BA||² = <BᵀB, AAᵀ> (no out x in product)."""
+    A2 = A.reshape(A.shape[0], -1).double()  # (r, in·k)
+    B2 = B.reshape(B.shape[0], -1).double()  # (out, r)
+    squared = float((B2.T @ B2 * (A2 @ A2.T)).sum())  # (r, r) elementwise, summed = trace(BᵀB A Aᵀ)
+    return abs(scaling) * math.sqrt(max(squared, 0.0))
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts layers.2 before layers.10."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+
+def inspect_adapter(run_or_adapter: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Per-module summary of an adapter, read from its files alone (no base model).
+
+    Args:
+        run_or_adapter: A run directory or an adapter directory.
+
+    Returns:
+        One row per adapted module, in name order (layer numbers numerically): ``module``, ``kind``
+        (``"linear"``/``"conv"`` for ``lora_A``/``lora_B``, ``"embedding"``), ``r``,
+        ``alpha``, ``scaling``, ``params`` and ``norm`` = ``||scaling · B·A||_F``
+        (computed in float64); then one row per other saved tensor (``kind`` =
+        ``"bias"`` or ``"modules_to_save"``; ``r``, ``alpha``, ``scaling``, ``norm``
+        None); then a last row with ``module`` = ``"total"``, ``kind`` = ``"total"``
+        and the summed ``params`` (``norm`` = the root of the summed squared norms).
+
+    Raises:
+        AdapterFormatError: missing / corrupt files, or an A without its B.
+        ConfigError: an invalid ``adapter_config.json``.
+    """
+    adapter_dir, _ = _adapter_dir(run_or_adapter)
+    config, tensors = read_adapter(adapter_dir)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    extra: list[dict[str, Any]] = []
+    for key, value in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            pairs.setdefault(m.group("module"), {})[m.group("kind")] = value
+        else:
+            kind = "bias" if key.endswith(".bias") else "modules_to_save"
+            extra.append({"module": key, "kind": kind, "r": None, "alpha": None, "scaling": None,
+                          "params": value.numel(), "norm": None})
+    rows = []
+    for module in sorted(pairs, key=_natural):
+        parts = pairs[module]
+        embedding = "lora_embedding_A" in parts
+        A, B = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (
+            parts.get("lora_A"), parts.get("lora_B"))
+        if A is None or B is None:
+            raise AdapterFormatError(f"{adapter_dir}: module {module!r} has only one of its two LoRA matrices; "
+                                     "the adapter file is incomplete. Re-save it.")
+        r = A.shape[0]
+        alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        scaling = config.scaling_for(r, alpha)
+        kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
+        rows.append({"module": module, "kind": kind, "r": r, "alpha": alpha, "scaling": scaling,
+                     "params": A.numel() + B.numel(), "norm": _update_norm(A, B, scaling)})
+    rows += sorted(extra, key=lambda row: _natural(row["module"]))
+    total_norm = math.sqrt(sum(row["norm"] ** 2 for row in rows if row["norm"] is not None))
+    rows.append({"module": "total", "kind": "total", "r": None, "alpha": None, "scaling": None,
+                 "params": sum(row["params"] for row in rows), "norm": total_norm})
+    return rows
+
+
+def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The latest value of every key in a run's ``metrics.jsonl``.
+
+    Later records win key by key, so the result holds the last train loss and the
+    last eval loss even when they were logged on different steps. Unreadable lines
+    (e.g. a line being written while training runs) are skipped.
+
+    Args:
+        run_dir: A run directory (or any folder; then None).
+
+    Returns:
+        The merged record, or None when there is no ``metrics.jsonl`` or it holds no record.
+    """
+    file = Path(run_dir) / METRICS_NAME
+    if not file.is_file():
+        return None
+    merged: dict[str, Any] = {}
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            merged.update(record)
+    return merged or None
