@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .errors import LorakitError, UnsupportedModuleError
 
 __all__ = [
@@ -207,6 +208,15 @@ class LoraLinear(LoraLayer):
         pending = self._pending()
         if not pending:
             return self.base_layer(x, *args, **kwargs)
+        if len(pending) == 1 and not args and not kwargs:
+            # The fused path: one autograd node, LoRA term added in place, x saved once.
+            name = pending[0]
+            drop = self.lora_dropout[name]
+            return ops.lora_linear(
+                x, self.base_weight(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], dropout_p=drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                training=self.training,
+            )
         result = self.base_layer(x, *args, **kwargs)
         for name in pending:  # several adapters at once: the plain composition
             A, B = self.lora_A[name], self.lora_B[name]
