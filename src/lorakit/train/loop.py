@@ -45,16 +45,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, ModelMismatchError, TrainingError
 from lorakit.inject import inject, trainable_parameters
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.train import report
-from lorakit.train.batching import IGNORE_INDEX, collate, make_batches, pack_examples, split_eval
+from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_examples
+from lorakit.train.fast import causal_lm_loss
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train", "resolve_precision", "lr_factor", "latest_checkpoint"]
 
@@ -209,23 +210,18 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
 def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens, in fp32; and their count.
 
+    The head and the loss run only at labelled positions (see
+    :func:`lorakit.train.fast.causal_lm_loss`), equal to the full-logits loss.
+
     Args:
-        model: A causal LM; called with ``labels=None`` so that we own the loss.
+        model: A causal LM.
         batch: ``input_ids`` / ``labels`` (B, T) plus ``attention_mask`` or ``position_ids``.
 
     Returns:
         ``(loss_sum, n_tokens)``: a 0-d fp32 tensor (differentiable) and the number of
         label tokens (labels != -100 after the shift) it sums over.
     """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    targets = labels[:, 1:]  # (B, T-1): token t predicts label t+1
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        shifted = logits[:, :-1].float()  # (B, T-1, V)
-        loss_sum = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, int((targets != IGNORE_INDEX).sum())
+    return causal_lm_loss(model, batch)
 
 
 # --------------------------------------------------------------------------- distributed

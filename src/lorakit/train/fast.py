@@ -1,0 +1,84 @@
+"""The training step's loss, computed only where there is something to learn.
+
+A causal LM's output head is a [hidden -> vocab] matmul at every position
+(49,152 wide for SmolLM2: about a fifth of the model's FLOPs), yet in chat
+fine-tuning most positions are prompt tokens whose labels are -100. Here the
+decoder runs as usual, the hidden states of labelled positions are gathered,
+and the head plus cross-entropy run on those alone, chunk by chunk
+(:func:`lorakit.ops.chunked_cross_entropy`), so the full [tokens, vocab] fp32
+logits never exist.
+
+Models whose head does more than a plain matmul (logit soft-capping, logit
+scales, a trained or adapted head) take the generic path: the head module on
+the gathered positions, then cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import chunked_cross_entropy
+
+__all__ = ["causal_lm_loss", "split_head"]
+
+IGNORE_INDEX = -100
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(backbone, head)`` of a transformers causal LM, or None when we cannot split it safely."""
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if backbone is None or backbone is model or head is None:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS):
+        return None
+    return backbone, head
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens (fp32) and their count.
+
+    Equal to ``F.cross_entropy(model(...).logits[:, :-1], labels[:, 1:], reduction="sum")``
+    but the head runs only at labelled positions.
+
+    Args:
+        model: a causal LM (a transformers ``*ForCausalLM``, possibly with LoRA injected).
+        batch: ``input_ids`` / ``labels`` (B, T) plus ``attention_mask`` or ``position_ids``.
+        chunk_size: rows of the head computed at once.
+
+    Returns:
+        ``(loss_sum, n_tokens)``.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    parts = split_head(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        targets = labels[:, 1:]
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((targets != IGNORE_INDEX).sum())
+    backbone, head = parts
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    picked = hidden[:, :-1][keep]  # (n, H)
+    wanted = targets[keep]  # (n,)
+    if n == 0:
+        return picked.sum().float() * 0.0, 0
+    plain = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+    if plain:
+        return chunked_cross_entropy(picked, head.weight, wanted, chunk_size=chunk_size) * n, n
+    logits = head(picked)  # (n, V): an adapted or trained head
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits, wanted, reduction="sum"), n
