@@ -209,3 +209,25 @@ def test_conv_layers_match_peft(tmp_path):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     merged = lorakit.merge_and_unload(copy.deepcopy(ours))
     torch.testing.assert_close(merged(x), ours(x), rtol=1e-5, atol=1e-6)
+
+
+def test_for_inference_and_back_is_exact(input_ids):
+    model = lorakit.inject(make_llama().to(torch.bfloat16),
+                           lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False))
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()
+    unmerged = logits(model, input_ids)
+    model.train()
+    lorakit.for_inference(model)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.merged_adapters == ["default"]
+    merged = logits(model, input_ids).float()
+    assert (merged - unmerged.float()).norm() / unmerged.float().norm() < 0.02  # bf16 merge rounding only
+    lorakit.for_training(model)
+    assert model.training and layer.merged_adapters == []
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n

@@ -35,7 +35,11 @@ __all__ = [
     "unmerge",
     "merge_and_unload",
     "unload",
+    "for_inference",
+    "for_training",
 ]
+
+_INFERENCE_ATTR = "_lorakit_inference_state"
 
 
 def _require(model: nn.Module, names: list[str]) -> None:
@@ -187,3 +191,62 @@ def unload(model: nn.Module) -> nn.Module:
     if not get_configs(model):
         raise ConfigError("this model has no LoRA adapters to unload.")
     return _unwrap(model, merge_first=False)
+
+
+def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
+    """Put an injected model in its fastest inference state, in place.
+
+    With exactly one active adapter its update is merged into the base weights
+    (the forward is then the plain model's); with several, the unmerged path
+    runs them. Dropout is off (``eval()``) and no parameter requires grad.
+    :func:`for_training` undoes all of it exactly: the original base weights are
+    kept aside while merged (bit-exact restore, also for bf16 bases; costs one
+    copy of the adapted weights), and every ``requires_grad`` flag and the
+    train/eval mode come back as they were.
+
+    Args:
+        model: an injected model.
+        merge_adapter: merge a single active adapter (default); False keeps the unmerged path.
+
+    Returns:
+        The model.
+    """
+    if getattr(model, _INFERENCE_ATTR, None) is not None:
+        return model
+    state = {
+        "training": model.training,
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "backups": {},
+    }
+    active = active_adapters(model)
+    if merge_adapter and len(active) == 1:
+        for name, layer in lora_layers(model):
+            if active[0] in layer.r and active[0] not in layer.merged_adapters:
+                state["backups"][name] = layer.base_layer.weight.detach().clone()
+                layer.merge(active)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, _INFERENCE_ATTR, state)
+    return model
+
+
+def for_training(model: nn.Module) -> nn.Module:
+    """Undo :func:`for_inference`: base weights, ``requires_grad`` flags and mode as before.
+
+    Returns:
+        The model (unchanged if it was not in inference mode).
+    """
+    state = getattr(model, _INFERENCE_ATTR, None)
+    if state is None:
+        return model
+    layers = dict(lora_layers(model))
+    for name, weight in state["backups"].items():
+        layer = layers[name]
+        layer.base_layer.weight.data.copy_(weight)
+        layer.merged_adapters = [a for a in layer.merged_adapters if a not in layer.active_adapters]
+    for name, p in model.named_parameters():
+        p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
+    model.train(state["training"])
+    setattr(model, _INFERENCE_ATTR, None)
+    return model
