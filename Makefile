@@ -6,8 +6,9 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
+	rm -rf runs/quickstart
 	.venv/bin/lorakit train examples/quickstart.yaml
-	.venv/bin/lorakit generate runs/quickstart --compare-base --prompts-file examples/heldout_prompts.txt
+	.venv/bin/lorakit generate runs/quickstart --compare-base --prompts-file examples/heldout_prompts.txt --max-new-tokens 64
 
 test: setup
 	.venv/bin/python -m pytest -q -x tests

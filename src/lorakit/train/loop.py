@@ -408,6 +408,7 @@ class _Run:
                      + (f", resuming after step {self.step}" if self.step else ""))
             bar = report.progress_bar(self.total_steps, self.step, enabled=True)
         self.saved_step = self.step if self.step else None
+        self.start_step = self.step
         consistent = True  # False while params and optimizer state are half-updated
         t0 = time.perf_counter()
         window = [0.0, 0]  # loss sum, label tokens since the last metrics row
@@ -447,6 +448,9 @@ class _Run:
                     rate = self.tokens / max(elapsed, 1e-9)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     bar.update(1)
+                    if bar.disable:  # not a terminal (CI logs, pipes): a plain line every ~10% instead
+                        report.log_progress(self.say, self.step, self.total_steps, loss, lr, rate,
+                                            elapsed - self.elapsed_before, self.step - self.start_step)
                 if self.eval_batches and t.eval_every and (self.step % t.eval_every == 0 or last):
                     self.eval_loss = self._evaluate()
                     if ctx.main:

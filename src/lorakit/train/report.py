@@ -248,6 +248,24 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
                 disable=None if enabled else True, file=sys.stderr)
 
 
+def log_progress(say: Any, step: int, total: int, loss: float, lr: float, tokens_per_s: float,
+                 elapsed_s: float, steps_done: int) -> None:
+    """Print one progress line about every 10% of the run (used when no progress bar shows).
+
+    Args:
+        say: the print function (rank 0's).
+        step, total: steps done / of the run.
+        loss, lr, tokens_per_s: the latest values.
+        elapsed_s, steps_done: time and steps of this process's share, for the ETA.
+    """
+    every = max(1, total // 10)
+    if step % every and step != total:
+        return
+    eta = elapsed_s / max(steps_done, 1) * (total - step)
+    say(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
+        f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+
+
 def peak_memory_bytes(device_type: str) -> int:
     """Peak memory of this process: CUDA allocator peak on GPU, else peak RSS.
 
