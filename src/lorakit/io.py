@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +28,7 @@ from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .inject import _FROZEN_ATTR, get_configs, inject, lora_layers, set_requires_grad
 from .layers import LoraLayer, ModulesToSaveWrapper
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "write_dir_atomic"]
 
 PREFIX = "base_model.model."
 _BIN_NAME = "adapter_model.bin"
@@ -81,17 +82,31 @@ def _config_for_save(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     return dataclasses.replace(config, target_modules=targets)
 
 
-def _atomic_dir(final: Path, write) -> None:
-    """Write a directory via ``write(tmp_dir)`` and move it into place in one rename."""
+def write_dir_atomic(final: Path, write: Callable[[Path], None], keep_extras: bool = False) -> Path:
+    """Write a directory via ``write(tmp_dir)`` and move it into place by renames.
+
+    Readers see the old complete directory or the new complete one, never a
+    half-written one; on any error the temp dir is removed and ``final`` is untouched.
+
+    Args:
+        final: the directory to (re)place.
+        write: fills the temporary directory it is given.
+        keep_extras: carry files of an existing ``final`` that ``write`` did not
+            produce (e.g. a run dir's checkpoints around its adapter) into the new one.
+
+    Returns:
+        ``final``.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
         if final.exists():
-            # Keep files that are not ours (e.g. checkpoints, a non-default adapter's subfolder).
-            for child in final.iterdir():
-                if not (tmp / child.name).exists() and child.name not in (CONFIG_NAME, WEIGHTS_NAME, _BIN_NAME):
-                    os.replace(child, tmp / child.name)
+            if keep_extras:
+                for child in final.iterdir():
+                    if not (tmp / child.name).exists() and child.name not in (CONFIG_NAME, WEIGHTS_NAME, _BIN_NAME):
+                        os.replace(child, tmp / child.name)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -101,6 +116,7 @@ def _atomic_dir(final: Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -132,7 +148,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             data["base_model_name_or_path"] = base_name
             (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
-    _atomic_dir(final, write)
+    write_dir_atomic(final, write, keep_extras=True)
     return final
 
 

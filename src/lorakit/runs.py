@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from .adapters import disable_adapters, merge_and_unload
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .inject import _pattern_value
-from .io import _LORA_KEY, load_adapter, read_adapter
+from .io import _LORA_KEY, load_adapter, read_adapter, write_dir_atomic
 from .train.batching import IGNORE_INDEX, collate
 from .train.data import load_examples, read_rows
 
@@ -431,21 +429,12 @@ def merge_to_dir(
     lora_model, tokenizer, _ = open_adapter(run_or_adapter, model=model, dtype="fp32")
     merged = merge_and_unload(lora_model)
     merged = merged.to(_MERGE_DTYPES[dtype])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, write)
     return out
 
 

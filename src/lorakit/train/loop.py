@@ -50,7 +50,7 @@ import torch.distributed as dist
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, ModelMismatchError, TrainingError
 from lorakit.inject import inject, trainable_parameters
-from lorakit.io import adapter_state_dict, read_adapter, save_adapter
+from lorakit.io import adapter_state_dict, read_adapter, save_adapter, write_dir_atomic
 from lorakit.train import report
 from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
@@ -548,20 +548,12 @@ class _Run:
             "metrics": {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens": self.tokens,
                         "elapsed_s": elapsed},
         }
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-        try:
+
+        def write(tmp: Path) -> None:
             save_adapter(self.model, tmp)
             torch.save(state, tmp / _STATE_FILE)
-            if final.exists():
-                old = root / f".{final.name}.old-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_dir_atomic(final, write)
         for _, old_dir in sorted(_checkpoints(root))[:-_KEEP_CHECKPOINTS]:
             shutil.rmtree(old_dir, ignore_errors=True)
         self.saved_step = self.step
