@@ -10,7 +10,8 @@ variant. Each variant runs in its own subprocess so peak RSS is honest.
 Variants:
     peft-fp32       PEFT, fp32, transformers' own loss over full logits
     peft-bf16       PEFT under torch.autocast(bf16)
-    lorakit-fp32    lorakit: fused LoRA ops, loss only at labelled positions (chunked)
+    lorakit-fp32    lorakit as `lorakit train` runs it: fused LoRA ops, fused SwiGLU MLPs,
+                    loss only at labelled positions (chunked)
     lorakit-auto    lorakit with train.precision=auto (skipped when auto resolves to fp32)
     lorakit-gc      lorakit-fp32 plus gradient checkpointing (the memory-lean setting)
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_rev, machine, median, write_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["peft-fp32", "peft-bf16", "lorakit-fp32", "lorakit-auto", "lorakit-gc"]
 WORKLOADS = {"short": (8, 64), "long": (4, 256)}  # name -> (batch size, max tokens per row)
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 
@@ -63,6 +65,7 @@ def worker(variant: str, workload: str, steps: int) -> dict:
     import torch
 
     import lorakit
+    from lorakit.layers import fuse_swiglu_mlps
     from lorakit.models import load_model
     from lorakit.train.batching import collate
     from lorakit.train.fast import causal_lm_loss
@@ -86,6 +89,7 @@ def worker(variant: str, workload: str, steps: int) -> dict:
         if bf16:
             model = model.to(torch.bfloat16)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        fuse_swiglu_mlps(model)  # as `lorakit train` does
         if variant == "lorakit-gc":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -117,9 +121,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--bf16-steps", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--variants", nargs="+",
-                    default=["peft-fp32", "peft-bf16", "lorakit-fp32", "lorakit-auto", "lorakit-gc"])
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--device", default="cpu", help="only cpu is implemented in this script so far")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep earlier results (benchmarks/.train_step.json) of variants not run this time in the table")
     ap.add_argument("--worker", nargs=3, metavar=("VARIANT", "WORKLOAD", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -132,7 +137,8 @@ def main() -> None:
     from lorakit.train.loop import resolve_precision
 
     fast_bf16 = resolve_precision("auto", torch.device("cpu"))[0] == "bf16"
-    results = []
+    store = Path(__file__).with_name(".train_step.json")
+    results = json.loads(store.read_text()) if args.keep and store.exists() else []
     for workload in args.workloads:
         for variant in args.variants:
             if variant == "lorakit-auto" and not fast_bf16:
@@ -147,7 +153,8 @@ def main() -> None:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 sys.exit(f"worker {variant}/{workload} failed")
             res = json.loads(line[7:])
-            results.append(res)
+            results = [r for r in results if (r["workload"], r["variant"]) != (workload, variant)] + [res]
+            store.write_text(json.dumps(results, indent=1))
             print(f"[{workload}] {variant}: {res['s_per_step']:.3f} s/step, {res['tokens_per_s']:.0f} tok/s, "
                   f"RSS {res['peak_rss_gb']:.2f} GB, loss@{res['steps']} {res['final_loss']:.4f}", flush=True)
     lines = [f"Machine: {machine()}; commit {git_rev()}.", "",
@@ -156,11 +163,12 @@ def main() -> None:
                                                        WORKLOADS.items()) + ". Median s/step over steps 2..N.", "",
              "| workload | variant | steps | s/step | x PEFT fp32 | tokens/s | peak RSS GB | x PEFT fp32 | loss at last step |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    results.sort(key=lambda r: (list(WORKLOADS).index(r["workload"]), VARIANTS.index(r["variant"])))
     for r in results:
         ref = next((x for x in results if x["workload"] == r["workload"] and x["variant"] == "peft-fp32"), None)
         t_ratio = r["s_per_step"] / ref["s_per_step"] if ref else float("nan")
         m_ratio = r["peak_rss_gb"] / ref["peak_rss_gb"] if ref else float("nan")
-        loss = f"{r['final_loss']:.4f}" if r["steps"] == args.steps else f"n/a ({r['steps']} steps)"
+        loss = f"{r['final_loss']:.4f}" if not r["bf16"] or fast_bf16 else f"n/a ({r['steps']} steps)"
         lines.append(f"| {r['workload']} | {r['variant']} | {r['steps']} | {r['s_per_step']:.3f} | {t_ratio:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {m_ratio:.2f} | {loss} |")
     table = "\n".join(lines)

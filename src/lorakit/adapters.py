@@ -22,7 +22,7 @@ from .inject import (
     lora_layers,
     set_active,
 )
-from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers import LoraLayer, ModulesToSaveWrapper, unfuse_mlps
 
 __all__ = [
     "add_adapter",
@@ -148,6 +148,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
+    unfuse_mlps(model)
     names = [name for name, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
     modules = dict(model.named_modules())
     for name in names:

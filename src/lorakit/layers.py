@@ -30,6 +30,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "SUPPORTED_KINDS",
     "wrap_module",
+    "fuse_swiglu_mlps",
+    "unfuse_mlps",
 ]
 
 try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
@@ -366,3 +368,58 @@ def wrap_module(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         f"cannot apply LoRA to a {type(module).__module__}.{type(module).__name__}; "
         f"supported layers are {SUPPORTED_KINDS}. Narrow target_modules or add it to exclude_modules."
     )
+
+
+def _is_silu(act: Any) -> bool:
+    if isinstance(act, nn.SiLU):
+        return True
+    return type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]
+
+
+def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` through ops.lora_swiglu_mlp when all three share one pending adapter."""
+    layers = (self.gate_proj, self.up_proj, self.down_proj)
+    pending = [layer._pending() for layer in layers]
+    if all(p == pending[0] for p in pending) and len(pending[0]) == 1:
+        name = pending[0][0]
+        drops = {layer.lora_dropout[name].p if isinstance(layer.lora_dropout[name], nn.Dropout) else 0.0
+                 for layer in layers}
+        if len(drops) == 1:
+            specs = [ops.LoraSpec(layer.base_weight(), layer.base_layer.bias, layer.lora_A[name].weight,
+                                  layer.lora_B[name].weight, layer.scaling[name]) for layer in layers]
+            return ops.lora_swiglu_mlp(x, *specs, dropout_p=drops.pop(), training=self.training)
+    return type(self).forward(self, x)  # anything else: the model's own forward
+
+
+def fuse_swiglu_mlps(model: nn.Module) -> int:
+    """Route Llama-style MLPs (``down(silu(gate(x)) * up(x))``) with LoRA on all three through one fused op.
+
+    The fused op saves ``g`` and ``u`` and recomputes the activation in
+    backward (two ``[tokens, intermediate]`` tensors per layer fewer than
+    stock autograd) and shares one down-projection of ``x`` between gate and
+    up. At call time it falls back to the module's own forward whenever the
+    three layers do not run exactly one common adapter with one dropout
+    (merged, disabled, several adapters). With dropout, gate and up share one
+    mask (PEFT draws one per module). Undo with :func:`unfuse_mlps`.
+
+    Args:
+        model: an injected model.
+
+    Returns:
+        The number of MLP modules routed.
+    """
+    count = 0
+    for module in model.modules():
+        parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        if (all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
+                and _is_silu(getattr(module, "act_fn", None)) and "forward" not in module.__dict__):
+            module.forward = _swiglu_forward.__get__(module)
+            count += 1
+    return count
+
+
+def unfuse_mlps(model: nn.Module) -> None:
+    """Give every MLP routed by :func:`fuse_swiglu_mlps` its own forward back."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _swiglu_forward:
+            del module.forward

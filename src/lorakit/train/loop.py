@@ -50,6 +50,7 @@ import torch.distributed as dist
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, ModelMismatchError, TrainingError
 from lorakit.inject import inject, trainable_parameters
+from lorakit.layers import fuse_swiglu_mlps
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter, write_dir_atomic
 from lorakit.train import report
 from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
@@ -323,6 +324,7 @@ class _Run:
         model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=ctx.device)
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = inject(model, LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora}))
+        fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         if t.gradient_checkpointing:  # non-reentrant: no need for enable_input_require_grads
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
