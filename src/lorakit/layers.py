@@ -211,9 +211,18 @@ class LoraLinear(LoraLayer):
         if not pending:
             return self.base_layer(x, *args, **kwargs)
         if len(pending) == 1 and not args and not kwargs:
-            # The fused path: one autograd node, LoRA term added in place, x saved once.
             name = pending[0]
             drop = self.lora_dropout[name]
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if (not torch.is_grad_enabled() and not (self.training and isinstance(drop, nn.Dropout))
+                    and x.dtype == A.dtype == self.base_layer.weight.dtype
+                    and not torch.is_autocast_enabled(x.device.type)):
+                # Inference: no autograd bookkeeping, LoRA term added into the base output in place.
+                y = F.linear(x, self.base_weight(), self.base_layer.bias)  # (..., out)
+                xa = F.linear(x, A)  # (..., r)
+                y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
+                return y
+            # The fused path: one autograd node, LoRA term added in place, x saved once.
             return ops.lora_linear(
                 x, self.base_weight(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                 self.scaling[name], dropout_p=drop.p if isinstance(drop, nn.Dropout) else 0.0,
