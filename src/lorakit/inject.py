@@ -25,6 +25,7 @@ __all__ = [
     "print_trainable_parameters",
     "get_configs",
     "set_requires_grad",
+    "pattern_value",
 ]
 
 _CONFIGS_ATTR = "lorakit_configs"  # model attribute: {adapter_name: LoraConfig}
@@ -154,7 +155,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _pattern_value(pattern: dict, key: str, default):
+def pattern_value(pattern: dict, key: str, default):
+    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key matching module ``key`` (PEFT's rule), else ``default``."""
     for p in pattern:
         if re.match(rf"(.*\.)?({p})$", key):
             return pattern[p]
@@ -203,8 +205,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         if not isinstance(module, LoraLayer):
             module = wrap_module(module, config.fan_in_fan_out)
             _set_module(model, name, module)
-        r = _pattern_value(config.rank_pattern, name, config.r)
-        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         module.add_adapter(adapter_name, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
                            config.init_lora_weights)
     for mts in config.modules_to_save or []:

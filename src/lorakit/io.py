@@ -28,11 +28,12 @@ from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .inject import _FROZEN_ATTR, get_configs, inject, lora_layers, set_requires_grad
 from .layers import LoraLayer, ModulesToSaveWrapper
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "write_dir_atomic"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "write_dir_atomic", "LORA_KEY"]
 
 PREFIX = "base_model.model."
 _BIN_NAME = "adapter_model.bin"
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.weight)?)$")
+# Splits a saved tensor key into module path, kind and suffix.
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.weight)?)$")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -196,7 +197,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
 def _check_modules_exist(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
     names = {n for n, _ in model.named_modules()}
     for key in tensors:
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         module = m.group("module") if m else key.rsplit(".", 1)[0].removesuffix(".base_layer")
         if module not in names:
             raise ModelMismatchError(
@@ -254,7 +255,7 @@ def _load_tensors(model, path: Path, config: LoraConfig, tensors, targets: dict[
     params = dict(model.named_parameters(remove_duplicate=False))
     seen = set()
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m:
             module = m.group("module")
             if module not in targets:

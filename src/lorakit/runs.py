@@ -34,8 +34,8 @@ from . import models
 from .adapters import disable_adapters, merge_and_unload
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
-from .inject import _pattern_value
-from .io import _LORA_KEY, load_adapter, read_adapter, write_dir_atomic
+from .inject import pattern_value
+from .io import LORA_KEY, load_adapter, read_adapter, write_dir_atomic
 from .train.batching import IGNORE_INDEX, collate
 from .train.data import load_examples, read_rows
 
@@ -478,7 +478,7 @@ def inspect_adapter(run_or_adapter: str | os.PathLike[str]) -> list[dict[str, An
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     extra: list[dict[str, Any]] = []
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m:
             pairs.setdefault(m.group("module"), {})[m.group("kind")] = value
         else:
@@ -495,7 +495,7 @@ def inspect_adapter(run_or_adapter: str | os.PathLike[str]) -> list[dict[str, An
             raise AdapterFormatError(f"{adapter_dir}: module {module!r} has only one of its two LoRA matrices; "
                                      "the adapter file is incomplete. Re-save it.")
         r = A.shape[0]
-        alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
         scaling = config.scaling_for(r, alpha)
         kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
         rows.append({"module": module, "kind": kind, "r": r, "alpha": alpha, "scaling": scaling,
