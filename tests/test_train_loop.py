@@ -300,3 +300,12 @@ def test_progress_lines_every_tenth_of_the_run():
     assert [ln.split()[1] for ln in lines] == [f"{s}/20" for s in range(2, 21, 2)]
     assert lines[0] == "step 2/20  loss 0.5000  lr 1.00e-03  100 tok/s  ETA 0:36"
     assert lines[-1].endswith("ETA 0:00")
+
+
+def test_bad_lora_values_fail_before_the_model_loads(assets, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad config")
+
+    monkeypatch.setattr(loop, "load_model", no_load)
+    with pytest.raises(ConfigError, match=r"lora section of the run config: r=0 is too small"):
+        train(make_cfg(assets, tmp_path / "run", lora={"r": 0}), device="cpu")

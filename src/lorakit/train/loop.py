@@ -319,11 +319,15 @@ class _Run:
         bf16 = self.precision == "bf16"
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
+        try:  # bad values fail before the model loads
+            lora_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora})
+        except ConfigError as exc:
+            raise ConfigError(f"lora section of the run config: {exc}") from None
         # Model: base weights in the compute dtype first, then LoRA params (fp32) on top.
         torch.manual_seed(t.seed)
         model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=ctx.device)
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
-        self.model = inject(model, LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora}))
+        self.model = inject(model, lora_config)
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         if t.gradient_checkpointing:  # non-reentrant: no need for enable_input_require_grads
             kwargs = {"use_reentrant": False}
