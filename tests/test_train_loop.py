@@ -306,6 +306,6 @@ def test_bad_lora_values_fail_before_the_model_loads(assets, tmp_path, monkeypat
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad config")
 
-    monkeypatch.setattr(loop, "load_model", no_load)
+    monkeypatch.setattr("lorakit.models.load_model", no_load)
     with pytest.raises(ConfigError, match=r"lora section of the run config: r=0 is too small"):
         train(make_cfg(assets, tmp_path / "run", lora={"r": 0}), device="cpu")
