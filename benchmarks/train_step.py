@@ -61,7 +61,7 @@ def _rows(tokenizer, workload: str, steps: int) -> list[list[dict]]:
     return [rows[i * batch:(i + 1) * batch] for i in range(steps)]
 
 
-def worker(variant: str, workload: str, steps: int) -> dict:
+def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict:
     import torch
 
     import lorakit
@@ -72,12 +72,14 @@ def worker(variant: str, workload: str, steps: int) -> dict:
     from lorakit.train.loop import resolve_precision
 
     torch.manual_seed(0)
-    model, tok = load_model(None)
+    dev = torch.device(device)
+    model, tok = load_model(None, device=dev)
     model.config.use_cache = False
-    batches = [collate(b, tok.pad_token_id, pad_to_multiple_of=8) for b in _rows(tok, workload, steps)]
+    batches = [{k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=8).items()}
+               for b in _rows(tok, workload, steps)]
     bf16 = variant == "peft-bf16"
     if variant == "lorakit-auto":
-        bf16 = resolve_precision("auto", torch.device("cpu"))[0] == "bf16"
+        bf16 = resolve_precision("auto", dev)[0] == "bf16"
     if variant.startswith("peft"):
         import peft
 
@@ -102,18 +104,22 @@ def worker(variant: str, workload: str, steps: int) -> dict:
     times, losses, tokens = [], [], 0
     for batch in batches:
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
         tokens += int(batch["attention_mask"].sum())
     warm = times[1:] or times
     return {"variant": variant, "workload": workload, "steps": steps, "s_per_step": median(warm),
-            "tokens_per_s": tokens / len(batches) / median(warm), "peak_rss_gb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1e6, "final_loss": losses[-1], "bf16": bf16}
+            "tokens_per_s": tokens / len(batches) / median(warm),
+            "peak_rss_gb": (torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6),
+            "final_loss": losses[-1], "bf16": bf16}
 
 
 def main() -> None:
@@ -122,21 +128,22 @@ def main() -> None:
     ap.add_argument("--bf16-steps", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--device", default="cpu", help="only cpu is implemented in this script so far")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: peak memory is the CUDA allocator's peak instead of RSS")
     ap.add_argument("--keep", action="store_true",
                     help="keep earlier results (benchmarks/.train_step.json) of variants not run this time in the table")
-    ap.add_argument("--worker", nargs=3, metavar=("VARIANT", "WORKLOAD", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "WORKLOAD", "STEPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3])))
         return
-    if args.device != "cpu":
-        sys.exit("train_step.py: only --device cpu is implemented; run on a CPU machine.")
-    import torch  # noqa: F401  (machine() reads the torch version)
+    import torch
 
     from lorakit.train.loop import resolve_precision
 
-    fast_bf16 = resolve_precision("auto", torch.device("cpu"))[0] == "bf16"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train_step.py: --device cuda, but torch sees no CUDA device here.")
+    fast_bf16 = resolve_precision("auto", torch.device(args.device))[0] == "bf16"
     store = Path(__file__).with_name(".train_step.json")
     results = json.loads(store.read_text()) if args.keep and store.exists() else []
     for workload in args.workloads:
@@ -146,7 +153,7 @@ def main() -> None:
                 continue
             bf16 = variant == "peft-bf16" or variant == "lorakit-auto"
             steps = args.steps if (fast_bf16 or not bf16) else args.bf16_steps
-            out = subprocess.run([sys.executable, __file__, "--worker", variant, workload, str(steps)],
+            out = subprocess.run([sys.executable, __file__, "--worker", variant, workload, str(steps), args.device],
                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -161,6 +168,7 @@ def main() -> None:
              f"SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4, same batches for "
              f"every variant; workloads: " + ", ".join(f"{k} = batch {b} x <= {t} tokens" for k, (b, t) in
                                                        WORKLOADS.items()) + ". Median s/step over steps 2..N.", "",
+             f"Device: {args.device}" + (" (peak memory: CUDA allocator peak)" if args.device == "cuda" else "") + ".", "",
              "| workload | variant | steps | s/step | x PEFT fp32 | tokens/s | peak RSS GB | x PEFT fp32 | loss at last step |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     results.sort(key=lambda r: (list(WORKLOADS).index(r["workload"]), VARIANTS.index(r["variant"])))
