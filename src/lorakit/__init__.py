@@ -33,6 +33,7 @@ from .errors import (
     ModelMismatchError,
     TargetNotFoundError,
     TrainingError,
+    TrainingInterrupted,
     UnsupportedModuleError,
 )
 from .inject import inject, print_trainable_parameters, trainable_parameters
@@ -69,4 +70,5 @@ __all__ = [
     "ModelLoadError",
     "DataError",
     "TrainingError",
+    "TrainingInterrupted",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "DataError",
     "TrainingError",
+    "TrainingInterrupted",
 ]
 
 
@@ -62,3 +63,16 @@ class DataError(LorakitError, ValueError):
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. a NaN/Inf loss)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was stopped with Ctrl-C; the last completed step is checkpointed.
+
+    Attributes:
+        step: The last completed step.
+        checkpoint: The checkpoint to resume from (a ``pathlib.Path``), or None if there is none.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint=None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError, ModelMismatchError, TrainingError
+from lorakit.errors import ConfigError, ModelMismatchError, TrainingError, TrainingInterrupted
 from lorakit.inject import inject, trainable_parameters
 from lorakit.layers import fuse_swiglu_mlps
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter, write_dir_atomic
@@ -94,19 +94,6 @@ class TrainResult:
     tokens: int
     precision: str
     precision_reason: str
-
-
-class TrainingInterrupted(TrainingError):
-    """Training was stopped with Ctrl-C; the last completed step is checkpointed.
-
-    Attributes:
-        step: The last completed step.
-        checkpoint: The checkpoint to resume from, or None if there is none.
-    """
-
-    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
 
 
 # --------------------------------------------------------------------------- public helpers
