@@ -309,3 +309,11 @@ def test_bad_lora_values_fail_before_the_model_loads(assets, tmp_path, monkeypat
     monkeypatch.setattr("lorakit.models.load_model", no_load)
     with pytest.raises(ConfigError, match=r"lora section of the run config: r=0 is too small"):
         train(make_cfg(assets, tmp_path / "run", lora={"r": 0}), device="cpu")
+
+
+def test_lorakit_train_is_the_loop(assets, tmp_path):
+    result = lorakit.train(make_cfg(assets, tmp_path / "run", steps=2), device="cpu")
+    assert result.steps == 2 and (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    from lorakit.train.loop import train as loop_train
+
+    assert loop_train is train

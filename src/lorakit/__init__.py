@@ -38,6 +38,7 @@ from .errors import (
 )
 from .inject import inject, print_trainable_parameters, trainable_parameters
 from .io import load_adapter, save_adapter
+from . import train  # callable: lorakit.train(config) runs lorakit.train.loop.train
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "for_training",
     "save_adapter",
     "load_adapter",
+    "train",
     "LorakitError",
     "ConfigError",
     "TargetNotFoundError",
