@@ -22,15 +22,8 @@ from lorakit.train.data import (
     split_eval,
 )
 
-# SmolLM2-Instruct's template: ChatML with a default system prompt.
-CHATML = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tiny import CHATML  # SmolLM2-Instruct's template: ChatML with a default system prompt  # noqa: E402
+
 # Like templates that strip reasoning from old turns: an assistant turn renders
 # differently once it is no longer the last message, which breaks the prefix property.
 STRIPPING = (
