@@ -181,3 +181,21 @@ def test_all_errors_are_lorakit_errors():
     for cls in (AdapterFormatError, ConfigError, ModelMismatchError, TargetNotFoundError, UnsupportedModuleError):
         assert issubclass(cls, LorakitError)
     assert save_file  # imported for the atomicity monkeypatch target
+
+
+def test_save_into_a_run_dir_keeps_its_other_files(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "adapter_model.bin").write_bytes(b"old")
+    model = lorakit.inject(make_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, run)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "checkpoints", "metrics.jsonl"]
+
+    monkeypatch.setattr("lorakit.io.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        lorakit.save_adapter(model, run)
+    assert sorted(p.name for p in run.iterdir()) == names
+    assert (run / "checkpoints" / "step-1").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

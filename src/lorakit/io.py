@@ -11,6 +11,7 @@ is saved in a subfolder named after it, as PEFT does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -70,9 +71,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _config_for_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
-    """The config as saved: 'all-linear' expanded to names, base model path filled in."""
-    import dataclasses
-
+    """The config as saved: 'all-linear' expanded to module names."""
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
         wrapped = [n for n, layer in lora_layers(model) if adapter_name in layer.r]
@@ -86,14 +85,15 @@ def _config_for_save(model: nn.Module, config: LoraConfig, adapter_name: str) ->
 def write_dir_atomic(final: Path, write: Callable[[Path], None], keep_extras: bool = False) -> Path:
     """Write a directory via ``write(tmp_dir)`` and move it into place by renames.
 
-    Readers see the old complete directory or the new complete one, never a
-    half-written one; on any error the temp dir is removed and ``final`` is untouched.
+    On any error the temp dir is removed and ``final`` is untouched.
 
     Args:
         final: the directory to (re)place.
         write: fills the temporary directory it is given.
-        keep_extras: carry files of an existing ``final`` that ``write`` did not
-            produce (e.g. a run dir's checkpoints around its adapter) into the new one.
+        keep_extras: ``final`` may hold other files (a run dir's checkpoints, metrics, a
+            non-default adapter's subfolder): only the files ``write`` produced are replaced,
+            each by one atomic rename, ``adapter_config.json`` last; nothing else in
+            ``final`` is moved. Without it an existing ``final`` is swapped out whole.
 
     Returns:
         ``final``.
@@ -103,20 +103,21 @@ def write_dir_atomic(final: Path, write: Callable[[Path], None], keep_extras: bo
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
-        if final.exists():
-            if keep_extras:
-                for child in final.iterdir():
-                    if not (tmp / child.name).exists() and child.name not in (CONFIG_NAME, WEIGHTS_NAME, _BIN_NAME):
-                        os.replace(child, tmp / child.name)
+        if final.exists() and keep_extras:
+            produced = sorted(p.name for p in tmp.iterdir())
+            for name in sorted(produced, key=lambda n: n == CONFIG_NAME):  # the config is the "complete" marker
+                os.replace(tmp / name, final / name)
+            if WEIGHTS_NAME in produced:
+                (final / _BIN_NAME).unlink(missing_ok=True)  # a stale pickle-era copy must not shadow the new weights
+        elif final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -141,13 +142,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save(tmp)
-        if base_name:
-            import json
-
-            data = json.loads((tmp / CONFIG_NAME).read_text())
-            data["base_model_name_or_path"] = base_name
-            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        config.save(tmp, base_model_name_or_path=base_name)
 
     write_dir_atomic(final, write, keep_extras=True)
     return final

@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -581,13 +580,7 @@ class _Run:
     def _finish(self, result: TrainResult) -> None:
         """Final adapter at the root, loss plot, model card, summary (rank 0)."""
         report.plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".adapter.tmp-"))
-        try:
-            save_adapter(self.model, tmp)
-            for name in ("adapter_model.safetensors", "adapter_config.json"):  # config last: "complete" marker
-                os.replace(tmp / name, self.run_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, self.run_dir)  # replaces only the adapter files, config last
         base = getattr(self.model.config, "_name_or_path", None) or str(self.cfg.model)
         report.write_model_card(
             self.run_dir / "README.md", base_model=base, data=self.data_card, lora=dict(self.cfg.lora),
