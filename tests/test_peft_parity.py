@@ -128,9 +128,11 @@ def test_two_adapters_non_default_name(tmp_path, input_ids):
 
 def test_saved_config_is_peft_readable(tmp_path):
     model = lorakit.inject(make_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.config._name_or_path = "models/tiny-llama"
     lorakit.save_adapter(model, tmp_path / "a")
     data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORA" and data["r"] == 4
+    assert data["base_model_name_or_path"] == "models/tiny-llama"
     assert sorted(data["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "a"))
     assert cfg.r == 4 and cfg.task_type == "CAUSAL_LM"

@@ -28,7 +28,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_FORMAT_VERSION = "0.21.2"
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INIT_MODES = (True, False, "gaussian")
 
 # PEFT fields we know but do not implement; a config that sets them to a
 # non-default value cannot be loaded faithfully, so we refuse it.
@@ -122,16 +121,12 @@ class LoraConfig:
         for name in ("fan_in_fan_out", "use_rslora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false.")
-        if self.init_lora_weights not in _INIT_MODES or (
-            not isinstance(self.init_lora_weights, bool) and self.init_lora_weights != "gaussian"
-        ):
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or 'gaussian'."
             )
         ltt = self.layers_to_transform
-        if ltt is not None and not isinstance(ltt, bool) and isinstance(ltt, int):
-            pass
-        elif ltt is not None and not (isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
+        if not (ltt is None or _is_int(ltt) or (isinstance(ltt, list) and all(_is_int(i) for i in ltt))):
             raise ConfigError(f"layers_to_transform={ltt!r} must be a layer index or a list of layer indices.")
         lp = self.layers_pattern
         if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
@@ -159,8 +154,8 @@ class LoraConfig:
         """The LoRA scaling for one module of rank ``r`` and alpha ``alpha``."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def to_dict(self) -> dict[str, Any]:
-        """PEFT's adapter_config.json content for this config."""
+    def to_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """PEFT's adapter_config.json content for this config (with the base model's name, if given)."""
         data = dataclasses.asdict(self)
         for key in ("target_modules", "exclude_modules"):
             if isinstance(data[key], (set, tuple)):
@@ -168,7 +163,7 @@ class LoraConfig:
         data.update({
             "peft_type": "LORA",
             "peft_version": PEFT_FORMAT_VERSION,
-            "base_model_name_or_path": None,
+            "base_model_name_or_path": base_model_name_or_path,
             "revision": None,
             "inference_mode": True,
             "use_dora": False,
@@ -210,13 +205,13 @@ class LoraConfig:
             )
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
         """Write ``adapter_config.json`` into ``directory`` atomically."""
         path = Path(directory) / CONFIG_NAME
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adapter_config.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
+                json.dump(self.to_dict(base_model_name_or_path), f, indent=2)
                 f.write("\n")
             os.replace(tmp, path)
         except BaseException:
@@ -249,14 +244,18 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
     if value < minimum:
         raise ConfigError(f"{name}={value!r} is too small; it must be an integer >= {minimum}.")
 
 
-def _check_number(name: str, value: Any, positive: bool = False, minimum: int | None = None) -> None:
+def _check_number(name: str, value: Any, positive: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} must be a finite number.")
     if positive and value <= 0:
