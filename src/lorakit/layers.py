@@ -11,6 +11,7 @@ nothing happens as a side effect of ``.eval()``.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any
@@ -76,11 +77,6 @@ class LoraLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     @property
-    def adapter_names(self) -> list[str]:
-        """Names of the adapters this layer holds."""
-        return list(self.r)
-
-    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
@@ -108,9 +104,6 @@ class LoraLayer(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def set_scale(self, name: str, scaling: float) -> None:
-        self.scaling[name] = scaling
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         """Fold the given (default: active) adapters into the base weight.
@@ -326,8 +319,6 @@ class ModulesToSaveWrapper(nn.Module):
         self.disabled = False
 
     def add_adapter(self, name: str) -> None:
-        import copy
-
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[name] = copy_
