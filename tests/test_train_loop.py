@@ -21,7 +21,7 @@ from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.errors import ConfigError, TrainingError  # noqa: E402
-from lorakit.train import loop  # noqa: E402
+from lorakit.train import device as train_device, loop  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
 from lorakit.train.loop import TrainingInterrupted, lr_factor, resolve_precision, train  # noqa: E402
 from lorakit.train.report import read_metrics  # noqa: E402
@@ -262,7 +262,7 @@ def test_bf16_packing_and_checkpointing_run(assets, tmp_path):
 def test_auto_precision_reads_cpu_flags(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(loop, "_CPUINFO", info)
+    monkeypatch.setattr(train_device, "_CPUINFO", info)
     info.write_text("flags\t: fpu sse avx2 avx512f\n")
     precision, why = resolve_precision("auto", cpu)
     assert precision == "fp32" and "neither AMX nor AVX512-BF16" in why

@@ -1,0 +1,38 @@
+"""The learning-rate schedule: linear warmup, then constant, linear or cosine decay.
+
+The loop wraps :func:`lr_factor` in a ``torch.optim.lr_scheduler.LambdaLR`` over AdamW,
+stepped once per optimizer step; the scheduler's state (its step count) is saved in
+each checkpoint, so a resumed run goes on with the same learning rates.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["lr_factor"]
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier of (0-based) optimizer step ``step``.
+
+    Warmup: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``. After it,
+    with ``p = (step - warmup_steps) / max(1, total_steps - warmup_steps)``:
+    constant ``1``, linear ``1 - p``, cosine ``(1 + cos(pi * p)) / 2``.
+
+    Args:
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
+        step: Optimizer steps done before this one.
+        total_steps: Steps of the run.
+        warmup_steps: Linear warmup steps.
+
+    Returns:
+        The multiplier of ``train.lr``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - p
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return 1.0
