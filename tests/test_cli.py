@@ -18,7 +18,7 @@ from test_runs import make_adapter, make_run
 from tiny import make_tiny_model_dir, write_chat_jsonl
 from transformers import AutoModelForCausalLM
 
-from lorakit import cli, runs
+from lorakit import cli, export, runs
 from lorakit.errors import LorakitError
 
 
@@ -179,6 +179,70 @@ def test_eval_prints_loss_perplexity_exact_match(capsys, env):
     assert f"exact_match  {expected['exact_match']:.3f}" in out
 
 
+@pytest.fixture(scope="module")
+def bf16_run(env):
+    """A run whose base model's weights are stored in bfloat16 (so auto != fp32)."""
+    tiny = make_tiny_model_dir(env["root"] / "tiny-bf16", dtype=torch.bfloat16)
+    return make_run(tiny, env["root"] / "run-bf16")
+
+
+@pytest.fixture
+def opened_models(monkeypatch):
+    """The models the verbs open, with the open_adapter keyword arguments they passed."""
+    seen = []
+    real = runs.open_adapter
+
+    def spy(*args, **kwargs):
+        model, tokenizer, info = real(*args, **kwargs)
+        seen.append((kwargs, model))
+        return model, tokenizer, info
+
+    monkeypatch.setattr(runs, "open_adapter", spy)
+    return seen
+
+
+def _verb_args(verb: str, run: Path, data: Path) -> tuple:
+    return {"generate": ("generate", run, "-p", "say ab", "--max-new-tokens", 2),
+            "chat": ("chat", run, "--max-new-tokens", 2),
+            "eval": ("eval", run, "--data", data, "--max-new-tokens", 2)}[verb]
+
+
+@pytest.mark.parametrize(("verb", "stored", "flag", "expected"), [
+    ("generate", "bf16", None, torch.bfloat16),  # no --dtype: auto = as stored
+    ("generate", "fp32", "bf16", torch.bfloat16),
+    ("generate", "bf16", "fp32", torch.float32),
+    ("chat", "fp32", "bf16", torch.bfloat16),
+    ("chat", "bf16", "auto", torch.bfloat16),
+    ("eval", "fp32", "fp16", torch.float16),
+    ("eval", "fp32", None, torch.float32),
+])
+def test_dtype_and_device_reach_the_model(capsys, env, bf16_run, opened_models, monkeypatch, verb, stored, flag,
+                                          expected):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("say ab\n"))
+    run = bf16_run if stored == "bf16" else env["run"]
+    extra = ("--dtype", flag) if flag else ()
+    code, out, err = run_cli(capsys, *_verb_args(verb, run, env["data"]), *extra, "--device", "cpu")
+    assert code == 0, err
+    [(kwargs, model)] = opened_models
+    assert kwargs["dtype"] == (flag or "auto") and kwargs["device"] == "cpu"
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert base == {expected}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_and_eval_on_cuda(capsys, env, opened_models):
+    code, _, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 2,
+                           "--device", "cuda", "--dtype", "bf16")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", env["run"], "--data", env["data"], "--max-new-tokens", 2,
+                             "--device", "cuda")
+    assert code == 0 and "eval_loss" in out, err
+    for _, model in opened_models:
+        assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert opened_models[0][1].model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_merge_writes_a_plain_model(capsys, env, tmp_path):
     out_dir = tmp_path / "merged"
     code, out, err = run_cli(capsys, "merge", env["run"], out_dir)
@@ -225,6 +289,22 @@ def test_bad_dtype(capsys, env, tmp_path):
     assert_user_error(code, err, "fp16", "--dtype")
 
 
+@pytest.mark.parametrize("verb", ["generate", "chat", "eval"])
+def test_bad_dtype_or_device_is_a_usage_error(capsys, env, opened_models, verb):
+    args = _verb_args(verb, env["run"], env["data"])
+    code, _, err = run_cli(capsys, *args, "--dtype", "fp64")
+    assert_user_error(code, err, "fp64", "--dtype", "auto", f"lorakit {verb} --help")
+    code, _, err = run_cli(capsys, *args, "--device", "gpu0")
+    assert_user_error(code, err, "gpu0", "--device", f"lorakit {verb} --help")
+    assert opened_models == []  # rejected while parsing, before any model is loaded
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_user_error(capsys, env):
+    code, _, err = run_cli(capsys, "generate", env["run"], "-p", "x", "--device", "cuda")
+    assert_user_error(code, err, "cuda")
+
+
 def test_unknown_option_and_verb(capsys, env):
     code, _, err = run_cli(capsys, "generate", env["run"], "--bogus")
     assert_user_error(code, err, "--bogus", "lorakit generate --help")
@@ -254,7 +334,7 @@ def test_internal_error_exit_1_and_debug_traceback(capsys, env, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(runs, "inspect_adapter", boom)
+    monkeypatch.setattr(export, "inspect_adapter", boom)
     code, _, err = run_cli(capsys, "inspect", env["run"])
     assert code == 1
     assert "kaboom" in err and "--debug" in err and "Traceback" not in err
@@ -272,7 +352,7 @@ def test_ctrl_c_exits_130(capsys, env, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "inspect_adapter", interrupted)
+    monkeypatch.setattr(export, "inspect_adapter", interrupted)
     code, _, err = run_cli(capsys, "inspect", env["run"])
     assert code == 130 and "interrupted" in err and "Traceback" not in err
 

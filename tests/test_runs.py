@@ -1,19 +1,15 @@
-"""lorakit.runs on tiny offline models: open, generate, compare, evaluate, merge, inspect."""
+"""lorakit.runs on tiny offline models: open, generate, compare, evaluate, last metrics."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from tiny import make_tiny_model_dir, write_chat_jsonl
-from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit import runs
@@ -115,6 +111,36 @@ def test_open_errors_name_the_path_and_the_fix(env, tmp_path):
         runs.open_adapter(run)
 
 
+def _base_and_lora_dtypes(model) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    params = list(model.named_parameters())
+    return ({p.dtype for n, p in params if "lora_" not in n}, {p.dtype for n, p in params if "lora_" in n})
+
+
+def test_open_with_dtype_casts_the_base_and_keeps_the_adapter_fp32(env, opened, tmp_path, monkeypatch):
+    calls = []
+    real_load = runs.models.load_model
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(runs.models, "load_model", spy)
+    model, _, _ = runs.open_adapter(env["run"], dtype="bf16", device="cpu")
+    assert calls == [{"dtype": "bf16", "device": "cpu"}]
+    assert _base_and_lora_dtypes(model) == ({torch.bfloat16}, {torch.float32})
+    torch.testing.assert_close(_logits(model).float(), _logits(opened[0]), rtol=0.05, atol=0.05)
+    stored_bf16 = make_run(make_tiny_model_dir(tmp_path / "bf16", dtype=torch.bfloat16), tmp_path / "run")
+    for dtype, expected in ((None, torch.bfloat16), ("auto", torch.bfloat16), ("fp16", torch.float16),
+                            (torch.float32, torch.float32)):
+        model, _, _ = runs.open_adapter(stored_bf16, dtype=dtype)
+        assert _base_and_lora_dtypes(model) == ({expected}, {torch.float32}), dtype
+
+
+def test_natural_key_orders_numbers_numerically():
+    names = ["layers.10.mlp", "layers.2.mlp", "layers.2.attn", "embed"]
+    assert sorted(names, key=runs.natural_key) == ["embed", "layers.2.attn", "layers.2.mlp", "layers.10.mlp"]
+
+
 def test_adapter_for_another_model_says_how_the_base_was_chosen(env, tmp_path):
     wide = make_tiny_model_dir(tmp_path / "wide", hidden=48)
     with pytest.raises(ModelMismatchError, match="--model"):
@@ -192,85 +218,6 @@ def test_exact_match_on_known_answers(opened, tmp_path):
     for batch_size in (1, 2):
         result = runs.evaluate(model, tokenizer, data, batch_size=batch_size, max_new_tokens=5)
         assert result["exact_match"] == pytest.approx(2 / 3) and result["exact_match_rows"] == 3
-
-
-# --------------------------------------------------------------------------- merge
-
-
-def test_merge_matches_unmerged_logits(env, opened, tmp_path):
-    out = runs.merge_to_dir(env["run"], tmp_path / "merged")
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
-        assert (out / name).is_file(), name
-    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
-    merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    torch.testing.assert_close(_logits(merged), _logits(opened[0]), rtol=0, atol=1e-5)
-    assert not list(tmp_path.glob(".merged.tmp-*"))
-
-
-def test_merged_model_loads_without_lorakit(env, tmp_path):
-    out = runs.merge_to_dir(env["run"], tmp_path / "merged", dtype="bf16")
-    script = (
-        "import sys; sys.modules['lorakit'] = None\n"  # any import of lorakit fails
-        "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, local_files_only=True)\n"
-        f"AutoTokenizer.from_pretrained({str(out)!r}, local_files_only=True)\n"
-        "assert m.model.embed_tokens.weight.dtype == torch.bfloat16, m.dtype\n"
-        "print('ok')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
-
-
-def test_merge_refuses_bad_dtype_and_existing_dir(env, tmp_path):
-    with pytest.raises(ConfigError, match="dtype"):
-        runs.merge_to_dir(env["run"], tmp_path / "m", dtype="fp16")
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "keep.txt").write_text("x")
-    with pytest.raises(ConfigError, match="not empty"):
-        runs.merge_to_dir(env["run"], tmp_path / "busy")
-    runs.merge_to_dir(env["run"], tmp_path / "busy", overwrite=True)
-    assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "keep.txt").exists()
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def test_inspect_norms_equal_float64_reference(env, tmp_path):
-    config = lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False,
-        rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3},
-    )
-    adapter = make_adapter(env["tiny"], tmp_path / "patterned", config)
-    rows = runs.inspect_adapter(adapter)
-    tensors = {k.removeprefix("base_model.model."): v.double()
-               for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
-    expected_scaling = {"q_proj": 8 / 2, "v_proj": 3 / 4, "embed_tokens": 8 / 4}
-    modules = [r for r in rows if r["kind"] != "total"]
-    assert len(modules) == 2 * 2 + 1
-    for row in modules:
-        short = row["module"].rsplit(".", 1)[-1]
-        if row["kind"] == "embedding":
-            A, B = tensors[row["module"] + ".lora_embedding_A"], tensors[row["module"] + ".lora_embedding_B"]
-            delta = (B @ A).T  # (num_embeddings, dim), as PEFT merges it
-        else:
-            A, B = tensors[row["module"] + ".lora_A.weight"], tensors[row["module"] + ".lora_B.weight"]
-            delta = B @ A  # (out, in)
-        scaling = expected_scaling[short]
-        assert row["scaling"] == scaling and row["r"] == A.shape[0]
-        assert row["params"] == A.numel() + B.numel()
-        assert row["norm"] == pytest.approx(torch.linalg.matrix_norm(scaling * delta).item(), rel=1e-12)
-    total = rows[-1]
-    assert total["module"] == "total" and total["params"] == sum(r["params"] for r in modules)
-    assert total["norm"] == pytest.approx(math.sqrt(sum(r["norm"] ** 2 for r in modules)))
-
-
-def test_inspect_rejects_corrupt_file(env, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_bytes((env["adapter"] / "adapter_config.json").read_bytes())
-    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(AdapterFormatError, match="corrupt"):
-        runs.inspect_adapter(bad)
 
 
 def test_last_metrics_keeps_latest_value_of_each_key(tmp_path):

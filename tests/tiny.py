@@ -36,8 +36,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_model_dir(path: str | Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
-    """Write a tiny random Llama + tokenizer into ``path`` and return it."""
+def make_tiny_model_dir(
+    path: str | Path, seed: int = 0, layers: int = 2, hidden: int = 32, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a tiny random Llama + tokenizer into ``path`` (weights stored in ``dtype``) and return it."""
     path = Path(path)
     tok = make_tokenizer()
     torch.manual_seed(seed)
@@ -48,7 +50,7 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0, layers: int = 2, hidden
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -1,8 +1,8 @@
 """The ``lorakit`` command: one thin function per verb (parse -> call the library -> print).
 
 Verbs: ``train``, ``generate``, ``chat``, ``eval``, ``merge``, ``inspect``. The work
-is done by :mod:`lorakit.train.loop` and :mod:`lorakit.runs`; this module only
-turns arguments into calls and results into text.
+is done by :mod:`lorakit.train.loop`, :mod:`lorakit.runs` and :mod:`lorakit.export`;
+this module only turns arguments into calls and results into text.
 
 Exit codes: 0 success; 2 a user error (any :class:`~lorakit.errors.LorakitError`,
 a bad argument, a missing file), printed as one ``error: ...`` line on stderr;
@@ -43,6 +43,32 @@ RunArg = Annotated[str, typer.Argument(help="A run directory (from `lorakit trai
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Base model (model dir, .gguf file or default name); overrides the run's / adapter's.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
+
+
+class LoadDtype(str, Enum):
+    """Base-model weight dtypes for ``generate``, ``chat`` and ``eval``."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def _check_device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a torch device; use e.g. cpu, cuda or cuda:1.") from None
+    return value
+
+
+DtypeOpt = Annotated[LoadDtype, typer.Option(
+    "--dtype", help="Weight dtype of the base model; auto = the dtype its weights are stored in "
+    "(the adapter stays fp32).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=_check_device, help="Where to run the model, e.g. cpu, cuda, cuda:1.")]
 
 
 @app.callback()
@@ -117,6 +143,8 @@ def generate(
         "--compare-base", help="Also answer with the adapter disabled and show both side by side.")] = False,
     max_new_tokens: MaxNewOpt = 128,
     model: ModelOpt = None,
+    dtype: DtypeOpt = LoadDtype.auto,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Answer prompts with the adapter (greedy), optionally next to the base model's answers."""
     from lorakit import runs
@@ -124,7 +152,7 @@ def generate(
     _quiet_transformers()
 
     prompts = _read_prompts(ctx, prompt, prompts_file)
-    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model)
+    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
     if compare_base:
         _print_comparison(runs.compare_base(lm, tokenizer, prompts, max_new_tokens=max_new_tokens))
         return
@@ -167,13 +195,15 @@ def chat(
     run_or_adapter: RunArg,
     max_new_tokens: MaxNewOpt = 256,
     model: ModelOpt = None,
+    dtype: DtypeOpt = LoadDtype.auto,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Chat with the adapted model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
     from lorakit import runs
 
     _quiet_transformers()
 
-    lm, tokenizer, info = runs.open_adapter(run_or_adapter, model=model)
+    lm, tokenizer, info = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
     console = _console()
     console.print(f"chatting with {info.adapter_dir} (/reset clears the history, /exit quits)", style="dim")
     history: list[dict[str, str]] = []
@@ -208,13 +238,15 @@ def eval_(
         "--max-new-tokens", min=1, help="Most tokens per answer for exact match (default: longest reference + 16).")] = None,
     no_exact_match: Annotated[bool, typer.Option("--no-exact-match", help="Skip generating answers.")] = False,
     model: ModelOpt = None,
+    dtype: DtypeOpt = LoadDtype.auto,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Eval loss, perplexity and exact match of greedy answers on a JSONL file."""
     from lorakit import runs
 
     _quiet_transformers()
 
-    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model)
+    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
     result = runs.evaluate(lm, tokenizer, data, max_seq_len=max_seq_len, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, exact_match=not no_exact_match)
     console = _console()
@@ -245,11 +277,11 @@ def merge(
     model: ModelOpt = None,
 ) -> None:
     """Fold the adapter into the base weights and save a plain transformers model directory."""
-    from lorakit import runs
+    from lorakit import export
 
     _quiet_transformers()
 
-    out = runs.merge_to_dir(run_or_adapter, out_dir, dtype=dtype.value, model=model, overwrite=force)
+    out = export.merge_to_dir(run_or_adapter, out_dir, dtype=dtype.value, model=model, overwrite=force)
     _console().print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -259,9 +291,9 @@ def inspect(run_or_adapter: RunArg) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from lorakit import runs
+    from lorakit import export, runs
 
-    rows = runs.inspect_adapter(run_or_adapter)
+    rows = export.inspect_adapter(run_or_adapter)
     prefix = _common_prefix([row["module"] for row in rows if row["kind"] != "total"])
     title = f"adapter {run_or_adapter}" + (f" (module names under {prefix})" if prefix else "")
     table = Table(title=Text(title))

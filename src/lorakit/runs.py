@@ -1,14 +1,13 @@
-"""What the ``lorakit`` verbs do, as library functions: open, generate, evaluate, merge, inspect.
+"""What the ``lorakit`` verbs do, as library functions: open, generate, evaluate.
 
 Each CLI verb in :mod:`lorakit.cli` parses its arguments and calls one function
-here; Python users call the same functions::
+here (``merge`` and ``inspect``: in :mod:`lorakit.export`); Python users call the
+same functions::
 
-    model, tokenizer, info = open_adapter("runs/quickstart")
+    model, tokenizer, info = open_adapter("runs/quickstart", dtype="bf16")
     print(generate(model, tokenizer, "Name three colours."))
     for prompt, base, tuned in compare_base(model, tokenizer, ["Hi!"]): ...
     evaluate(model, tokenizer, "data/eval.jsonl")   # {"eval_loss": ..., "perplexity": ..., "exact_match": ...}
-    merge_to_dir("runs/quickstart", "out/merged")   # plain transformers model dir
-    inspect_adapter("runs/quickstart")              # per-module r, alpha, params, ||ΔW||
 
 A *run directory* (written by ``lorakit train``) holds the adapter at its root
 (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``lorakit.yaml``
@@ -31,11 +30,10 @@ import torch
 import yaml
 
 from . import models
-from .adapters import disable_adapters, merge_and_unload
+from .adapters import disable_adapters
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
-from .inject import pattern_value
-from .io import LORA_KEY, load_adapter, read_adapter, write_dir_atomic
+from .io import load_adapter, read_adapter
 from .train.batching import IGNORE_INDEX, collate
 from .train.data import load_examples, read_rows
 
@@ -43,18 +41,17 @@ __all__ = [
     "RUN_CONFIG_NAME",
     "METRICS_NAME",
     "AdapterInfo",
+    "find_adapter_dir",
+    "natural_key",
     "open_adapter",
     "generate",
     "compare_base",
     "evaluate",
-    "merge_to_dir",
-    "inspect_adapter",
     "last_metrics",
 ]
 
 RUN_CONFIG_NAME = "lorakit.yaml"
 METRICS_NAME = "metrics.jsonl"
-_MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -80,8 +77,32 @@ class AdapterInfo:
 # --------------------------------------------------------------------------- open
 
 
-def _adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """(adapter dir, run dir or None), with errors that say what to pass instead."""
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key for dotted names that puts ``layers.2`` before ``layers.10``.
+
+    Args:
+        name: A dotted name such as a module path.
+
+    Returns:
+        One ``(0, number)`` or ``(1, text)`` item per dot-separated part.
+    """
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+
+def find_adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """Check that a path holds an adapter and say whether it is a run directory.
+
+    Args:
+        run_or_adapter: A run directory or an adapter directory.
+
+    Returns:
+        ``(adapter_dir, run_dir)``: the folder holding ``adapter_config.json``, and
+        the same folder when it holds ``lorakit.yaml`` (else None).
+
+    Raises:
+        AdapterFormatError: the path is missing, is a file, or holds no
+            ``adapter_config.json`` (for an unfinished run, naming its latest checkpoint).
+    """
     path = Path(run_or_adapter).expanduser()
     if not path.exists():
         raise AdapterFormatError(
@@ -95,7 +116,7 @@ def _adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path | N
     run_dir = path if (path / RUN_CONFIG_NAME).is_file() else None
     if not (path / CONFIG_NAME).is_file():
         checkpoints = sorted((path / "checkpoints").glob("*/" + CONFIG_NAME),
-                             key=lambda p: _natural(p.parent.name.replace("-", "."))) if run_dir else []
+                             key=lambda p: natural_key(p.parent.name.replace("-", "."))) if run_dir else []
         hint = (f" Training may not have finished; pass a checkpoint such as {checkpoints[-1].parent}."
                 if checkpoints else "")
         kind = "run directory" if run_dir else "directory"
@@ -154,6 +175,7 @@ def open_adapter(
     *,
     model: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Any, Any, AdapterInfo]:
     """Load a base model with an adapter on it, ready for inference.
 
@@ -165,8 +187,10 @@ def open_adapter(
     Args:
         run_or_adapter: A run directory or an adapter directory (lorakit's or PEFT's).
         model: Base model override (anything :func:`lorakit.models.resolve_model` takes).
-        dtype: Weight dtype for the base model (``"fp32"``, ``"bf16"``, ...); None
-            keeps the stored dtype.
+        dtype: Weight dtype for the base model (``"fp32"``, ``"bf16"``, ``"fp16"``, a
+            ``torch.dtype``); None or ``"auto"`` keeps the dtype the weights are stored in.
+            The adapter's own weights stay float32.
+        device: Where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); None = the CPU.
 
     Returns:
         ``(model, tokenizer, info)``: the model in eval mode with the adapter
@@ -174,14 +198,15 @@ def open_adapter(
 
     Raises:
         AdapterFormatError: the path is missing or holds no complete adapter.
-        ModelLoadError: the base model cannot be found or loaded.
+        ModelLoadError: the base model cannot be found or loaded, ``dtype`` is unknown,
+            or the model cannot be moved to ``device``.
         ModelMismatchError: the adapter does not fit the chosen base model.
         ConfigError: ``lorakit.yaml`` or ``adapter_config.json`` is invalid.
     """
-    adapter_dir, run_dir = _adapter_dir(run_or_adapter)
+    adapter_dir, run_dir = find_adapter_dir(run_or_adapter)
     config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
     name, source = _choose_model(None if model is None else str(model), adapter_dir, run_dir)
-    base, tokenizer = models.load_model(name, dtype=dtype)
+    base, tokenizer = models.load_model(name, dtype=dtype, device=device)
     try:
         load_adapter(base, adapter_dir)
     except ModelMismatchError as e:
@@ -383,128 +408,6 @@ def _exact_matches(model, tokenizer, rows, batch_size: int, max_new_tokens: int 
     for i in range(0, len(prompts), batch_size):
         answers += _generate_ids(model, tokenizer, prompts[i : i + batch_size], gen_config)
     return [_decode(tokenizer, a).strip() == r.reference.strip() for a, r in zip(answers, rows)]
-
-
-# --------------------------------------------------------------------------- merge
-
-
-def merge_to_dir(
-    run_or_adapter: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    dtype: str = "fp32",
-    model: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Fold an adapter into its base model and save a plain transformers model directory.
-
-    The merge is done in float32 and cast to ``dtype`` afterwards. The directory
-    (safetensors weights, config, generation config, tokenizer) loads with
-    ``AutoModelForCausalLM.from_pretrained`` without lorakit. It is written into a
-    temporary folder beside ``out_dir`` and renamed into place, so an interrupted
-    merge leaves nothing half-written.
-
-    Args:
-        run_or_adapter: A run directory or an adapter directory.
-        out_dir: Where the merged model goes.
-        dtype: ``"fp32"`` or ``"bf16"`` weights.
-        model: Base model override, as in :func:`open_adapter`.
-        overwrite: Replace ``out_dir`` if it exists and is not empty.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        ConfigError: bad ``dtype``, or ``out_dir`` exists and is not empty (without ``overwrite``).
-        AdapterFormatError, ModelLoadError, ModelMismatchError: as :func:`open_adapter`.
-    """
-    if dtype not in _MERGE_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported for merge; use one of {', '.join(_MERGE_DTYPES)}.")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; the merged model needs a directory. Choose another path.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory or overwrite it "
-                          "(--force / overwrite=True).")
-    lora_model, tokenizer, _ = open_adapter(run_or_adapter, model=model, dtype="fp32")
-    merged = merge_and_unload(lora_model)
-    merged = merged.to(_MERGE_DTYPES[dtype])
-
-    def write(tmp: Path) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    write_dir_atomic(out, write)
-    return out
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def _update_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> float:
-    """``||scaling · B @ A||_F`` via r x r Gram matrices: ||BA||² = <BᵀB, AAᵀ> (no out x in product)."""
-    A2 = A.reshape(A.shape[0], -1).double()  # (r, in·k)
-    B2 = B.reshape(B.shape[0], -1).double()  # (out, r)
-    squared = float((B2.T @ B2 * (A2 @ A2.T)).sum())  # (r, r) elementwise, summed = trace(BᵀB A Aᵀ)
-    return abs(scaling) * math.sqrt(max(squared, 0.0))
-
-
-def _natural(name: str) -> list[tuple[int, int | str]]:
-    """Sort key that puts layers.2 before layers.10."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
-
-
-def inspect_adapter(run_or_adapter: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Per-module summary of an adapter, read from its files alone (no base model).
-
-    Args:
-        run_or_adapter: A run directory or an adapter directory.
-
-    Returns:
-        One row per adapted module, in name order (layer numbers numerically): ``module``, ``kind``
-        (``"linear"``/``"conv"`` for ``lora_A``/``lora_B``, ``"embedding"``), ``r``,
-        ``alpha``, ``scaling``, ``params`` and ``norm`` = ``||scaling · B·A||_F``
-        (computed in float64); then one row per other saved tensor (``kind`` =
-        ``"bias"`` or ``"modules_to_save"``; ``r``, ``alpha``, ``scaling``, ``norm``
-        None); then a last row with ``module`` = ``"total"``, ``kind`` = ``"total"``
-        and the summed ``params`` (``norm`` = the root of the summed squared norms).
-
-    Raises:
-        AdapterFormatError: missing / corrupt files, or an A without its B.
-        ConfigError: an invalid ``adapter_config.json``.
-    """
-    adapter_dir, _ = _adapter_dir(run_or_adapter)
-    config, tensors = read_adapter(adapter_dir)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    extra: list[dict[str, Any]] = []
-    for key, value in tensors.items():
-        m = LORA_KEY.match(key)
-        if m:
-            pairs.setdefault(m.group("module"), {})[m.group("kind")] = value
-        else:
-            kind = "bias" if key.endswith(".bias") else "modules_to_save"
-            extra.append({"module": key, "kind": kind, "r": None, "alpha": None, "scaling": None,
-                          "params": value.numel(), "norm": None})
-    rows = []
-    for module in sorted(pairs, key=_natural):
-        parts = pairs[module]
-        embedding = "lora_embedding_A" in parts
-        A, B = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (
-            parts.get("lora_A"), parts.get("lora_B"))
-        if A is None or B is None:
-            raise AdapterFormatError(f"{adapter_dir}: module {module!r} has only one of its two LoRA matrices; "
-                                     "the adapter file is incomplete. Re-save it.")
-        r = A.shape[0]
-        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-        scaling = config.scaling_for(r, alpha)
-        kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
-        rows.append({"module": module, "kind": kind, "r": r, "alpha": alpha, "scaling": scaling,
-                     "params": A.numel() + B.numel(), "norm": _update_norm(A, B, scaling)})
-    rows += sorted(extra, key=lambda row: _natural(row["module"]))
-    total_norm = math.sqrt(sum(row["norm"] ** 2 for row in rows if row["norm"] is not None))
-    rows.append({"module": "total", "kind": "total", "r": None, "alpha": None, "scaling": None,
-                 "params": sum(row["params"] for row in rows), "norm": total_norm})
-    return rows
 
 
 def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
