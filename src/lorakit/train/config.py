@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     save_every: int = Field(50, ge=0)  # 0: only at the end
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
     log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")

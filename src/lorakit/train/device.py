@@ -66,6 +66,8 @@ def setup_distributed(device: str | torch.device | None) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     if device is not None:
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # plain "cuda": this process's GPU
+            dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if dev.type == "cuda":

@@ -19,6 +19,7 @@ Run directory (``output.dir``), written by rank 0 only::
     lorakit.yaml                                       the resolved run config
     metrics.jsonl, loss.png, README.md                 see lorakit.train.report
     checkpoints/step-000050/                           adapter + trainer_state.pt; the last 2 kept
+                                                       (see lorakit.train.checkpoint)
 
 Stopping early. A NaN/Inf loss or gradient norm raises :class:`TrainingError` before the
 bad update is applied; no checkpoint of it is written. Ctrl-C (``KeyboardInterrupt``)
@@ -29,11 +30,8 @@ resume=True)`` goes on from there.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -41,29 +39,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError, ModelMismatchError, TrainingError, TrainingInterrupted
+from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.inject import inject, trainable_parameters
 from lorakit.layers import fuse_swiglu_mlps
-from lorakit.io import adapter_state_dict, read_adapter, save_adapter, write_dir_atomic
+from lorakit.io import save_adapter
 from lorakit.train import report
 from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
+from lorakit.train.checkpoint import (check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint,
+                                      save_checkpoint)
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_examples
+from lorakit.train.device import DistContext, resolve_precision, setup_distributed
 from lorakit.train.fast import causal_lm_loss
+from lorakit.train.graphs import LayerGraphs, graph_blocker
+from lorakit.train.schedule import lr_factor
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train", "resolve_precision", "lr_factor", "latest_checkpoint"]
+GRAPH_PAD = 64  # sequence-length bucket when CUDA graphs are on
 
-_KEEP_CHECKPOINTS = 2
-_STATE_FILE = "trainer_state.pt"
-_CPUINFO = Path("/proc/cpuinfo")
-# Keys that may change between a run and its resume; any other change breaks the data position.
-_RESUMABLE_CHANGES = {"train.steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every"}
+__all__ = ["TrainResult", "TrainingInterrupted", "train", "make_optimizer", "resolve_precision", "lr_factor",
+           "latest_checkpoint"]
 
 
 @dataclass
@@ -95,103 +93,14 @@ class TrainResult:
     precision_reason: str
 
 
-# --------------------------------------------------------------------------- public helpers
-
-
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """Choose fp32 or bf16 for ``train.precision``.
-
-    ``auto`` picks bf16 on a CUDA GPU with bf16 support, and on a CPU whose
-    ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; else fp32.
-
-    Args:
-        requested: ``"auto"``, ``"fp32"`` or ``"bf16"``.
-        device: The training device.
-
-    Returns:
-        ``(precision, reason)``.
-
-    Raises:
-        ConfigError: bf16 asked for on a GPU without bf16 support.
-    """
-    if requested == "fp32":
-        return "fp32", "train.precision is fp32"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        supported = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not supported:
-            raise ConfigError(f"train.precision is bf16, but {name} has no bf16 support; set train.precision: fp32.")
-        if requested == "bf16":
-            return "bf16", "train.precision is bf16"
-        return ("bf16", f"auto: {name} supports bf16") if supported else ("fp32", f"auto: {name} has no bf16")
-    try:
-        flags = set(_CPUINFO.read_text().split())
-    except OSError:
-        flags = None
-    fast = flags is not None and ("amx_bf16" in flags or "avx512_bf16" in flags)
-    if requested == "bf16":
-        return "bf16", "train.precision is bf16" + ("" if fast else " (this CPU has no AMX/AVX512-BF16: slow)")
-    if device.type != "cpu":
-        return "fp32", f"auto: bf16 is chosen only on CUDA and on CPUs with AMX/AVX512-BF16, not on {device.type}"
-    if flags is None:
-        return "fp32", "auto: no /proc/cpuinfo to look for AMX/AVX512-BF16"
-    if fast:
-        which = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX512-BF16 (avx512_bf16)"
-        return "bf16", f"auto: the CPU has {which}"
-    return "fp32", "auto: the CPU has neither AMX nor AVX512-BF16 (no amx_bf16/avx512_bf16 flag)"
-
-
-def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
-    """The learning-rate multiplier of (0-based) optimizer step ``step``.
-
-    Warmup: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``. After it,
-    with ``p = (step - warmup_steps) / max(1, total_steps - warmup_steps)``:
-    constant ``1``, linear ``1 - p``, cosine ``(1 + cos(pi * p)) / 2``.
-
-    Args:
-        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
-        step: Optimizer steps done before this one.
-        total_steps: Steps of the run.
-        warmup_steps: Linear warmup steps.
-
-    Returns:
-        The multiplier of ``train.lr``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - p
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * p))
-    return 1.0
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run (``checkpoints/step-*`` with a trainer state).
-
-    Args:
-        run_dir: The run directory.
-
-    Returns:
-        The checkpoint directory, or None if there is none.
-    """
-    found = sorted(_checkpoints(Path(run_dir) / "checkpoints"))
-    return found[-1][1] if found else None
-
-
-def _checkpoints(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.glob("step-*"):
-        suffix = d.name.removeprefix("step-")
-        if suffix.isdigit() and (d / _STATE_FILE).is_file():
-            out.append((int(suffix), d))
-    return out
-
-
 # --------------------------------------------------------------------------- the loss
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; on CUDA the fused kernel (one launch per step, not hundreds)."""
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
 
 
 def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -209,43 +118,6 @@ def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
         label tokens (labels != -100 after the shift) it sums over.
     """
     return causal_lm_loss(model, batch)
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-
-def _setup_distributed(device: str | torch.device | None) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        owns = True
-    return _Dist(rank, world, dev, owns)
 
 
 # --------------------------------------------------------------------------- train
@@ -283,7 +155,7 @@ def train(
         cfg = config
     else:
         cfg = load_run_config(config, overrides)
-    ctx = _setup_distributed(device)
+    ctx = setup_distributed(device)
     try:
         return _Run(cfg, ctx, resume).run()
     finally:
@@ -294,16 +166,18 @@ def train(
 class _Run:
     """One training run: set up in __init__, the loop in run()."""
 
-    def __init__(self, cfg: RunConfig, ctx: _Dist, resume: bool) -> None:
+    def __init__(self, cfg: RunConfig, ctx: DistContext, resume: bool) -> None:
         from lorakit.models import load_model
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
         self.say = print if ctx.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.output.dir)
-        checkpoint = self._check_run_dir(resume)
+        checkpoint = check_run_dir(self.run_dir, resume)
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
         bf16 = self.precision == "bf16"
-        self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
+        # No autocast weight cache: base weights are stored in bf16 already, and CUDA graphs forbid it.
+        self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16
+                         else nullcontext())
 
         try:  # bad values fail before the model loads
             lora_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora})
@@ -322,6 +196,7 @@ class _Run:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
+        self.graphs = self._cuda_graphs(model, t.cuda_graphs)
         self.pad_id = tokenizer.pad_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
@@ -330,10 +205,10 @@ class _Run:
         self.global_batch = t.batch_size * t.grad_accum * ctx.world
         self.batches_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.total_steps = t.steps if t.epochs is None else t.epochs * self.batches_per_epoch
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(t.schedule, s, self.total_steps, t.warmup_steps))
-        self.fingerprint = self._fingerprint()
+        self.fingerprint = run_fingerprint(cfg, ctx.world, self.precision)
         self.step, self.elapsed_before, self.tokens = 0, 0.0, 0
         self.train_loss: float | None = None
         self.eval_loss: float | None = None
@@ -342,15 +217,19 @@ class _Run:
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _check_run_dir(self, resume: bool) -> Path | None:
-        existing = latest_checkpoint(self.run_dir)
-        if resume and existing is None:
-            raise ConfigError(f"cannot resume: {self.run_dir} has no checkpoint (checkpoints/step-*); "
-                              "start the run without --resume.")
-        if not resume and (existing is not None or (self.run_dir / "adapter_model.safetensors").exists()):
-            raise ConfigError(f"output.dir {self.run_dir} already holds a run; continue it with --resume, "
-                              "or choose another output.dir (or delete that folder).")
-        return existing
+    def _cuda_graphs(self, model: torch.nn.Module, mode: str) -> LayerGraphs | None:
+        """Record the decoder layers as CUDA graphs when ``train.cuda_graphs`` and the run allow it."""
+        if mode == "off":
+            return None
+        blocker = graph_blocker(model, self.ctx.device)
+        if blocker is None:
+            self.say("CUDA graphs: on (decoder layers recorded per padded shape, replayed each step)")
+            return LayerGraphs(model, log=self.say)
+        if mode == "on":
+            raise ConfigError(f"train.cuda_graphs is on, but {blocker}; set it to auto or off")
+        if self.ctx.device.type == "cuda":
+            self.say(f"CUDA graphs: off ({blocker})")
+        return None
 
     def _load_data(self, tokenizer: Any) -> None:
         d, seed = self.cfg.data, self.cfg.train.seed
@@ -378,13 +257,6 @@ class _Run:
         self.train_rows, self.eval_rows = train_rows, eval_rows
         bs = self.cfg.train.batch_size
         self.eval_batches = make_batches(eval_rows, bs, seed, 0, shuffle=False) if eval_rows else []
-
-    def _fingerprint(self) -> str:
-        flat = {f"{s}.{k}": v for s, sec in self.cfg.to_yaml_dict().items() if isinstance(sec, dict)
-                for k, v in sec.items() if s != "output"}
-        flat = {k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES}
-        flat.update({"model": self.cfg.model, "world_size": self.ctx.world, "precision (resolved)": self.precision})
-        return json.dumps(flat, sort_keys=True, default=str)
 
     # ------------------------------------------------------------------ the loop
 
@@ -423,7 +295,8 @@ class _Run:
                         raise self._diverged("gradient norm", norm)
                 self.optimizer.step()
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # With graphs, keep .grad allocated: backward then adds into it in place.
+                self.optimizer.zero_grad(set_to_none=self.graphs is None)
                 self.step += 1
                 consistent = True
                 self.tokens += n_tok
@@ -472,7 +345,9 @@ class _Run:
         micro = [global_batch[i : i + bs] for i in range(0, len(global_batch), bs)][ctx.rank :: ctx.world]
         stats = torch.zeros(3, dtype=torch.float32, device=ctx.device)  # loss sum, label tokens, input tokens
         for rows in micro:
-            cpu_batch = collate([self.train_rows[i] for i in rows], self.pad_id, pad_to_multiple_of=8)
+            # Graphs are recorded per shape: pad to coarse buckets so few shapes occur.
+            cpu_batch = collate([self.train_rows[i] for i in rows], self.pad_id,
+                                pad_to_multiple_of=8 if self.graphs is None else GRAPH_PAD)
             with self.autocast:
                 loss_sum, n_tokens = _forward_loss(self.model, self._to_device(cpu_batch))
             loss_sum.backward()
@@ -482,9 +357,10 @@ class _Run:
                  for p in self.params]
         flat = ctx.all_reduce(torch.cat([*[g.float() for g in grads], stats]))  # one all-reduce per step
         loss_sum, n_label, n_tok = flat[-3:].tolist()
+        flat = flat[:-3].div_(max(n_label, 1))  # one kernel, not one per parameter
         offset = 0
         for p in self.params:
-            p.grad = (flat[offset : offset + p.numel()].view_as(p) / max(n_label, 1)).to(p.dtype)
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
         return loss_sum, int(n_label), int(n_tok)
 
@@ -529,50 +405,17 @@ class _Run:
     # ------------------------------------------------------------------ checkpoints and outputs
 
     def _save_checkpoint(self, elapsed: float) -> Path:
-        root = self.run_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:06d}"
-        state = {
-            "step": self.step, "epoch": self.step // self.batches_per_epoch,
-            "batch_index": self.step % self.batches_per_epoch, "world_size": self.ctx.world,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(), "fingerprint": self.fingerprint,
-            "metrics": {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens": self.tokens,
-                        "elapsed_s": elapsed},
-        }
-
-        def write(tmp: Path) -> None:
-            save_adapter(self.model, tmp)
-            torch.save(state, tmp / _STATE_FILE)
-
-        write_dir_atomic(final, write)
-        for _, old_dir in sorted(_checkpoints(root))[:-_KEEP_CHECKPOINTS]:
-            shutil.rmtree(old_dir, ignore_errors=True)
+        metrics = {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens": self.tokens,
+                   "elapsed_s": elapsed}
+        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, step=self.step,
+                               batches_per_epoch=self.batches_per_epoch, world_size=self.ctx.world,
+                               fingerprint=self.fingerprint, metrics=metrics)
         self.saved_step = self.step
-        return final
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.fingerprint:
-            old, new = json.loads(state["fingerprint"]), json.loads(self.fingerprint)
-            diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                    if old.get(k) != new.get(k)]
-            raise ConfigError(f"cannot resume from {path}: the config changed in ways that change the model or the "
-                              f"data order ({'; '.join(diff)}); only {', '.join(sorted(_RESUMABLE_CHANGES))} may "
-                              "change. Restore those values or start a new run.")
-        _, tensors = read_adapter(path)
-        current = adapter_state_dict(self.model)
-        if tensors.keys() != current.keys():
-            raise ModelMismatchError(f"checkpoint {path} holds adapter tensors that do not match the injected model; "
-                                     "was it written by another config?")
-        with torch.no_grad():
-            for key, value in current.items():
-                value.copy_(tensors[key])  # detached views share storage with the LoRA params
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        m = state["metrics"]
-        self.step, self.tokens, self.elapsed_before = state["step"], m["tokens"], m["elapsed_s"]
+        self.step, m = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.fingerprint)
+        self.tokens, self.elapsed_before = m["tokens"], m["elapsed_s"]
         self.train_loss, self.eval_loss = m["train_loss"], m["eval_loss"]
         if self.step >= self.total_steps:
             self.say(f"checkpoint {path} is at step {self.step}, the run has {self.total_steps} steps: nothing to do")
@@ -606,25 +449,3 @@ def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())  # packed rows: padding is not told apart; close enough for tokens/s
 
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and primitives (loadable with weights_only=True)."""
-    version, py_state, gauss = random.getstate()
-    kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

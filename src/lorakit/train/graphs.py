@@ -1,0 +1,203 @@
+"""CUDA graphs for the decoder layers of a training step.
+
+On a GPU, a LoRA step of a small model is bound by the CPU, not the GPU: for
+SmolLM2-135M at 8 x 64 tokens the step launches ~6,700 kernels, the H100 is busy
+for ~26 ms of it, and the rest of the ~200 ms is Python and kernel-launch
+overhead (benchmarks/RESULTS.md). A CUDA graph records a layer's kernels once
+and replays them with one launch, so :class:`LayerGraphs` records each decoder
+layer's forward and backward (``torch.cuda.make_graphed_callables``, one shared
+memory pool per input shape) and replays them; the embedding, the mask, the head,
+the loss and the optimizer stay eager.
+
+What a graph needs, and what happens otherwise (the layer just runs eagerly):
+
+* the same input shape, dtype and mask layout as when it was recorded: one set of
+  graphs per shape, at most ``max_shapes`` (then new shapes run eagerly), so the
+  loop pads sequence lengths to coarse buckets when graphs are on;
+* training mode with grad enabled, no KV cache, no gradient checkpointing;
+* no randomness inside the layer: LoRA dropout would replay the same mask every
+  step, so :func:`graph_blocker` refuses models with ``lora_dropout > 0``;
+* autocast without its weight cache (``torch.autocast(..., cache_enabled=False)``).
+
+Gradients: a graph writes its parameter gradients into static buffers that the
+next replay overwrites. A hook on every trainable parameter copies the gradient
+when ``param.grad`` is still None (autograd would otherwise keep the static buffer
+itself as ``.grad``); with ``.grad`` allocated (``zero_grad(set_to_none=False)``)
+autograd adds into it in place and the hook costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LayerGraphs", "decoder_layers", "graph_blocker"]
+
+_EAGER_KWARGS = {"position_ids", "cache_position", "use_cache", "past_key_values"}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layer list of a transformers causal LM (``model.model.layers`` and kin), or None."""
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    layers = getattr(backbone, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return layers
+    return None
+
+
+def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
+    """Why this model's layers cannot be CUDA-graphed on ``device``, or None when they can."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA device"
+    if decoder_layers(model) is None:
+        return f"no decoder layer list found in {type(model).__name__} (expected model.<base>.layers)"
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn not in (None, "sdpa", "eager"):
+        return f"attention implementation {attn!r} (graphs are used with 'sdpa' and 'eager' only)"
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing is on (it recomputes layers outside the graph)"
+    for name, module in model.named_modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict) and any(isinstance(d, nn.Dropout) and d.p > 0 for d in drops.values()):
+            return f"LoRA dropout > 0 at {name} (a graph would replay the same dropout mask every step)"
+    return None
+
+
+class _LayerCall(nn.Module):
+    """One decoder layer as a function of tensors only: ``(h, [mask], cos, sin) -> h``."""
+
+    def __init__(self, layer: nn.Module, with_mask: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.with_mask = with_mask
+
+    def forward(self, hidden: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        mask, cos, sin = rest if self.with_mask else (None, *rest)
+        out = type(self.layer).forward(self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin),
+                                       use_cache=False)
+        if not isinstance(out, torch.Tensor):
+            raise _NotGraphable(f"{type(self.layer).__name__} returns {type(out).__name__}, not a tensor")
+        return out
+
+
+class _NotGraphable(Exception):
+    pass
+
+
+class LayerGraphs:
+    """Record and replay a causal LM's decoder layers as CUDA graphs while it trains.
+
+    ``LayerGraphs(model)`` patches each decoder layer's ``forward`` (module names and
+    state dicts are unchanged); :meth:`remove` restores them. Use it only when
+    :func:`graph_blocker` returns None.
+
+    Args:
+        model: A transformers causal LM on a CUDA device, LoRA already injected.
+        max_shapes: Most input shapes recorded; later new shapes run eagerly.
+        log: Called with one line when a shape is recorded or graphs are given up.
+    """
+
+    def __init__(self, model: nn.Module, max_shapes: int = 8, log: Any = None) -> None:
+        layers = decoder_layers(model)
+        if layers is None:
+            raise ValueError(f"no decoder layer list found in {type(model).__name__}")
+        self.layers = list(layers)
+        self.max_shapes = max_shapes
+        self.log = log or (lambda msg: None)
+        self.graphs: OrderedDict[tuple, list[nn.Module]] = OrderedDict()
+        self.disabled: str | None = None
+        self.replays = 0
+        self._current: list[nn.Module] | None = None
+        self._full_warned = False
+        self._hooks = [p.register_hook(functools.partial(_own_grad, p))
+                       for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        for i, layer in enumerate(self.layers):
+            layer.forward = functools.partial(self._forward, i)
+
+    def remove(self) -> None:
+        """Restore the layers' own forward and drop the recorded graphs."""
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self.graphs, self._current = [], OrderedDict(), None
+
+    # ----------------------------------------------------------------- forward
+
+    def _forward(self, i: int, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        layer = self.layers[i]
+        args = self._graph_args(layer, hidden_states, attention_mask, position_embeddings, kwargs)
+        if i == 0:  # the first layer picks (or records) the graphs the whole stack uses for this pass
+            self._current = None if args is None else self._graphs_for(hidden_states, attention_mask,
+                                                                        position_embeddings)
+        call = self._current[i] if args is not None and self._current is not None else None
+        if call is None or call.sample_requires_grad != hidden_states.requires_grad:
+            return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
+                                       position_embeddings=position_embeddings, **kwargs)
+        self.replays += 1
+        return call(*args)
+
+    def _graph_args(self, layer, hidden, mask, pe, kwargs) -> tuple | None:
+        """The graphed call's arguments, or None when this call must run eagerly."""
+        if (self.disabled or not torch.is_grad_enabled() or not layer.training or not hidden.is_cuda
+                or getattr(layer, "gradient_checkpointing", False) and layer.training
+                or kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
+                or not set(kwargs) <= _EAGER_KWARGS
+                or not (isinstance(pe, tuple) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe))
+                or not (mask is None or isinstance(mask, torch.Tensor))):
+            return None
+        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+            return None
+        return (hidden, mask, *pe) if mask is not None else (hidden, *pe)
+
+    # ----------------------------------------------------------------- capture
+
+    def _key(self, hidden, mask, pe) -> tuple:
+        meta = lambda t: (tuple(t.shape), t.dtype, tuple(t.stride()))  # noqa: E731
+        return (meta(hidden), hidden.requires_grad, None if mask is None else meta(mask), meta(pe[0]), meta(pe[1]),
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+    def _graphs_for(self, hidden, mask, pe) -> list[nn.Module] | None:
+        key = self._key(hidden, mask, pe)
+        if key in self.graphs:
+            return self.graphs[key]
+        if len(self.graphs) >= self.max_shapes:
+            if not self._full_warned:
+                self._full_warned = True
+                self.log(f"CUDA graphs: {self.max_shapes} input shapes recorded; new shapes run eagerly")
+            return None
+        try:
+            calls = self._capture(hidden, mask, pe)
+        except _NotGraphable as e:
+            self.disabled = str(e)
+            self.log(f"CUDA graphs off: {e}")
+            return None
+        self.graphs[key] = calls
+        self.log(f"CUDA graphs: recorded {len(calls)} layers for input {tuple(hidden.shape)}")
+        return calls
+
+    def _capture(self, hidden, mask, pe) -> list[nn.Module]:
+        requires_grad = hidden.requires_grad
+        calls, samples = [], []
+        for layer in self.layers:
+            call = _LayerCall(layer, with_mask=mask is not None)
+            call.sample_requires_grad = requires_grad
+            x = torch.randn_like(hidden).requires_grad_(requires_grad)
+            rest = tuple(t.detach().clone() for t in ((mask,) if mask is not None else ()) + tuple(pe))
+            calls.append(call)
+            samples.append((x, *rest))
+            requires_grad = requires_grad or any(p.requires_grad for p in layer.parameters())
+        # Outside the caller's autograd graph: warm-up and recording build their own.
+        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), allow_unused_input=True)
+        return list(graphed)
+
+
+def _own_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    """Give ``param`` a gradient of its own instead of a graph's static buffer (see module doc)."""
+    return grad.clone() if param.grad is None else None
