@@ -25,8 +25,10 @@ from torch import nn
 
 from lorakit.ops import lora_linear
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, section, write_section  # noqa: E402
+
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # (in, out), SmolLM2-135M's projections
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 class _One(nn.Module):
@@ -143,14 +145,6 @@ def _machine(device: str) -> str:
     return f"{platform.platform()}; CPU {model} ({isa}){gpu}"
 
 
-def _write_section(body: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"## layer.py\n\n{body}\n"
-    pattern = re.compile(r"^## layer\.py\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
@@ -177,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header + "\n\n" + table)
     if not args.no_write:
-        _write_section(header + "\n\n" + table)
-        print(f"\nwrote the layer.py section of {RESULTS}")
+        write_section(section("layer.py", device), header + "\n\n" + table)
+        print(f"\nwrote the {section('layer.py', device)} section of {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -231,3 +231,41 @@ def test_for_inference_and_back_is_exact(input_ids):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     for n, p in model.named_parameters():
         assert torch.equal(p, weights[n]), n
+
+
+def test_for_inference_shortcut_calls_the_base_layer_and_any_state_change_drops_it(llama, input_ids):
+    """Merged wrappers hand calls straight to the base layer; every adapter-state change undoes that."""
+    import copy
+
+    from lorakit.adapters import disable_adapters, for_inference, for_training
+    from lorakit.inject import lora_layers
+
+    model = lorakit.inject(llama, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want = ref(input_ids).logits
+        base_out = copy.deepcopy(ref)
+        with disable_adapters(base_out):
+            plain = base_out(input_ids).logits
+        for_inference(model)
+        layers = [layer for _, layer in lora_layers(model)]
+        assert all(layer.forward == layer.base_layer.forward for layer in layers)
+        calls = []
+        hook = layers[0].register_forward_hook(lambda *a: calls.append(1))
+        torch.testing.assert_close(model(input_ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert calls == [1]  # the wrapper is still the module in the tree: its hooks run, once
+        hook.remove()
+        with disable_adapters(model):  # state change: shortcut dropped, the base weights are the plain ones
+            assert all("forward" not in layer.__dict__ for layer in layers)
+            torch.testing.assert_close(model(input_ids).logits, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids).logits, want, rtol=1e-5, atol=1e-5)
+        for_training(model)
+        assert all("forward" not in layer.__dict__ for layer in layers)
+        torch.testing.assert_close(model(input_ids).logits, want, rtol=1e-5, atol=1e-5)
+        layers[0].base_layer.register_forward_hook(lambda *a: None)
+        for_inference(model)  # a hooked base layer keeps the wrapper's own forward
+        assert "forward" not in layers[0].__dict__ and layers[1].forward == layers[1].base_layer.forward
+        layers[1].unmerge()
+        assert "forward" not in layers[1].__dict__
+        torch.testing.assert_close(model(input_ids).logits, want, rtol=1e-5, atol=1e-5)

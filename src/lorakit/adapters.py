@@ -198,7 +198,8 @@ def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
     """Put an injected model in its fastest inference state, in place.
 
     With exactly one active adapter its update is merged into the base weights
-    (the forward is then the plain model's); with several, the unmerged path
+    (the forward is then the plain model's, and each merged wrapper hands its calls
+    straight to its base layer: :meth:`LoraLayer.shortcut_if_plain`); with several, the unmerged path
     runs them. Dropout is off (``eval()``) and no parameter requires grad.
     :func:`for_training` undoes all of it exactly: the original base weights are
     kept aside while merged (bit-exact restore, also for bf16 bases; costs one
@@ -225,6 +226,8 @@ def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
             if active[0] in layer.r and active[0] not in layer.merged_adapters:
                 state["backups"][name] = layer.base_layer.weight.detach().clone()
                 layer.merge(active)
+    for _, layer in lora_layers(model):
+        layer.shortcut_if_plain()  # merged layers: no wrapper code left in the call path
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -55,6 +55,8 @@ class LoraLayer(nn.Module):
     """
 
     adapter_param_names = ("lora_A", "lora_B")
+    # Setting any of these may change what forward computes: it drops the shortcut (see shortcut_if_plain).
+    _STATE_ATTRS = frozenset({"active_adapters", "merged_adapters", "disabled"})
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -66,6 +68,32 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in LoraLayer._STATE_ATTRS:
+            self.__dict__.pop("forward", None)
+        super().__setattr__(name, value)
+
+    def shortcut_if_plain(self) -> bool:
+        """Route calls straight to the base layer while forward would compute nothing else.
+
+        With every active adapter merged (or none active, or adapters disabled), forward
+        is ``base_layer(x)``; this makes the wrapper's ``forward`` the base layer's own,
+        so a merged model makes the same module calls as the plain one (on a GPU,
+        decoding is bound by that Python overhead). Any change of adapter state (merge,
+        unmerge, add, delete, active or disabled adapters) drops the shortcut again.
+        Hooks on the wrapper still run; a base layer that has hooks keeps the full
+        path (hooks added to the base layer later run only after the next state change).
+
+        Returns:
+            True if the shortcut is now in place.
+        """
+        self.__dict__.pop("forward", None)
+        base = self.base_layer
+        if self._pending() or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        self.__dict__["forward"] = base.forward
+        return True
 
     # Attributes transformers and user code read off the layer they replaced.
     @property
@@ -82,6 +110,7 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, scaling: float, dropout: float, init: bool | str) -> None:
         """Create adapter ``name`` on this layer and initialise it."""
+        self.__dict__.pop("forward", None)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
@@ -95,6 +124,7 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging it first if merged)."""
+        self.__dict__.pop("forward", None)
         if name in self.merged_adapters:
             self.unmerge()
         for pname in (*self.adapter_param_names, "lora_dropout"):
@@ -116,6 +146,7 @@ class LoraLayer(nn.Module):
         """
         names = self.active_adapters if adapter_names is None else adapter_names
         weight = self.base_layer.weight
+        self.__dict__.pop("forward", None)
         for name in names:
             if name not in self.r:
                 continue
@@ -135,6 +166,7 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight (last merged first)."""
         weight = self.base_layer.weight
+        self.__dict__.pop("forward", None)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             delta = self.delta_weight(name)

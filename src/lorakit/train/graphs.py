@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerGraphs", "decoder_layers", "graph_blocker"]
+from lorakit.errors import ConfigError
+
+__all__ = ["LayerGraphs", "decoder_layers", "graph_blocker", "setup_graphs"]
 
 _EAGER_KWARGS = {"position_ids", "cache_position", "use_cache", "past_key_values"}
 
@@ -65,6 +67,34 @@ def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
         drops = getattr(module, "lora_dropout", None)
         if isinstance(drops, nn.ModuleDict) and any(isinstance(d, nn.Dropout) and d.p > 0 for d in drops.values()):
             return f"LoRA dropout > 0 at {name} (a graph would replay the same dropout mask every step)"
+    return None
+
+
+def setup_graphs(model: nn.Module, mode: str, device: torch.device, say: Any = print) -> LayerGraphs | None:
+    """``train.cuda_graphs``: attach :class:`LayerGraphs` when ``mode`` and the run allow it.
+
+    Args:
+        model: the injected model, in training mode.
+        mode: ``"auto"`` (on when :func:`graph_blocker` finds nothing), ``"on"`` or ``"off"``.
+        device: the training device.
+        say: where the one-line decision (and later capture lines) go.
+
+    Returns:
+        The attached graphs, or None.
+
+    Raises:
+        ConfigError: ``mode == "on"`` but the run cannot use graphs (the reason is in the message).
+    """
+    if mode == "off":
+        return None
+    blocker = graph_blocker(model, device)
+    if blocker is None:
+        say("CUDA graphs: on (decoder layers recorded per padded shape, replayed each step)")
+        return LayerGraphs(model, log=say)
+    if mode == "on":
+        raise ConfigError(f"train.cuda_graphs is on, but {blocker}; set it to auto or off")
+    if device.type == "cuda":
+        say(f"CUDA graphs: off ({blocker})")
     return None
 
 

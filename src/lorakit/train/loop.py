@@ -55,8 +55,8 @@ from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_examples
 from lorakit.train.device import DistContext, resolve_precision, setup_distributed
 from lorakit.train.fast import causal_lm_loss
-from lorakit.train.graphs import LayerGraphs, graph_blocker
-from lorakit.train.schedule import lr_factor
+from lorakit.train.graphs import setup_graphs
+from lorakit.train.schedule import lr_factor, make_optimizer
 
 GRAPH_PAD = 64  # sequence-length bucket when CUDA graphs are on
 
@@ -94,13 +94,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- the loss
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; on CUDA the fused kernel (one launch per step, not hundreds)."""
-    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
 
 
 def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -196,7 +189,7 @@ class _Run:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
-        self.graphs = self._cuda_graphs(model, t.cuda_graphs)
+        self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         self.pad_id = tokenizer.pad_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
@@ -216,20 +209,6 @@ class _Run:
             self._load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ setup helpers
-
-    def _cuda_graphs(self, model: torch.nn.Module, mode: str) -> LayerGraphs | None:
-        """Record the decoder layers as CUDA graphs when ``train.cuda_graphs`` and the run allow it."""
-        if mode == "off":
-            return None
-        blocker = graph_blocker(model, self.ctx.device)
-        if blocker is None:
-            self.say("CUDA graphs: on (decoder layers recorded per padded shape, replayed each step)")
-            return LayerGraphs(model, log=self.say)
-        if mode == "on":
-            raise ConfigError(f"train.cuda_graphs is on, but {blocker}; set it to auto or off")
-        if self.ctx.device.type == "cuda":
-            self.say(f"CUDA graphs: off ({blocker})")
-        return None
 
     def _load_data(self, tokenizer: Any) -> None:
         d, seed = self.cfg.data, self.cfg.train.seed
@@ -329,6 +308,8 @@ class _Run:
                 bar.close()
             if logger is not None:
                 logger.close()
+            if self.graphs is not None:  # free the recorded graphs, give the layers their own forward back
+                self.graphs.remove()
         elapsed = self.elapsed_before + time.perf_counter() - t0
         result = TrainResult(self.run_dir, self.step, self.train_loss, self.eval_loss, self.trainable, elapsed,
                              report.peak_memory_bytes(ctx.device.type), self.tokens, self.precision,

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: linear warmup, then constant, linear or cosine decay.
+"""The optimizer and its learning-rate schedule: AdamW; linear warmup, then constant, linear or cosine decay.
 
 The loop wraps :func:`lr_factor` in a ``torch.optim.lr_scheduler.LambdaLR`` over AdamW,
 stepped once per optimizer step; the scheduler's state (its step count) is saved in
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lr_factor"]
+import torch
+
+__all__ = ["lr_factor", "make_optimizer"]
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -36,3 +38,10 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> 
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * p))
     return 1.0
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; on CUDA the fused kernel (one launch per step, not hundreds)."""
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)

