@@ -87,3 +87,19 @@ def test_cuda_graphs_on_without_cuda_is_a_config_error(tmp_path):
         "output": {"dir": str(tmp_path / "run")}})
     with pytest.raises(ConfigError, match="cuda_graphs is on, but CUDA graphs need a CUDA device"):
         lorakit.train(cfg, device="cpu")
+
+
+def test_no_room_for_more_shapes():
+    """New shapes are recorded only up to max_shapes and while free memory holds twice another pool."""
+    graphs = LayerGraphs(_lora(make_llama()), max_shapes=2)
+    dev = torch.device("cpu")
+    assert graphs._no_room(512, dev) is None  # nothing recorded yet: always try the first
+    graphs.graphs["a"] = []
+    graphs.bytes_per_token = 1000.0
+    graphs.free_bytes = lambda d: 2 * 1000 * 512 + 1
+    assert graphs._no_room(512, dev) is None
+    graphs.free_bytes = lambda d: 2 * 1000 * 512 - 1
+    assert "GiB free" in graphs._no_room(512, dev)
+    graphs.graphs["b"] = []
+    assert "2 input shapes recorded" in graphs._no_room(8, dev)
+    graphs.remove()

@@ -12,8 +12,9 @@ the loss and the optimizer stay eager.
 What a graph needs, and what happens otherwise (the layer just runs eagerly):
 
 * the same input shape, dtype and mask layout as when it was recorded: one set of
-  graphs per shape, at most ``max_shapes`` (then new shapes run eagerly), so the
-  loop pads sequence lengths to coarse buckets when graphs are on;
+  graphs per shape, each with its own memory pool, at most ``max_shapes`` and only
+  while free GPU memory holds twice another one (then new shapes run eagerly), so
+  the loop pads sequence lengths to coarse buckets when graphs are on;
 * training mode with grad enabled, no KV cache, no gradient checkpointing;
 * no randomness inside the layer: LoRA dropout would replay the same mask every
   step, so :func:`graph_blocker` refuses models with ``lora_dropout > 0``;
@@ -144,6 +145,8 @@ class LayerGraphs:
         self.replays = 0
         self._current: list[nn.Module] | None = None
         self._full_warned = False
+        self.bytes_per_token = 0.0  # pool growth per input token of the largest recording so far
+        self.free_bytes = lambda device: torch.cuda.mem_get_info(device)[0]
         self._hooks = [p.register_hook(functools.partial(_own_grad, p))
                        for layer in self.layers for p in layer.parameters() if p.requires_grad]
         for i, layer in enumerate(self.layers):
@@ -197,20 +200,43 @@ class LayerGraphs:
         key = self._key(hidden, mask, pe)
         if key in self.graphs:
             return self.graphs[key]
-        if len(self.graphs) >= self.max_shapes:
+        tokens = hidden.numel() // hidden.shape[-1]
+        why_not = self._no_room(tokens, hidden.device)
+        if why_not is not None:
             if not self._full_warned:
                 self._full_warned = True
-                self.log(f"CUDA graphs: {self.max_shapes} input shapes recorded; new shapes run eagerly")
+                self.log(f"CUDA graphs: {why_not}; new input shapes run eagerly")
             return None
+        before = torch.cuda.memory_reserved(hidden.device)
         try:
             calls = self._capture(hidden, mask, pe)
         except _NotGraphable as e:
             self.disabled = str(e)
             self.log(f"CUDA graphs off: {e}")
             return None
+        grown = torch.cuda.memory_reserved(hidden.device) - before
+        self.bytes_per_token = max(self.bytes_per_token, grown / max(tokens, 1))
         self.graphs[key] = calls
-        self.log(f"CUDA graphs: recorded {len(calls)} layers for input {tuple(hidden.shape)}")
+        self.log(f"CUDA graphs: recorded {len(calls)} layers for input {tuple(hidden.shape)} "
+                 f"({grown / 2**20:,.0f} MiB)")
         return calls
+
+    def _no_room(self, tokens: int, device: torch.device) -> str | None:
+        """Why a new shape must not be recorded (too many, or too little free GPU memory), or None.
+
+        Each recorded shape keeps its own memory pool (about one step's activations), so
+        before recording another the free memory must hold twice the estimate (bytes per
+        token of the largest recording so far, times this shape's tokens).
+        """
+        if len(self.graphs) >= self.max_shapes:
+            return f"{self.max_shapes} input shapes recorded (max_shapes)"
+        if not self.graphs or self.bytes_per_token <= 0:
+            return None
+        need, free = self.bytes_per_token * tokens, self.free_bytes(device)
+        if free < 2 * need:
+            return (f"{len(self.graphs)} shapes recorded and {free / 2**30:.1f} GiB free, under twice the "
+                    f"~{need / 2**30:.2f} GiB another would hold")
+        return None
 
     def _capture(self, hidden, mask, pe) -> list[nn.Module]:
         requires_grad = hidden.requires_grad
