@@ -22,7 +22,7 @@ What a graph needs, and what happens otherwise (the layer just runs eagerly):
 
 Gradients: a graph writes its parameter gradients into static buffers that the
 next replay overwrites. A hook on every trainable parameter copies the gradient
-when ``param.grad`` is still None (autograd would otherwise keep the static buffer
+when ``param.grad`` is still None (autograd could otherwise keep the static buffer
 itself as ``.grad``); with ``.grad`` allocated (``zero_grad(set_to_none=False)``)
 autograd adds into it in place and the hook costs nothing.
 """
@@ -40,7 +40,8 @@ from lorakit.errors import ConfigError
 
 __all__ = ["LayerGraphs", "decoder_layers", "graph_blocker", "setup_graphs"]
 
-_EAGER_KWARGS = {"position_ids", "cache_position", "use_cache", "past_key_values"}
+# Layer kwargs a graphed call may drop: sdpa/eager attention without a cache does not read them.
+_IGNORED_KWARGS = {"position_ids", "cache_position", "use_cache", "past_key_values"}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -181,7 +182,7 @@ class LayerGraphs:
         if (self.disabled or not torch.is_grad_enabled() or not layer.training or not hidden.is_cuda
                 or getattr(layer, "gradient_checkpointing", False) and layer.training
                 or kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
-                or not set(kwargs) <= _EAGER_KWARGS
+                or not set(kwargs) <= _IGNORED_KWARGS
                 or not (isinstance(pe, tuple) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe))
                 or not (mask is None or isinstance(mask, torch.Tensor))):
             return None
