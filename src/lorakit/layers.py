@@ -232,27 +232,34 @@ class LoraLinear(LoraLayer):
         return w.T if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        pending = self._pending()
+        active = self.active_adapters
+        # The common case (one active adapter, unmerged) without building the pending list.
+        simple = len(active) == 1 and not self.merged_adapters and not self.disabled and active[0] in self.r
+        pending = active if simple else self._pending()
         if not pending:
             return self.base_layer(x, *args, **kwargs)
         if len(pending) == 1 and not args and not kwargs:
-            name = pending[0]
-            drop = self.lora_dropout[name]
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            if (not torch.is_grad_enabled() and not (self.training and isinstance(drop, nn.Dropout))
-                    and x.dtype == A.dtype == self.base_layer.weight.dtype
+            # Hot path (every projection, every step): plain dict lookups instead of nn.Module.__getattr__.
+            name, mods = pending[0], self._modules
+            base = mods["base_layer"]
+            drop = mods["lora_dropout"]._modules[name]
+            A = mods["lora_A"]._modules[name]._parameters["weight"]
+            B = mods["lora_B"]._modules[name]._parameters["weight"]
+            params = base._parameters
+            W = params["weight"] if "weight" in params else base.weight
+            bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
+            W = W.T if self.fan_in_fan_out else W
+            dropping = self.training and isinstance(drop, nn.Dropout)
+            if (not dropping and not torch.is_grad_enabled() and x.dtype == A.dtype == W.dtype
                     and not torch.is_autocast_enabled(x.device.type)):
                 # Inference: no autograd bookkeeping, LoRA term added into the base output in place.
-                y = F.linear(x, self.base_weight(), self.base_layer.bias)  # (..., out)
+                y = F.linear(x, W, bias)  # (..., out)
                 xa = F.linear(x, A)  # (..., r)
                 y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
                 return y
             # The fused path: one autograd node, LoRA term added in place, x saved once.
-            return ops.lora_linear(
-                x, self.base_weight(), self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], dropout_p=drop.p if isinstance(drop, nn.Dropout) else 0.0,
-                training=self.training,
-            )
+            return ops.lora_linear(x, W, bias, A, B, self.scaling[name], dropout_p=drop.p if dropping else 0.0,
+                                   training=self.training)
         result = self.base_layer(x, *args, **kwargs)
         for name in pending:  # several adapters at once: the plain composition
             A, B = self.lora_A[name], self.lora_B[name]
