@@ -18,7 +18,10 @@ What a graph needs, and what happens otherwise (the layer just runs eagerly):
 * training mode with grad enabled, no KV cache, no gradient checkpointing;
 * no randomness inside the layer: LoRA dropout would replay the same mask every
   step, so :func:`graph_blocker` refuses models with ``lora_dropout > 0``;
-* autocast without its weight cache (``torch.autocast(..., cache_enabled=False)``).
+* autocast without its weight cache (``torch.autocast(..., cache_enabled=False)``);
+* one step at a time: each graphed forward's backward runs before the next graphed
+  forward of the same shape (a replay overwrites the activations the previous one
+  saved). A training loop does this; two forwards then one backward would not.
 
 Gradients: a graph writes its parameter gradients into static buffers that the
 next replay overwrites. A hook on every trainable parameter copies the gradient
