@@ -115,7 +115,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = None
     if variant.startswith("peft"):
-        opt = torch.optim.AdamW(params, lr=2e-4)
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)  # as make_optimizer below
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     else:  # as `lorakit train` sets it up: fused AdamW on CUDA, CUDA graphs where the run allows them
         opt = make_optimizer(params, 2e-4, 0.0, dev)
@@ -204,7 +204,7 @@ def main() -> None:
             print(f"[{workload}] {variant}: {res['s_per_step']:.3f} s/step, {res['tokens_per_s']:.0f} tok/s, "
                   f"RSS {res['peak_rss_gb']:.2f} GB, loss@{res['steps']} {res['final_loss']:.4f}", flush=True)
     lines = [f"Machine: {machine()}; commit {git_rev()}.", "",
-             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4, same batches for "
+             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight decay 0, same batches for "
              f"every variant; workloads: " + ", ".join(f"{k} = batch {b} x <= {t} tokens" for k, (b, t) in
                                                        WORKLOADS.items()) + ". Median s/step over steps 2..N.", "",
              f"Device: {args.device}" + (" (peak memory: CUDA allocator peak)" if args.device == "cuda" else "") + ".", "",
