@@ -204,7 +204,8 @@ def main() -> None:
             print(f"[{workload}] {variant}: {res['s_per_step']:.3f} s/step, {res['tokens_per_s']:.0f} tok/s, "
                   f"RSS {res['peak_rss_gb']:.2f} GB, loss@{res['steps']} {res['final_loss']:.4f}", flush=True)
     lines = [f"Machine: {machine()}; commit {git_rev()}.", "",
-             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight decay 0, same batches for "
+             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, "
+             f"AdamW lr 2e-4 weight decay 0, same batches for "
              f"every variant; workloads: " + ", ".join(f"{k} = batch {b} x <= {t} tokens" for k, (b, t) in
                                                        WORKLOADS.items()) + ". Median s/step over steps 2..N.", "",
              f"Device: {args.device}" + (" (peak memory: CUDA allocator peak)" if args.device == "cuda" else "") + ".", "",
