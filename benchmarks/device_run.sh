@@ -4,7 +4,13 @@
 # upload (64 MiB) for the default model's weights, so the caller carries:
 #   .whl/          wheels of the pinned packages it lacks (transformers, peft, pydantic, ...)
 #   .bench_model/  SmolLM2-135M-Instruct's config + tokenizer (no weights -> random weights)
-# Usage there:  bash benchmarks/device_run.sh [what ...]   (what: env train layer inference profile compile)
+# Make them here (both are ignored through .git/info/exclude):
+#   mkdir .bench_model && cp ~/.cache/lorakit/models/smollm2-135m-instruct/{*.json,*.jinja} .bench_model/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
+#       transformers==5.23.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+#       typing-inspection==0.4.5 typing_extensions==4.16.0 tokenizers==0.23.3
+# Usage there:  bash benchmarks/device_run.sh [what ...]
+#   what: env train layer inference profile compile, or a pytest target such as tests/test_cuda.py
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 if [ -d .whl ]; then
