@@ -75,7 +75,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.layers import fuse_swiglu_mlps
     from lorakit.train.batching import collate
     from lorakit.train.fast import causal_lm_loss
-    from lorakit.train.graphs import LayerGraphs, graph_blocker
+    from lorakit.train.graphs import setup_graphs
     from lorakit.train.loop import GRAPH_PAD, make_optimizer, resolve_precision
 
     torch.manual_seed(0)
@@ -120,10 +120,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     else:  # as `lorakit train` sets it up: fused AdamW on CUDA, CUDA graphs where the run allows them
         opt = make_optimizer(params, 2e-4, 0.0, dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-        if graphed:
-            if graph_blocker(model, dev) is not None:
-                raise RuntimeError(f"{variant}: no CUDA graphs: {graph_blocker(model, dev)}")
-            graphs = LayerGraphs(model)
+        if graphed:  # "on": a run that cannot use graphs is an error, as with train.cuda_graphs: on
+            graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
 
     def step(batch):
         with autocast:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runs import IDS, make_adapter, make_run
+from test_runs import IDS, logits, make_adapter, make_run
 from tiny import make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
@@ -31,11 +31,6 @@ def opened(env):
     return runs.open_adapter(env["run"])
 
 
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 # --------------------------------------------------------------------------- merge
 
 
@@ -45,7 +40,7 @@ def test_merge_matches_unmerged_logits(env, opened, tmp_path):
         assert (out / name).is_file(), name
     assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
     merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    torch.testing.assert_close(_logits(merged), _logits(opened[0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(merged), logits(opened[0]), rtol=0, atol=1e-5)
     assert not list(tmp_path.glob(".merged.tmp-*"))
 
 

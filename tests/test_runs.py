@@ -51,7 +51,7 @@ def opened(env):
     return runs.open_adapter(env["run"])
 
 
-def _logits(model, ids=IDS):
+def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
 
@@ -65,9 +65,9 @@ def test_open_run_dir_uses_lorakit_yaml_model(env, opened):
     assert info.run_dir == env["run"] and info.adapter_dir == env["run"]
     reference, _ = load_model(env["tiny"])
     lorakit.load_adapter(reference, env["run"])
-    assert torch.equal(_logits(model), _logits(reference))
+    assert torch.equal(logits(model), logits(reference))
     with lorakit.disable_adapters(model):  # the adapter changes the output (init_lora_weights=False)
-        assert not torch.allclose(_logits(model), _logits(reference))
+        assert not torch.allclose(logits(model), logits(reference))
 
 
 def test_open_plain_adapter_uses_base_model_name(env):
@@ -82,7 +82,7 @@ def test_open_explicit_model_wins(env, tmp_path):
     assert info.model_source == "argument" and info.model == str(other)
     expected, _ = load_model(other)
     lorakit.load_adapter(expected, env["run"])
-    assert torch.equal(_logits(model), _logits(expected))
+    assert torch.equal(logits(model), logits(expected))
 
 
 def test_base_model_that_is_not_local_falls_back_to_default(env, tmp_path):
@@ -128,7 +128,7 @@ def test_open_with_dtype_casts_the_base_and_keeps_the_adapter_fp32(env, opened, 
     model, _, _ = runs.open_adapter(env["run"], dtype="bf16", device="cpu")
     assert calls == [{"dtype": "bf16", "device": "cpu"}]
     assert _base_and_lora_dtypes(model) == ({torch.bfloat16}, {torch.float32})
-    torch.testing.assert_close(_logits(model).float(), _logits(opened[0]), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(logits(model).float(), logits(opened[0]), rtol=0.05, atol=0.05)
     stored_bf16 = make_run(make_tiny_model_dir(tmp_path / "bf16", dtype=torch.bfloat16), tmp_path / "run")
     for dtype, expected in ((None, torch.bfloat16), ("auto", torch.bfloat16), ("fp16", torch.float16),
                             (torch.float32, torch.float32)):

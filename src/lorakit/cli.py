@@ -86,6 +86,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _open(run_or_adapter: str, model: str | None, dtype: LoadDtype, device: str) -> tuple[Any, Any, Any]:
+    """Open a run or adapter dir for generate / chat / eval (transformers' load chatter off)."""
+    from lorakit import runs
+
+    _quiet_transformers()
+    return runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -149,10 +157,8 @@ def generate(
     """Answer prompts with the adapter (greedy), optionally next to the base model's answers."""
     from lorakit import runs
 
-    _quiet_transformers()
-
     prompts = _read_prompts(ctx, prompt, prompts_file)
-    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
+    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
     if compare_base:
         _print_comparison(runs.compare_base(lm, tokenizer, prompts, max_new_tokens=max_new_tokens))
         return
@@ -201,9 +207,7 @@ def chat(
     """Chat with the adapted model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
     from lorakit import runs
 
-    _quiet_transformers()
-
-    lm, tokenizer, info = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
+    lm, tokenizer, info = _open(run_or_adapter, model, dtype, device)
     console = _console()
     console.print(f"chatting with {info.adapter_dir} (/reset clears the history, /exit quits)", style="dim")
     history: list[dict[str, str]] = []
@@ -244,9 +248,7 @@ def eval_(
     """Eval loss, perplexity and exact match of greedy answers on a JSONL file."""
     from lorakit import runs
 
-    _quiet_transformers()
-
-    lm, tokenizer, _ = runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
+    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
     result = runs.evaluate(lm, tokenizer, data, max_seq_len=max_seq_len, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, exact_match=not no_exact_match)
     console = _console()

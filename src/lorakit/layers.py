@@ -228,7 +228,8 @@ class LoraLinear(LoraLayer):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the storage layout."""
-        w = self.base_layer.weight
+        base = self._modules["base_layer"]  # dict lookups: forward calls this on every projection
+        w = base._parameters["weight"] if "weight" in base._parameters else base.weight
         return w.T if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -245,10 +246,8 @@ class LoraLinear(LoraLayer):
             drop = mods["lora_dropout"]._modules[name]
             A = mods["lora_A"]._modules[name]._parameters["weight"]
             B = mods["lora_B"]._modules[name]._parameters["weight"]
-            params = base._parameters
-            W = params["weight"] if "weight" in params else base.weight
-            bias = params["bias"] if "bias" in params else getattr(base, "bias", None)
-            W = W.T if self.fan_in_fan_out else W
+            W = self.base_weight()
+            bias = base._parameters["bias"] if "bias" in base._parameters else getattr(base, "bias", None)
             dropping = self.training and isinstance(drop, nn.Dropout)
             if (not dropping and not torch.is_grad_enabled() and x.dtype == A.dtype == W.dtype
                     and not torch.is_autocast_enabled(x.device.type)):
