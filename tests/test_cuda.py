@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import ops
+from lorakit import losses, ops
 from lorakit.layers import fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
@@ -80,7 +80,7 @@ def test_swiglu_and_chunked_ce_on_cuda_match_fp64():
         else:
             lin = [lambda t, k=k: t @ W[k].t() + 0.5 * (k + 1) * (t @ A[k].t()) @ B[k].t() for k in range(3)]
             hidden = lin[2](torch.nn.functional.silu(lin[0](xx)) * lin[1](xx))
-        loss = ops.chunked_cross_entropy(hidden, head.to(dev, dtype), targets.to(dev), chunk_size=8)
+        loss = losses.chunked_cross_entropy(hidden, head.to(dev, dtype), targets.to(dev), chunk_size=8)
         loss.backward()
         return loss, [xx.grad, *(t.grad for t in A + B)]
 

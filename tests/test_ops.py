@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lorakit import ops
 from lorakit.errors import ConfigError, ModelMismatchError
-from lorakit.ops import LoraSpec, chunked_cross_entropy, lora_linear, lora_linear_multi, lora_swiglu_mlp
+from lorakit.ops import LoraSpec, lora_linear, lora_linear_multi, lora_swiglu_mlp
 
 f64 = torch.float64
 
@@ -148,10 +148,7 @@ def test_gradcheck_lora_linear_and_multi():
     assert torch.autograd.gradcheck(multi, (x, A, B, W2, A2, B2))
 
 
-def test_gradcheck_chunked_cross_entropy_and_swiglu():
-    h, head = _dbl(7, 5), _dbl(11, 5, seed=1)
-    labels = torch.tensor([1, -100, 10, 0, 3, -100, 7])
-    assert torch.autograd.gradcheck(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=2), (h, head))
+def test_gradcheck_swiglu():  # chunked cross-entropy's gradcheck: tests/test_losses.py
     specs = [(_dbl(6, 5, grad=False, seed=k), _dbl(2, 5, seed=10 + k), _dbl(6, 2, seed=20 + k)) for k in range(2)]
     Wd, Ad, Bd = _dbl(5, 6, grad=False, seed=3), _dbl(3, 6, seed=4), _dbl(5, 3, seed=5)
 
@@ -220,39 +217,6 @@ def test_errors():
     with pytest.raises(ConfigError, match="silu"):
         spec = LoraSpec(W, b, A, B, 1.0)
         lora_swiglu_mlp(torch.randn(3, 8), spec, spec, spec, act="relu")
-
-
-@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_matches_full_logits(dtype):
-    n, hdim, vocab = 37, 16, 50
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, hdim, generator=gen, dtype=f64).to(dtype).requires_grad_()
-    head = (torch.randn(vocab, hdim, generator=gen, dtype=f64) / 4).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (n,), generator=gen)
-    labels[::5] = -100
-    loss = chunked_cross_entropy(hidden, head, labels, chunk_size=8)  # 8 does not divide the 30 labelled rows
-    assert loss.dtype == (f64 if dtype == f64 else torch.float32)
-    hr, wr = hidden.detach().double().requires_grad_(), head.detach().double().requires_grad_()
-    ref = F.cross_entropy(hr @ wr.t(), labels, ignore_index=-100)
-    loss.backward()
-    ref.backward()
-    tol = {f64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert abs(loss.item() - ref.item()) / ref.item() < tol
-    assert _rel(hidden.grad, hr.grad) < tol and _rel(head.grad, wr.grad) < tol
-    assert hidden.grad[::5].abs().sum() == 0
-
-
-def test_chunked_cross_entropy_3d_frozen_head_and_all_ignored():
-    hidden = torch.randn(2, 5, 8, requires_grad=True)
-    head = torch.randn(11, 8)
-    labels = torch.randint(0, 11, (2, 5))
-    loss = chunked_cross_entropy(hidden, head, labels, chunk_size=3)
-    ref = F.cross_entropy((hidden @ head.t()).view(-1, 11), labels.view(-1))
-    assert torch.allclose(loss, ref, rtol=1e-5)
-    loss.backward()
-    assert hidden.grad.shape == hidden.shape
-    empty = chunked_cross_entropy(hidden, head, torch.full((2, 5), -100))
-    assert empty.item() == 0.0
 
 
 # ------------------------------------------------------------------------------ memory

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lorakit.errors import ConfigError, ModelMismatchError
 
-__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "lora_swiglu_mlp", "chunked_cross_entropy"]
+__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "lora_swiglu_mlp"]
 
 
 class LoraSpec(NamedTuple):
@@ -394,93 +394,3 @@ def lora_swiglu_mlp(
     _, _, sc_d, _, p_d = _prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
     seeds = (_draw_seed(), _draw_seed()) if training and dropout_p > 0 else None
     return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, *p_gu, *p_d)
-
-
-# ---------------------------------------------------------------------- cross-entropy
-
-
-class _ChunkedCEFn(torch.autograd.Function):
-    """Mean cross-entropy over selected rows, logits recomputed chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, chunk, cd):
-        with _no_autocast(hidden.device.type):
-            acc = torch.promote_types(cd, torch.float32)  # fp32 (fp64 under gradcheck)
-            W = weight.to(cd)  # [V, H]
-            lse = torch.empty(rows.numel(), dtype=acc, device=hidden.device)  # [M]
-            total = torch.zeros((), dtype=acc, device=hidden.device)
-            for c0 in range(0, rows.numel(), chunk):
-                h = hidden.index_select(0, rows[c0 : c0 + chunk]).to(cd)  # [C, H]
-                logits = (h @ W.t()).to(acc)  # [C, V], one chunk only
-                lse[c0 : c0 + chunk] = torch.logsumexp(logits, 1)  # [C]
-                picked = logits.gather(1, targets[c0 : c0 + chunk, None]).squeeze(1)  # [C]
-                total += (lse[c0 : c0 + chunk] - picked).sum()
-            ctx.chunk, ctx.cd = chunk, cd
-            ctx.save_for_backward(hidden, weight, rows, targets, lse)
-            return total / max(rows.numel(), 1)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, rows, targets, lse = ctx.saved_tensors
-        cd, chunk, m = ctx.cd, ctx.chunk, max(rows.numel(), 1)
-        need_h, need_w = ctx.needs_input_grad[:2]
-        with _no_autocast(hidden.device.type):
-            W = weight.to(cd)  # [V, H]
-            gh = torch.zeros_like(hidden) if need_h else None  # [N, H]; unlabelled rows stay 0
-            gw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-            for c0 in range(0, rows.numel(), chunk):
-                idx = rows[c0 : c0 + chunk]
-                h = hidden.index_select(0, idx).to(cd)  # [C, H]
-                prob = (h @ W.t()).to(lse.dtype).sub_(lse[c0 : c0 + chunk, None]).exp_()  # softmax [C, V]
-                t = targets[c0 : c0 + chunk, None]
-                prob.scatter_add_(1, t, torch.full_like(t, -1, dtype=prob.dtype))  # softmax − onehot
-                dlogits = prob.mul_(grad_loss / m).to(cd)  # [C, V]
-                if need_h:
-                    gh.index_copy_(0, idx, (dlogits @ W).to(gh.dtype))  # [C, H]
-                if need_w:
-                    gw += dlogits.t() @ h  # [V, H]
-        return gh, (gw.to(weight.dtype) if need_w else None), None, None, None, None
-
-
-def chunked_cross_entropy(
-    hidden: Tensor,
-    head_weight: Tensor,
-    labels: Tensor,
-    chunk_size: int = 1024,
-    ignore_index: int = -100,
-    compute_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Mean token cross-entropy of ``hidden @ head_weightᵀ`` without the full logits.
-
-    ``hidden`` and ``labels`` come already aligned: row ``i`` predicts
-    ``labels[i]`` (the caller does the causal shift, e.g.
-    ``hidden[:, :-1]`` with ``labels[:, 1:]``). Only rows with a label are
-    used; their logits are computed ``chunk_size`` rows at a time in the
-    compute dtype, logsumexp in fp32, and recomputed in backward, so memory
-    is O(chunk_size · vocab) instead of O(N · vocab). With no labelled row the
-    loss is 0 (not NaN) so an all-masked micro-batch does not poison training.
-
-    Args:
-        hidden: Final hidden states ``[..., H]``.
-        head_weight: LM head ``[V, H]``; gets a gradient only if it requires one.
-        labels: Target ids ``[...]`` matching hidden's leading dims.
-        chunk_size: Rows per logits chunk.
-        ignore_index: Label value that marks a row to skip.
-        compute_dtype: Matmul dtype; None means autocast's dtype if on, else hidden's.
-
-    Returns:
-        Scalar loss in fp32 (fp64 for fp64 inputs).
-
-    Raises:
-        ValueError: shapes of ``hidden``, ``labels`` or ``head_weight`` disagree.
-    """
-    h2 = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    lab = labels.reshape(-1)  # [N]
-    if lab.numel() != h2.shape[0] or head_weight.shape[1] != h2.shape[1]:
-        raise ValueError(
-            f"chunked_cross_entropy: hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)} and "
-            f"head_weight {tuple(head_weight.shape)} must be [..., H], [...] and [V, H]"
-        )
-    rows = (lab != ignore_index).nonzero().squeeze(1)  # [M]
-    cd = _compute_dtype(hidden, compute_dtype)
-    return _ChunkedCEFn.apply(h2, head_weight, rows, lab.index_select(0, rows), int(chunk_size), cd)

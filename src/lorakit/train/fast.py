@@ -5,8 +5,9 @@ A causal LM's output head is a [hidden -> vocab] matmul at every position
 fine-tuning most positions are prompt tokens whose labels are -100. Here the
 decoder runs as usual, the hidden states of labelled positions are gathered,
 and the head plus cross-entropy run on those alone, chunk by chunk
-(:func:`lorakit.ops.chunked_cross_entropy`), so the full [tokens, vocab] fp32
-logits never exist.
+(:func:`lorakit.losses.chunked_cross_entropy`, which also computes the
+gradients in the same pass), so the full [tokens, vocab] fp32 logits never
+exist.
 
 Models whose head does more than a plain matmul (logit soft-capping, logit
 scales, a trained or adapted head) take the generic path: the head module on
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import chunked_cross_entropy
+from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 __all__ = ["causal_lm_loss", "split_head"]
 
@@ -42,7 +43,7 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens (fp32) and their count.
 
     Equal to ``F.cross_entropy(model(...).logits[:, :-1], labels[:, 1:], reduction="sum")``
