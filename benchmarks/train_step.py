@@ -15,7 +15,7 @@ Variants:
     lorakit-auto    lorakit with train.precision=auto (skipped when auto resolves to fp32); on CUDA
                     with its CUDA graphs (decoder layers recorded per padded shape) and fused AdamW
     lorakit-eager   lorakit-auto without CUDA graphs (what the graphs add)
-    lorakit-gc      lorakit-fp32 plus gradient checkpointing (the memory-lean setting)
+    lorakit-gc      lorakit-fp32 plus its gradient checkpointing (the memory-lean setting; the rerun skips the MLP output)
     lorakit-compile experiment, not run by default: lorakit-auto with each decoder layer torch.compile'd
 
 On a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and very slow; the
@@ -72,10 +72,11 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     import torch
 
     import lorakit
-    from lorakit.layers import fuse_swiglu_mlps
+    from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
     from lorakit.train.batching import collate
     from lorakit.train.fast import causal_lm_loss
     from lorakit.train.graphs import setup_graphs
+    from lorakit.train.recompute import enable_checkpointing
     from lorakit.train.loop import GRAPH_PAD, make_optimizer, resolve_precision
 
     torch.manual_seed(0)
@@ -102,8 +103,9 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
             model = model.to(torch.bfloat16)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
-        if variant == "lorakit-gc":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fuse_shared_inputs(model)
+        if variant == "lorakit-gc":  # as `lorakit train` with gradient_checkpointing: true
+            enable_checkpointing(model)
         if variant == "lorakit-compile":  # experiment: regional torch.compile, one decoder layer at a time
             for layer in model.model.layers:
                 layer.compile(dynamic=None)

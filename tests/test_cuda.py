@@ -15,7 +15,7 @@ import torch
 
 import lorakit
 from lorakit import losses, ops
-from lorakit.layers import fuse_swiglu_mlps
+from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
 from lorakit.train.loop import make_optimizer

@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from conftest import make_llama
-from lorakit.layers import fuse_swiglu_mlps, unfuse_mlps
+from lorakit.fusion import fuse_swiglu_mlps, unfuse_mlps
 
 
 def loss_and_grads(model, ids):

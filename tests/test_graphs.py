@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.layers import fuse_swiglu_mlps
+from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, decoder_layers, graph_blocker
 from lorakit.train.config import RunConfig
 

@@ -22,7 +22,8 @@ from .inject import (
     lora_layers,
     set_active,
 )
-from .layers import LoraLayer, ModulesToSaveWrapper, unfuse_mlps
+from .fusion import unfuse_mlps, unfuse_shared_inputs
+from .layers import LoraLayer, ModulesToSaveWrapper
 
 __all__ = [
     "add_adapter",
@@ -149,6 +150,7 @@ def unmerge(model: nn.Module) -> None:
 
 def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
     unfuse_mlps(model)
+    unfuse_shared_inputs(model)
     names = [name for name, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
     modules = dict(model.named_modules())
     for name in names:

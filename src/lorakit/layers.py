@@ -31,14 +31,16 @@ __all__ = [
     "ModulesToSaveWrapper",
     "SUPPORTED_KINDS",
     "wrap_module",
-    "fuse_swiglu_mlps",
-    "unfuse_mlps",
 ]
 
 try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     HFConv1D = None
+
+# Attribute set by lorakit.train.recompute on modules whose output only feeds a residual add: under
+# gradient checkpointing their recompute skips the output matmuls (ops.in_recompute).
+SKIP_IN_RECOMPUTE = "_lorakit_skip_in_recompute"
 
 SUPPORTED_KINDS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D (GPT-2)"
 
@@ -205,6 +207,9 @@ def _init_linear_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``)."""
 
+    # Set by lorakit.fusion.fuse_shared_inputs on q/k/v-like siblings: one op computes the group's outputs.
+    shared_input: Any = None
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
@@ -240,6 +245,11 @@ class LoraLinear(LoraLayer):
         if not pending:
             return self.base_layer(x, *args, **kwargs)
         if len(pending) == 1 and not args and not kwargs:
+            group = self.shared_input
+            if group is not None:  # lorakit.fusion: siblings reading one x share one op in training
+                y = group.output(self, x)
+                if y is not None:
+                    return y
             # Hot path (every projection, every step): plain dict lookups instead of nn.Module.__getattr__.
             name, mods = pending[0], self._modules
             base = mods["base_layer"]
@@ -257,8 +267,9 @@ class LoraLinear(LoraLayer):
                 y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
                 return y
             # The fused path: one autograd node, LoRA term added in place, x saved once.
+            skip = ops.in_recompute() and self.__dict__.get(SKIP_IN_RECOMPUTE, False)  # output unread
             return ops.lora_linear(x, W, bias, A, B, self.scaling[name], dropout_p=drop.p if dropping else 0.0,
-                                   training=self.training)
+                                   training=self.training, compute_output=not skip)
         result = self.base_layer(x, *args, **kwargs)
         for name in pending:  # several adapters at once: the plain composition
             A, B = self.lora_A[name], self.lora_B[name]
@@ -407,57 +418,3 @@ def wrap_module(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         f"supported layers are {SUPPORTED_KINDS}. Narrow target_modules or add it to exclude_modules."
     )
 
-
-def _is_silu(act: Any) -> bool:
-    if isinstance(act, nn.SiLU):
-        return True
-    return type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]
-
-
-def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` through ops.lora_swiglu_mlp when all three share one pending adapter."""
-    layers = (self.gate_proj, self.up_proj, self.down_proj)
-    pending = [layer._pending() for layer in layers]
-    if all(p == pending[0] for p in pending) and len(pending[0]) == 1:
-        name = pending[0][0]
-        drops = {layer.lora_dropout[name].p if isinstance(layer.lora_dropout[name], nn.Dropout) else 0.0
-                 for layer in layers}
-        if len(drops) == 1:
-            specs = [ops.LoraSpec(layer.base_weight(), layer.base_layer.bias, layer.lora_A[name].weight,
-                                  layer.lora_B[name].weight, layer.scaling[name]) for layer in layers]
-            return ops.lora_swiglu_mlp(x, *specs, dropout_p=drops.pop(), training=self.training)
-    return type(self).forward(self, x)  # anything else: the model's own forward
-
-
-def fuse_swiglu_mlps(model: nn.Module) -> int:
-    """Route Llama-style MLPs (``down(silu(gate(x)) * up(x))``) with LoRA on all three through one fused op.
-
-    The fused op saves ``g`` and ``u`` and recomputes the activation in
-    backward (two ``[tokens, intermediate]`` tensors per layer fewer than
-    stock autograd) and shares one down-projection of ``x`` between gate and
-    up. At call time it falls back to the module's own forward whenever the
-    three layers do not run exactly one common adapter with one dropout
-    (merged, disabled, several adapters). With dropout, gate and up share one
-    mask (PEFT draws one per module). Undo with :func:`unfuse_mlps`.
-
-    Args:
-        model: an injected model.
-
-    Returns:
-        The number of MLP modules routed.
-    """
-    count = 0
-    for module in model.modules():
-        parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-        if (all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
-                and _is_silu(getattr(module, "act_fn", None)) and "forward" not in module.__dict__):
-            module.forward = _swiglu_forward.__get__(module)
-            count += 1
-    return count
-
-
-def unfuse_mlps(model: nn.Module) -> None:
-    """Give every MLP routed by :func:`fuse_swiglu_mlps` its own forward back."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _swiglu_forward:
-            del module.forward

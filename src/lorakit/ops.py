@@ -22,14 +22,16 @@ and get their gradients back in fp32.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Sequence
+import threading
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from lorakit.errors import ConfigError, ModelMismatchError
 
-__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "lora_swiglu_mlp"]
+__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "lora_swiglu_mlp",
+           "recompute_mode", "in_recompute"]
 
 
 class LoraSpec(NamedTuple):
@@ -70,6 +72,34 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+class _RecomputeState(threading.local):
+    active = False
+
+
+_RECOMPUTE = _RecomputeState()
+
+
+@contextlib.contextmanager
+def recompute_mode() -> Iterator[None]:
+    """Mark a gradient-checkpointing recompute (the forward rerun during backward).
+
+    Modules whose output only feeds a residual add (marked by
+    :func:`lorakit.train.recompute.enable_checkpointing`) ask
+    :func:`in_recompute` and pass ``compute_output=False``: the rerun then saves
+    what LoRA's backward needs without the frozen output matmul nobody reads.
+    """
+    prev, _RECOMPUTE.active = _RECOMPUTE.active, True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.active = prev
+
+
+def in_recompute() -> bool:
+    """True inside :func:`recompute_mode` (on this thread)."""
+    return _RECOMPUTE.active
+
+
 def _draw_seed() -> int:
     """A dropout seed taken from torch's global RNG (so ``torch.manual_seed`` governs it)."""
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -102,15 +132,18 @@ def _drop(t: Tensor, mask: Tensor | None, scale: float) -> Tensor:
 # --------------------------------------------------------- k adapted Linears sharing x
 
 
-def _branches_forward(x2, mask, scale, params, scalings, cd):
+def _branches_forward(x2, mask, scale, params, scalings, cd, compute_output=True):
     """Forward of k adapted Linears reading the same ``x2 [N, in]``.
 
     Returns the k outputs ``[N, out_i]`` and the concatenated ``xa [N, R]``,
-    ``R = Σ r_i``, from one down-projection matmul.
+    ``R = Σ r_i``, from one down-projection matmul. With ``compute_output``
+    False only ``xa`` is computed and the outputs are left uninitialised.
     """
     As = params[2::4]
     A = torch.cat([a.to(cd) for a in As]) if len(As) > 1 else As[0].to(cd)  # [R, in]
     xa = _drop(x2, mask, scale) @ A.t()  # [N, R]
+    if not compute_output:  # a recompute whose outputs nothing reads: backward needs x and xa only
+        return [x2.new_empty((x2.shape[0], W.shape[0])) for W in params[0::4]], xa
     outs, off = [], 0
     for (W, b, _, B), s in zip(zip(*[iter(params)] * 4), scalings):
         Wt = W.to(cd).t()  # [in, out]
@@ -162,14 +195,14 @@ class _LoraLinearFn(torch.autograd.Function):
     """k adapted Linears over one input; see :func:`lora_linear_multi`."""
 
     @staticmethod
-    def forward(ctx, x, dropout_mask, seed, p, scalings, cd, *params):
+    def forward(ctx, x, dropout_mask, seed, p, scalings, cd, compute_output, *params):
         with _no_autocast(x.device.type):
             ctx.seed, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seed, p, scalings, cd, x.dtype
             ctx.scale = 1.0 if seed is None else 1.0 / (1.0 - p)
             xc = x.to(cd)  # [..., in]
             x2 = xc.reshape(-1, x.shape[-1])  # [N, in]
             mask = _mask_for(x2, dropout_mask, ctx.seed, ctx.p)
-            outs, xa = _branches_forward(x2, mask, ctx.scale, params, scalings, cd)
+            outs, xa = _branches_forward(x2, mask, ctx.scale, params, scalings, cd, compute_output)
             ctx.save_for_backward(xc, xa, dropout_mask, *params)
             lead = x.shape[:-1]
             return tuple(y.view(*lead, y.shape[-1]) for y in outs)
@@ -183,11 +216,11 @@ class _LoraLinearFn(torch.autograd.Function):
             dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]  # [N, out_i]
             need_x = ctx.needs_input_grad[0]
             gx, grads = _branches_backward(
-                x2, xa, mask, ctx.scale, params, ctx.scalings, ctx.cd, dys2, ctx.needs_input_grad[6:], need_x
+                x2, xa, mask, ctx.scale, params, ctx.scalings, ctx.cd, dys2, ctx.needs_input_grad[7:], need_x
             )
             if gx is not None:
                 gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return (gx, None, None, None, None, None, *grads)
+        return (gx, None, None, None, None, None, None, *grads)
 
 
 def _prepare(x, specs, dropout_p, training, dropout_mask, compute_dtype):
@@ -224,6 +257,7 @@ def lora_linear_multi(
     training: bool = True,
     dropout_mask: Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    compute_output: bool = True,
 ) -> tuple[Tensor, ...]:
     """Several adapted Linears that read the same input (q/k/v, gate/up), fused.
 
@@ -242,6 +276,9 @@ def lora_linear_multi(
             ``1/(1-p)``); used instead of a drawn mask when training and p > 0.
         compute_dtype: Matmul dtype; None means the autocast dtype when autocast
             is on for x's device, else ``x.dtype``.
+        compute_output: False skips the output matmuls and returns uninitialised
+            tensors of the output's shape while saving everything backward needs:
+            for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
         One tensor ``[..., out_i]`` per spec, in the compute dtype.
@@ -251,7 +288,7 @@ def lora_linear_multi(
         ModelMismatchError: a weight or LoRA factor does not fit ``x``.
     """
     mask, seed, scalings, cd, params = _prepare(x, specs, dropout_p, training, dropout_mask, compute_dtype)
-    return _LoraLinearFn.apply(x, mask, seed, dropout_p, scalings, cd, *params)
+    return _LoraLinearFn.apply(x, mask, seed, dropout_p, scalings, cd, compute_output, *params)
 
 
 def lora_linear(
@@ -265,6 +302,7 @@ def lora_linear(
     training: bool = True,
     dropout_mask: Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    compute_output: bool = True,
 ) -> Tensor:
     """One adapted Linear, ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``, as a fused autograd op.
 
@@ -286,6 +324,9 @@ def lora_linear(
             ``1/(1-p)``), used instead of a drawn mask (tests).
         compute_dtype: Matmul dtype; None means the autocast dtype when autocast
             is on for x's device, else ``x.dtype``.
+        compute_output: False skips the output matmuls and returns uninitialised
+            tensors of the output's shape while saving everything backward needs:
+            for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
         ``[..., out]`` in the compute dtype.
@@ -295,7 +336,7 @@ def lora_linear(
         ModelMismatchError: the weight or LoRA factors do not fit ``x``.
     """
     spec = LoraSpec(weight, bias, lora_A, lora_B, scaling)
-    return lora_linear_multi(x, [spec], dropout_p, training, dropout_mask, compute_dtype)[0]
+    return lora_linear_multi(x, [spec], dropout_p, training, dropout_mask, compute_dtype, compute_output)[0]
 
 
 def _silu_grad(g: Tensor) -> Tensor:
@@ -308,7 +349,7 @@ class _SwigluFn(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` with LoRA on all three; see :func:`lora_swiglu_mlp`."""
 
     @staticmethod
-    def forward(ctx, x, seeds, p, scalings, cd, *params):
+    def forward(ctx, x, seeds, p, scalings, cd, compute_output, *params):
         with _no_autocast(x.device.type):
             ctx.seeds, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seeds, p, scalings, cd, x.dtype
             ctx.scale = 1.0 if seeds is None else 1.0 / (1.0 - p)
@@ -319,7 +360,7 @@ class _SwigluFn(torch.autograd.Function):
             (g, u), xa = _branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd)  # [N, I] x2
             h = torch.nn.functional.silu(g).mul_(u)  # [N, I], freed after this call
             mask_h = _mask_for(h, None, sh, p)
-            (y,), ha = _branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd)  # [N, H]
+            (y,), ha = _branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
             ctx.save_for_backward(xc, xa, g, u, ha, *params)
             return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -327,7 +368,7 @@ class _SwigluFn(torch.autograd.Function):
     def backward(ctx, dy):
         xc, xa, g, u, ha, *params = ctx.saved_tensors
         sx, sh = ctx.seeds if ctx.seeds is not None else (None, None)
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]
         with _no_autocast(xc.device.type):
             x2 = xc.reshape(-1, xc.shape[-1])  # [N, H]
             sg = torch.nn.functional.silu(g)  # recomputed, [N, I]
@@ -347,7 +388,7 @@ class _SwigluFn(torch.autograd.Function):
             )
             if gx is not None:
                 gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return (gx, None, None, None, None, *grads_gu, *grads_d)
+        return (gx, None, None, None, None, None, *grads_gu, *grads_d)
 
 
 def lora_swiglu_mlp(
@@ -359,6 +400,7 @@ def lora_swiglu_mlp(
     dropout_p: float = 0.0,
     training: bool = True,
     compute_dtype: torch.dtype | None = None,
+    compute_output: bool = True,
 ) -> Tensor:
     """The Llama MLP ``down(silu(gate(x)) * up(x))`` with LoRA on all three, fused.
 
@@ -379,6 +421,9 @@ def lora_swiglu_mlp(
         dropout_p: LoRA dropout, in ``[0, 1)``.
         training: Dropout is applied only when True.
         compute_dtype: Matmul dtype; None means autocast's dtype if on, else ``x.dtype``.
+        compute_output: False skips the output matmuls and returns uninitialised
+            a tensor of the output's shape while saving everything backward needs:
+            for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
         ``[..., H]`` in the compute dtype.
@@ -393,4 +438,4 @@ def lora_swiglu_mlp(
     h_like = x.new_empty((1, gate_spec.weight.shape[0]))  # only its width is checked
     _, _, sc_d, _, p_d = _prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
     seeds = (_draw_seed(), _draw_seed()) if training and dropout_p > 0 else None
-    return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, *p_gu, *p_d)
+    return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, compute_output, *p_gu, *p_d)

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.inject import inject, trainable_parameters
-from lorakit.layers import fuse_swiglu_mlps
+from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.io import save_adapter
 from lorakit.train import report
 from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
@@ -56,6 +56,7 @@ from lorakit.train.data import load_examples
 from lorakit.train.device import DistContext, resolve_precision, setup_distributed
 from lorakit.train.fast import causal_lm_loss
 from lorakit.train.graphs import setup_graphs
+from lorakit.train.recompute import enable_checkpointing
 from lorakit.train.schedule import lr_factor, make_optimizer
 
 GRAPH_PAD = 64  # sequence-length bucket when CUDA graphs are on
@@ -182,12 +183,9 @@ class _Run:
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = inject(model, lora_config)
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
-        if t.gradient_checkpointing:  # non-reentrant: no need for enable_input_require_grads
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
+        if t.gradient_checkpointing:  # per layer; the rerun skips the MLP output LoRA does not need
+            enable_checkpointing(model, self.say)
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         self.pad_id = tokenizer.pad_token_id

@@ -1,0 +1,99 @@
+"""Gradient checkpointing that does not recompute what LoRA does not need.
+
+Stock checkpointing keeps each decoder layer's input and reruns the whole layer
+forward in backward. For a LoRA layer that rerun has one piece of dead work:
+the MLP's output. In a Llama-style layer it only feeds the residual add, which
+saves nothing for backward, and LoRA's backward of ``down_proj`` needs its input
+``h`` and the r-wide ``h Aᵀ``, never its output. So the rerun skips the frozen
+``[tokens, intermediate] x [intermediate, hidden]`` matmul (a quarter of the
+layer's forward FLOPs in SmolLM2/Llama) and the LoRA up-projection; everything
+else is recomputed as usual.
+
+How: transformers' own per-layer checkpointing (non-reentrant
+``torch.utils.checkpoint``) with a ``context_fn`` whose recompute context is
+:func:`lorakit.ops.recompute_mode`; the MLP (fused SwiGLU) or its ``down_proj``
+carries :data:`lorakit.layers.SKIP_IN_RECOMPUTE` and asks
+:func:`lorakit.ops.in_recompute`.
+
+The skip is applied only where the layout guarantees the output is unread: a
+decoder layer whose children are exactly ``input_layernorm``, ``self_attn``,
+``post_attention_layernorm`` and ``mlp`` (Llama, Mistral, Qwen2/3, Gemma, SmolLM),
+and an MLP made of ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``.
+Other layers are checkpointed the stock way. A layout with a norm or dropout
+after the MLP (Gemma 2/3's ``post_feedforward_layernorm``, Phi-3's residual
+dropout) is excluded by that rule, since a norm there would save the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+from torch import nn
+
+from ..layers import SKIP_IN_RECOMPUTE, LoraLinear
+from ..ops import recompute_mode
+from .graphs import decoder_layers
+
+__all__ = ["enable_checkpointing", "disable_checkpointing", "LLAMA_LAYER", "LLAMA_MLP"]
+
+LLAMA_LAYER = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+LLAMA_MLP = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+
+
+def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for torch.utils.checkpoint: nothing in forward, recompute mode in the rerun."""
+    return contextlib.nullcontext(), recompute_mode()
+
+
+def _mark(layers: nn.ModuleList | None) -> int:
+    """Flag the MLPs (and their down_proj) whose output only feeds the residual add; return how many."""
+    count = 0
+    for layer in layers if layers is not None else ():
+        mlp = getattr(layer, "mlp", None)
+        if {name for name, _ in layer.named_children()} != LLAMA_LAYER or mlp is None:
+            continue
+        if {name for name, _ in mlp.named_children()} != LLAMA_MLP:
+            continue
+        setattr(mlp, SKIP_IN_RECOMPUTE, True)  # the fused SwiGLU path (lorakit.fusion)
+        if isinstance(mlp.down_proj, LoraLinear):
+            setattr(mlp.down_proj, SKIP_IN_RECOMPUTE, True)  # the per-module path
+        count += 1
+    return count
+
+
+def enable_checkpointing(model: nn.Module, say: Callable[[str], None] | None = None) -> int:
+    """Turn on per-layer gradient checkpointing whose rerun skips the MLP output.
+
+    Args:
+        model: a transformers model with LoRA injected (and, usually, MLPs fused).
+        say: optional progress printer; told how many layers get the skip.
+
+    Returns:
+        The number of decoder layers whose recompute skips the MLP output (0: stock
+        checkpointing everywhere, still correct).
+
+    Raises:
+        ValueError: from transformers, when the model does not support checkpointing.
+    """
+    count = _mark(decoder_layers(model))
+    kwargs = {"use_reentrant": False, "context_fn": _contexts}  # non-reentrant: no enable_input_require_grads
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if say is not None:
+        layers = decoder_layers(model)
+        total = len(layers) if layers is not None else 0
+        say(f"gradient checkpointing: {count} of {total} decoder layers skip the MLP output in the recompute")
+    return count
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Turn checkpointing off and drop the recompute marks."""
+    for module in model.modules():
+        module.__dict__.pop(SKIP_IN_RECOMPUTE, None)
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
