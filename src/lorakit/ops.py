@@ -339,12 +339,6 @@ def lora_linear(
     return lora_linear_multi(x, [spec], dropout_p, training, dropout_mask, compute_dtype, compute_output)[0]
 
 
-def _silu_grad(g: Tensor) -> Tensor:
-    """d silu(g) / dg = σ(g)·(1 + g·(1 − σ(g)))."""
-    sig = torch.sigmoid(g)
-    return sig * (1 + g * (1 - sig))
-
-
 class _SwigluFn(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` with LoRA on all three; see :func:`lora_swiglu_mlp`."""
 
@@ -380,7 +374,9 @@ class _SwigluFn(torch.autograd.Function):
             )
             del h, mask_h
             gu = gh * sg  # [N, I]
-            gg = gh.mul_(u).mul_(_silu_grad(g))  # [N, I], reuses gh's buffer
+            # gh·u·silu'(g), silu'(g) = σ(g)(1 + g(1 − σ(g))): torch's fused silu_backward kernel, one pass
+            # instead of six elementwise ones, written into gh's buffer.
+            gg = torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=gh)  # [N, I]
             mask = _mask_for(x2, None, sx, ctx.p)
             gx, grads_gu = _branches_backward(
                 x2, xa, mask, ctx.scale, params[:8], ctx.scalings[:2], ctx.cd, [gg, gu], needs[:8],
