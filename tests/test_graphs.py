@@ -11,6 +11,7 @@ import torch
 import lorakit
 from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, decoder_layers, graph_blocker
+from lorakit.train.recompute import enable_checkpointing
 from lorakit.train.config import RunConfig
 
 from conftest import make_gpt2, make_llama
@@ -29,7 +30,7 @@ def test_blocker_reasons():
         assert graph_blocker(model, torch.device("cuda")) is None
         assert "dropout" in graph_blocker(_lora(make_llama(), dropout=0.1), torch.device("cuda"))
         gc = _lora(make_llama())
-        gc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(gc)
         assert "checkpointing" in graph_blocker(gc, torch.device("cuda"))
     assert decoder_layers(make_llama(layers=3)) is not None and len(decoder_layers(make_llama(layers=3))) == 3
     assert decoder_layers(make_gpt2()) is None  # GPT-2 keeps its blocks in transformer.h

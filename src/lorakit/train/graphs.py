@@ -66,7 +66,9 @@ def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn not in (None, "sdpa", "eager"):
         return f"attention implementation {attn!r} (graphs are used with 'sdpa' and 'eager' only)"
-    if getattr(model, "is_gradient_checkpointing", False):
+    flag = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")  # transformers >= 5.2x renamed it
+    if getattr(model, flag, False):
         return "gradient checkpointing is on (it recomputes layers outside the graph)"
     for name, module in model.named_modules():
         drops = getattr(module, "lora_dropout", None)
