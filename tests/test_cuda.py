@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import losses, ops
+from lorakit import losses, ops, swiglu
 from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
@@ -76,7 +76,8 @@ def test_swiglu_and_chunked_ce_on_cuda_match_fp64():
         A = [a.to(dev, dtype, copy=True).requires_grad_() for a in As]
         B = [b.to(dev, dtype, copy=True).requires_grad_() for b in Bs]
         if fused:
-            hidden = ops.lora_swiglu_mlp(xx, *(ops.LoraSpec(W[k], None, A[k], B[k], 0.5 * (k + 1)) for k in range(3)))
+            specs = [ops.LoraSpec(W[k], None, A[k], B[k], 0.5 * (k + 1)) for k in range(3)]
+            hidden = swiglu.lora_swiglu_mlp(xx, *specs)
         else:
             lin = [lambda t, k=k: t @ W[k].t() + 0.5 * (k + 1) * (t @ A[k].t()) @ B[k].t() for k in range(3)]
             hidden = lin[2](torch.nn.functional.silu(lin[0](xx)) * lin[1](xx))

@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
-ORDER = ["errors", "config", "ops", "losses", "layers", "fusion", "inject", "adapters", "io", "models", "train", "runs",
-         "export", "cli"]
+ORDER = ["errors", "config", "ops", "losses", "swiglu", "layers", "fusion", "inject", "adapters", "io", "models",
+         "train", "generation", "runs", "export", "cli"]
 
 
 def rank(module: str) -> int:

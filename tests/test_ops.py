@@ -1,4 +1,4 @@
-"""lorakit.ops against float64 autograd on the plain formula, gradcheck, and stock PyTorch."""
+"""lorakit.ops and lorakit.swiglu against float64 autograd on the plain formula, gradcheck, and stock PyTorch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lorakit import ops
 from lorakit.errors import ConfigError, ModelMismatchError
-from lorakit.ops import LoraSpec, lora_linear, lora_linear_multi, lora_swiglu_mlp
+from lorakit.ops import LoraSpec, lora_linear, lora_linear_multi
+from lorakit.swiglu import lora_swiglu_mlp
 
 f64 = torch.float64
 

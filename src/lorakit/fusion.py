@@ -6,7 +6,7 @@ unmerged adapter with one dropout ``p`` (several adapters, merged, disabled),
 the call takes the per-module path and gives the same result.
 
 * :func:`fuse_swiglu_mlps`: a Llama-style MLP ``down(silu(gate(x)) * up(x))``
-  with LoRA on all three runs as :func:`lorakit.ops.lora_swiglu_mlp` (activation
+  with LoRA on all three runs as :func:`lorakit.swiglu.lora_swiglu_mlp` (activation
   recomputed in backward; gate and up share one down-projection of ``x``).
 * :func:`fuse_shared_inputs`: sibling projections that read one tensor
   (``q_proj``/``k_proj``/``v_proj`` and kin) run as one
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, swiglu
 from .layers import SKIP_IN_RECOMPUTE, LoraLinear
 
 __all__ = ["SHARED_INPUT_NAMES", "fuse_swiglu_mlps", "unfuse_mlps", "fuse_shared_inputs", "unfuse_shared_inputs"]
@@ -77,7 +77,7 @@ def _is_silu(act: Any) -> bool:
 
 
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` through ops.lora_swiglu_mlp when all three share one pending adapter."""
+    """``down(silu(gate(x)) * up(x))`` through swiglu.lora_swiglu_mlp when all three share one pending adapter."""
     layers = (self.gate_proj, self.up_proj, self.down_proj)
     pending = [layer._pending() for layer in layers]
     if all(p == pending[0] for p in pending) and len(pending[0]) == 1:
@@ -85,8 +85,8 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         drops = {_dropout_p(layer, name) for layer in layers}
         if len(drops) == 1:
             skip = ops.in_recompute() and self.__dict__.get(SKIP_IN_RECOMPUTE, False)  # output unread
-            return ops.lora_swiglu_mlp(x, *(_spec(layer, name) for layer in layers), dropout_p=drops.pop(),
-                                       training=self.training, compute_output=not skip)
+            return swiglu.lora_swiglu_mlp(x, *(_spec(layer, name) for layer in layers), dropout_p=drops.pop(),
+                                          training=self.training, compute_output=not skip)
     return type(self).forward(self, x)  # anything else: the model's own forward
 
 

@@ -17,6 +17,9 @@ Every product that touches the rank is done "small side first": ``dY·B`` is
 ``[N, r]`` before it meets ``A`` or ``x``. Base weights may be stored in bf16;
 ``A``/``B`` stay fp32 masters, are cast to the compute dtype for the matmuls
 and get their gradients back in fp32.
+
+The fused SwiGLU MLP, built on the shared-input helpers here, lives in
+:mod:`lorakit.swiglu`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from torch import Tensor
 
 from lorakit.errors import ConfigError, ModelMismatchError
 
-__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "lora_swiglu_mlp",
-           "recompute_mode", "in_recompute"]
+__all__ = ["LoraSpec", "lora_linear", "lora_linear_multi", "recompute_mode", "in_recompute"]
 
 
 class LoraSpec(NamedTuple):
@@ -337,101 +339,3 @@ def lora_linear(
     """
     spec = LoraSpec(weight, bias, lora_A, lora_B, scaling)
     return lora_linear_multi(x, [spec], dropout_p, training, dropout_mask, compute_dtype, compute_output)[0]
-
-
-class _SwigluFn(torch.autograd.Function):
-    """``down(silu(gate(x)) * up(x))`` with LoRA on all three; see :func:`lora_swiglu_mlp`."""
-
-    @staticmethod
-    def forward(ctx, x, seeds, p, scalings, cd, compute_output, *params):
-        with _no_autocast(x.device.type):
-            ctx.seeds, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seeds, p, scalings, cd, x.dtype
-            ctx.scale = 1.0 if seeds is None else 1.0 / (1.0 - p)
-            xc = x.to(cd)
-            x2 = xc.reshape(-1, x.shape[-1])  # [N, H]
-            sx, sh = seeds if seeds is not None else (None, None)
-            mask = _mask_for(x2, None, sx, p)
-            (g, u), xa = _branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd)  # [N, I] x2
-            h = torch.nn.functional.silu(g).mul_(u)  # [N, I], freed after this call
-            mask_h = _mask_for(h, None, sh, p)
-            (y,), ha = _branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
-            ctx.save_for_backward(xc, xa, g, u, ha, *params)
-            return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        xc, xa, g, u, ha, *params = ctx.saved_tensors
-        sx, sh = ctx.seeds if ctx.seeds is not None else (None, None)
-        needs = ctx.needs_input_grad[6:]
-        with _no_autocast(xc.device.type):
-            x2 = xc.reshape(-1, xc.shape[-1])  # [N, H]
-            sg = torch.nn.functional.silu(g)  # recomputed, [N, I]
-            h = sg * u  # [N, I]
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            mask_h = _mask_for(h, None, sh, ctx.p)
-            gh, grads_d = _branches_backward(
-                h, ha, mask_h, ctx.scale, params[8:], ctx.scalings[2:], ctx.cd, [dy2], needs[8:], True
-            )
-            del h, mask_h
-            gu = gh * sg  # [N, I]
-            # gh·u·silu'(g), silu'(g) = σ(g)(1 + g(1 − σ(g))): torch's fused silu_backward kernel, one pass
-            # instead of six elementwise ones, written into gh's buffer.
-            gg = torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=gh)  # [N, I]
-            mask = _mask_for(x2, None, sx, ctx.p)
-            gx, grads_gu = _branches_backward(
-                x2, xa, mask, ctx.scale, params[:8], ctx.scalings[:2], ctx.cd, [gg, gu], needs[:8],
-                ctx.needs_input_grad[0],
-            )
-            if gx is not None:
-                gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return (gx, None, None, None, None, None, *grads_gu, *grads_d)
-
-
-def lora_swiglu_mlp(
-    x: Tensor,
-    gate_spec: LoraSpec,
-    up_spec: LoraSpec,
-    down_spec: LoraSpec,
-    act: str = "silu",
-    dropout_p: float = 0.0,
-    training: bool = True,
-    compute_dtype: torch.dtype | None = None,
-    compute_output: bool = True,
-) -> Tensor:
-    """The Llama MLP ``down(silu(gate(x)) * up(x))`` with LoRA on all three, fused.
-
-    gate and up share one down-projection of ``x`` (as in
-    :func:`lora_linear_multi`). Backward recomputes ``silu(g)`` and
-    ``h = silu(g)·u`` from the saved ``g`` and ``u``: stock autograd keeps four
-    ``[N, I]`` tensors (``g``, ``silu(g)``, ``u``, ``h``) plus any dropped copies
-    and masks, this keeps two (``g``, ``u``), plus ``x`` and the r-wide
-    projections. With dropout, gate/up share one mask on ``x`` and down draws
-    its own on ``h``; both are redrawn from seeds in backward.
-
-    Args:
-        x: Input ``[..., H]``.
-        gate_spec: gate_proj, weight ``[I, H]``.
-        up_spec: up_proj, weight ``[I, H]``.
-        down_spec: down_proj, weight ``[H, I]``.
-        act: Activation; only ``"silu"`` (Llama, Mistral, Qwen) is supported.
-        dropout_p: LoRA dropout, in ``[0, 1)``.
-        training: Dropout is applied only when True.
-        compute_dtype: Matmul dtype; None means autocast's dtype if on, else ``x.dtype``.
-        compute_output: False skips the output matmuls and returns uninitialised
-            a tensor of the output's shape while saving everything backward needs:
-            for a gradient-checkpointing recompute whose output nothing reads.
-
-    Returns:
-        ``[..., H]`` in the compute dtype.
-
-    Raises:
-        ConfigError: an unsupported ``act`` or ``dropout_p``.
-        ModelMismatchError: a weight or LoRA factor does not fit.
-    """
-    if act != "silu":
-        raise ConfigError(f"lora_swiglu_mlp supports act='silu' only, got {act!r}; use lora_linear per layer")
-    _, _, sc_gu, cd, p_gu = _prepare(x, [gate_spec, up_spec], dropout_p, False, None, compute_dtype)
-    h_like = x.new_empty((1, gate_spec.weight.shape[0]))  # only its width is checked
-    _, _, sc_d, _, p_d = _prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
-    seeds = (_draw_seed(), _draw_seed()) if training and dropout_p > 0 else None
-    return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, compute_output, *p_gu, *p_d)

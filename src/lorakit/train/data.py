@@ -1,11 +1,8 @@
 """Training data: JSONL rows -> token ids with labels only where the model should learn.
 
-Four row formats, one per file (``format="auto"`` picks it from the first valid row):
-
-- ``chat``: ``{"messages": [{"role": "user", "content": "..."}, ...]}``
-- ``prompt_completion``: ``{"prompt": "...", "completion": "..."}``
-- ``alpaca``: ``{"instruction": "...", "input": "..." (optional), "output": "..."}``
-- ``text``: ``{"text": "..."}``
+Rows are read and validated by :mod:`lorakit.train.rows` (four formats, one per file:
+``chat``, ``prompt_completion``, ``alpaca``, ``text``); its public names are re-exported
+here.
 
 Chat rows go through the tokenizer's chat template; loss is taken on every assistant
 turn (its content and end marker), found by rendering the conversation prefix by
@@ -17,16 +14,16 @@ trained on every token, with eos appended. Labels are unshifted (as transformers
 causal-LM loss expects) and -100 where no loss is taken.
 
 Batching, packing and padding live in :mod:`lorakit.train.batching` and are
-re-exported here.
+re-exported here. :func:`load_run_data` puts the pieces together: what a training run
+trains and evaluates on.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.batching import (
@@ -37,6 +34,8 @@ from lorakit.train.batching import (
     packed_attention_mask,
     split_eval,
 )
+from lorakit.train.config import DataConfig
+from lorakit.train.rows import FORMATS, ROLES, Row, _read, read_rows
 
 __all__ = [
     "FORMATS",
@@ -46,67 +45,14 @@ __all__ = [
     "DataStats",
     "read_rows",
     "load_examples",
+    "RunData",
+    "load_run_data",
     "pack_examples",
     "make_batches",
     "collate",
     "packed_attention_mask",
     "split_eval",
 ]
-
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
-ROLES = ("system", "user", "assistant", "tool")
-
-_EXPECTED = (
-    'one of {"messages": [{"role": ..., "content": ...}, ...]}, {"prompt": ..., "completion": ...}, '
-    '{"instruction": ..., "input": ... (optional), "output": ...}, {"text": ...}'
-)
-_REQUIRED = {
-    "chat": "'messages'",
-    "prompt_completion": "'prompt' and 'completion'",
-    "alpaca": "'instruction', 'output' and optionally 'input'",
-    "text": "'text'",
-}
-_ALPACA_PROMPT = (
-    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
-)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One data row, normalized.
-
-    Attributes:
-        source: ``"file:line"`` of the row, for messages.
-        format: One of :data:`FORMATS`.
-        messages: The conversation (chat), or a user turn plus an assistant turn
-            (prompt_completion, alpaca); None for text rows.
-        prompt: Plain-text prompt used when the tokenizer has no chat template
-            (prompt_completion, alpaca; alpaca in the Stanford Alpaca layout).
-        completion: The reference answer (prompt_completion, alpaca).
-        text: The text of a text row.
-    """
-
-    source: str
-    format: str
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    text: str | None = None
-
-    @property
-    def prompt_messages(self) -> list[dict[str, str]] | None:
-        """The conversation up to the final assistant turn (what an eval would send)."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            return self.messages[:-1]
-        return self.messages
-
-    @property
-    def reference(self) -> str | None:
-        """The final assistant turn's content, or the completion; None if there is none."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            return self.messages[-1]["content"]
-        return self.completion
 
 
 @dataclass
@@ -133,147 +79,6 @@ class DataStats:
     label_tokens: int = 0
     format: str = ""
     template_fallbacks: int = 0
-
-
-class _RowError(Exception):
-    """A malformed row; becomes a DataError, or a skip."""
-
-
-def _detect(obj: dict[str, Any]) -> str | None:
-    if "messages" in obj:
-        return "chat"
-    if "prompt" in obj and "completion" in obj:
-        return "prompt_completion"
-    if "instruction" in obj and "output" in obj:
-        return "alpaca"
-    if "text" in obj:
-        return "text"
-    return None
-
-
-def _string(obj: dict[str, Any], key: str, fmt: str, optional: bool = False) -> str:
-    if key not in obj:
-        if optional:
-            return ""
-        raise _RowError(f"missing key {key!r}; a {fmt} row needs keys {_REQUIRED[fmt]}")
-    value = obj[key]
-    if optional and value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _RowError(f"{key!r} must be a string, got {type(value).__name__} {_short(value)}")
-    return value
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise _RowError(f"'messages' must be a non-empty list of {{role, content}} objects, got {_short(value)}")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _RowError(f"messages[{j}] must be an object with 'role' and 'content', got {_short(m)}")
-        if m["role"] not in ROLES:
-            raise _RowError(f"messages[{j}] has unknown role {_short(m['role'])}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise _RowError(f"messages[{j}].content must be a string, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _parse(obj: dict[str, Any], fmt: str, source: str) -> Row:
-    if fmt == "chat":
-        if "messages" not in obj:
-            raise _RowError(f"missing key 'messages'; a chat row needs keys {_REQUIRED['chat']}")
-        return Row(source, fmt, messages=_messages(obj["messages"]))
-    if fmt == "text":
-        return Row(source, fmt, text=_string(obj, "text", fmt))
-    if fmt == "prompt_completion":
-        prompt, completion = _string(obj, "prompt", fmt), _string(obj, "completion", fmt)
-        user = prompt
-    else:
-        instruction, completion = _string(obj, "instruction", fmt), _string(obj, "output", fmt)
-        context = _string(obj, "input", fmt, optional=True)
-        user = instruction + (f"\n\n{context}" if context else "")
-        prompt = _ALPACA_PROMPT.format(
-            ctx=", paired with an input that provides further context" if context else "",
-            instruction=instruction,
-            input=f"### Input:\n{context}\n\n" if context else "",
-        )
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": completion}]
-    return Row(source, fmt, messages=messages, prompt=prompt, completion=completion)
-
-
-def _read(path: str | Path, format: str, on_error: str) -> tuple[list[Row], int, str, str | None]:
-    """Returns (rows, skipped, format, first skip message)."""
-    if format not in ("auto", *FORMATS):
-        raise ConfigError(f"data format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}")
-    if on_error not in ("raise", "skip"):
-        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected a JSONL file with one JSON object per line")
-    fmt, detected_at = (None, None) if format == "auto" else (format, None)
-    rows: list[Row] = []
-    skipped, first_skip = 0, None
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _RowError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line")
-                if not isinstance(obj, dict):
-                    raise _RowError(f"expected a JSON object, got {type(obj).__name__}: {_short(obj)}")
-                kind = _detect(obj)
-                if fmt is None:
-                    if kind is None:
-                        raise _RowError(f"row has keys {sorted(obj)}; expected {_EXPECTED}")
-                    fmt, detected_at = kind, lineno
-                elif kind != fmt and detected_at is not None:
-                    found = f"a {kind} row" if kind else f"keys {sorted(obj)}"
-                    raise _RowError(
-                        f"found {found}, but this file is {fmt} (detected from line {detected_at}); "
-                        f"every row must have {_REQUIRED[fmt]}"
-                    )
-                rows.append(_parse(obj, fmt, source))
-            except _RowError as e:
-                if on_error == "raise":
-                    raise DataError(f"{source}: {e}") from None
-                skipped += 1
-                first_skip = first_skip or f"{source}: {e}"
-    if not rows:
-        raise DataError(f"{path}: no valid rows ({skipped} malformed skipped); expected {_EXPECTED}")
-    return rows, skipped, fmt, first_skip
-
-
-def read_rows(path: str | Path, format: str = "auto", on_error: str = "raise") -> list[Row]:
-    """Reads and validates a JSONL data file without tokenizing it.
-
-    Args:
-        path: The JSONL file.
-        format: ``"auto"`` or one of :data:`FORMATS`.
-        on_error: ``"raise"`` on the first malformed row, or ``"skip"`` it (warned once).
-
-    Returns:
-        The rows, normalized (see :class:`Row`; ``prompt_messages`` and ``reference``
-        give what an eval needs).
-
-    Raises:
-        DataError: The file is missing, a row is malformed (with ``file:line``), or no
-            valid row is left.
-        ConfigError: ``format`` or ``on_error`` is not an allowed value.
-    """
-    rows, skipped, _, first = _read(path, format, on_error)
-    if skipped:
-        warnings.warn(f"skipped {skipped} malformed row(s); first: {first}", stacklevel=2)
-    return rows
 
 
 def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
@@ -407,3 +212,66 @@ def load_examples(
             f"max_seq_len={max_seq_len}, {skipped} malformed skipped); raise max_seq_len or check the rows"
         )
     return examples, stats
+
+
+class RunData(NamedTuple):
+    """What a training run trains and evaluates on; see :func:`load_run_data`.
+
+    Attributes:
+        train_rows: Training examples (packed rows with ``data.packing``).
+        eval_rows: Eval examples (packed likewise); empty without eval data.
+        eval_batches: Batches of indices into ``eval_rows``, in order; empty without eval data.
+        card: ``(split, source, examples)`` per split, for the model card.
+    """
+
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    eval_batches: list[list[int]]
+    card: list[tuple[str, str, int]]
+
+
+def load_run_data(data: DataConfig, tokenizer: Any, seed: int, batch_size: int,
+                  say: Callable[..., Any]) -> RunData:
+    """Loads a run's train and eval examples as its ``data`` section says.
+
+    Eval examples come from ``data.eval``, or are held out of the train file
+    (``data.eval_fraction``); with ``data.packing`` both sets are packed into rows of at
+    most ``data.max_seq_len`` tokens. What was loaded is told through ``say``.
+
+    Args:
+        data: The run config's ``data`` section.
+        tokenizer: The base model's tokenizer.
+        seed: The run seed (held-out split, eval batches).
+        batch_size: Rows per eval batch.
+        say: ``print`` on the main process, a no-op on the others.
+
+    Returns:
+        A :class:`RunData`.
+
+    Raises:
+        DataError, ConfigError: as :func:`load_examples`.
+    """
+    kw = dict(format=data.format, max_seq_len=data.max_seq_len, train_on_prompt=data.train_on_prompt,
+              on_error=data.on_error)
+    train_rows, stats = load_examples(data.train, tokenizer, **kw)
+    say(f"data: {data.train}: {stats.rows:,d} examples ({stats.skipped} skipped, {stats.truncated} truncated "
+        f"to {data.max_seq_len} tokens), {stats.tokens:,d} tokens, {stats.label_tokens:,d} with loss")
+    eval_rows: list[dict[str, Any]] = []
+    data_card = [("train", str(data.train), 0)]
+    if data.eval is not None:
+        eval_rows, estats = load_examples(data.eval, tokenizer, **kw)
+        say(f"data: {data.eval}: {estats.rows:,d} eval examples ({estats.skipped} skipped, "
+            f"{estats.truncated} truncated), {estats.tokens:,d} tokens")
+        data_card.append(("eval", str(data.eval), len(eval_rows)))
+    elif data.eval_fraction > 0:
+        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, seed)
+        say(f"data: held out {len(eval_rows)} of them for eval (data.eval_fraction={data.eval_fraction})")
+        data_card.append(("eval", f"{data.train} (held out, fraction {data.eval_fraction})", len(eval_rows)))
+    data_card[0] = ("train", str(data.train), len(train_rows))
+    if data.packing:
+        n = len(train_rows)
+        train_rows = pack_examples(train_rows, data.max_seq_len)
+        eval_rows = pack_examples(eval_rows, data.max_seq_len) if eval_rows else []
+        say(f"data: packed {n:,d} examples into {len(train_rows):,d} rows of <= {data.max_seq_len} tokens")
+    eval_batches = make_batches(eval_rows, batch_size, seed, 0, shuffle=False) if eval_rows else []
+    return RunData(train_rows, eval_rows, eval_batches, data_card)

@@ -35,9 +35,7 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,50 +46,22 @@ from lorakit.inject import inject, trainable_parameters
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.io import save_adapter
 from lorakit.train import report
-from lorakit.train.batching import collate, make_batches, pack_examples, split_eval
+from lorakit.train.batching import collate, make_batches
 from lorakit.train.checkpoint import (check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint,
                                       save_checkpoint)
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
-from lorakit.train.data import load_examples
+from lorakit.train.data import load_run_data
 from lorakit.train.device import DistContext, resolve_precision, setup_distributed
 from lorakit.train.fast import causal_lm_loss
 from lorakit.train.graphs import setup_graphs
 from lorakit.train.recompute import enable_checkpointing
+from lorakit.train.report import TrainResult
 from lorakit.train.schedule import lr_factor, make_optimizer
 
 GRAPH_PAD = 64  # sequence-length bucket when CUDA graphs are on
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train", "make_optimizer", "resolve_precision", "lr_factor",
            "latest_checkpoint"]
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` did.
-
-    Attributes:
-        run_dir: The run directory (final adapter at its root).
-        steps: Optimizer steps done in total (including those before a resume).
-        train_loss: Mean token loss of the last step.
-        eval_loss: Mean token loss on the eval set at the end, or None without eval data.
-        trainable_params: Trainable (adapter) parameters.
-        elapsed_s: Training time in seconds (model loading excluded; resumed runs add up).
-        peak_memory_bytes: Peak RSS on CPU, peak allocated CUDA memory on GPU (rank 0).
-        tokens: Input tokens trained on (padding excluded, all processes).
-        precision: ``"fp32"`` or ``"bf16"``.
-        precision_reason: Why that precision was chosen.
-    """
-
-    run_dir: Path
-    steps: int
-    train_loss: float | None
-    eval_loss: float | None
-    trainable_params: int
-    elapsed_s: float
-    peak_memory_bytes: int
-    tokens: int
-    precision: str
-    precision_reason: str
 
 
 # --------------------------------------------------------------------------- the loss
@@ -192,7 +162,8 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
 
-        self._load_data(tokenizer)
+        self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_run_data(
+            cfg.data, tokenizer, t.seed, t.batch_size, self.say)
         self.global_batch = t.batch_size * t.grad_accum * ctx.world
         self.batches_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.total_steps = t.steps if t.epochs is None else t.epochs * self.batches_per_epoch
@@ -205,35 +176,6 @@ class _Run:
         self.eval_loss: float | None = None
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
-
-    # ------------------------------------------------------------------ setup helpers
-
-    def _load_data(self, tokenizer: Any) -> None:
-        d, seed = self.cfg.data, self.cfg.train.seed
-        kw = dict(format=d.format, max_seq_len=d.max_seq_len, train_on_prompt=d.train_on_prompt, on_error=d.on_error)
-        train_rows, stats = load_examples(d.train, tokenizer, **kw)
-        self.say(f"data: {d.train}: {stats.rows:,d} examples ({stats.skipped} skipped, {stats.truncated} truncated "
-                 f"to {d.max_seq_len} tokens), {stats.tokens:,d} tokens, {stats.label_tokens:,d} with loss")
-        eval_rows: list[dict[str, Any]] = []
-        self.data_card = [("train", str(d.train), 0)]
-        if d.eval is not None:
-            eval_rows, estats = load_examples(d.eval, tokenizer, **kw)
-            self.say(f"data: {d.eval}: {estats.rows:,d} eval examples ({estats.skipped} skipped, "
-                     f"{estats.truncated} truncated), {estats.tokens:,d} tokens")
-            self.data_card.append(("eval", str(d.eval), len(eval_rows)))
-        elif d.eval_fraction > 0:
-            train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, seed)
-            self.say(f"data: held out {len(eval_rows)} of them for eval (data.eval_fraction={d.eval_fraction})")
-            self.data_card.append(("eval", f"{d.train} (held out, fraction {d.eval_fraction})", len(eval_rows)))
-        self.data_card[0] = ("train", str(d.train), len(train_rows))
-        if d.packing:
-            n = len(train_rows)
-            train_rows = pack_examples(train_rows, d.max_seq_len)
-            eval_rows = pack_examples(eval_rows, d.max_seq_len) if eval_rows else []
-            self.say(f"data: packed {n:,d} examples into {len(train_rows):,d} rows of <= {d.max_seq_len} tokens")
-        self.train_rows, self.eval_rows = train_rows, eval_rows
-        bs = self.cfg.train.batch_size
-        self.eval_batches = make_batches(eval_rows, bs, seed, 0, shuffle=False) if eval_rows else []
 
     # ------------------------------------------------------------------ the loop
 

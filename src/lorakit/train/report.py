@@ -1,6 +1,7 @@
-"""What a training run tells people: metrics log, loss plot, model card, progress, summary.
+"""What a training run tells people: metrics log, loss plot, model card, progress, summary, result.
 
 Everything here is written by rank 0 only; :mod:`lorakit.train.loop` decides when.
+The :class:`TrainResult` that ``train()`` returns comes back on every rank.
 
 ``metrics.jsonl`` holds one JSON object per line, flushed as it is written:
 
@@ -19,10 +20,12 @@ import resource
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "TrainResult",
     "MetricsLogger",
     "read_metrics",
     "plot_loss",
@@ -281,6 +284,35 @@ def peak_memory_bytes(device_type: str) -> int:
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+@dataclass
+class TrainResult:
+    """What :func:`lorakit.train.loop.train` did.
+
+    Attributes:
+        run_dir: The run directory (final adapter at its root).
+        steps: Optimizer steps done in total (including those before a resume).
+        train_loss: Mean token loss of the last step.
+        eval_loss: Mean token loss on the eval set at the end, or None without eval data.
+        trainable_params: Trainable (adapter) parameters.
+        elapsed_s: Training time in seconds (model loading excluded; resumed runs add up).
+        peak_memory_bytes: Peak RSS on CPU, peak allocated CUDA memory on GPU (rank 0).
+        tokens: Input tokens trained on (padding excluded, all processes).
+        precision: ``"fp32"`` or ``"bf16"``.
+        precision_reason: Why that precision was chosen.
+    """
+
+    run_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    trainable_params: int
+    elapsed_s: float
+    peak_memory_bytes: int
+    tokens: int
+    precision: str
+    precision_reason: str
 
 
 def format_summary(
