@@ -15,10 +15,11 @@ import torch
 
 import lorakit
 from lorakit import losses, ops, swiglu
-from lorakit.fusion import fuse_swiglu_mlps
+from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
 from lorakit.train.loop import make_optimizer
+from lorakit.train.recompute import enable_checkpointing
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_llama  # noqa: E402
@@ -104,6 +105,7 @@ def _llama_on_cuda(dtype=torch.float32):
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
     fuse_swiglu_mlps(model)
+    assert fuse_shared_inputs(model) == 3  # q/k/v as one op, inside the recorded graphs too
     return model.to(CUDA).train()
 
 
@@ -180,3 +182,23 @@ def test_train_loop_with_and_without_cuda_graphs(tmp_path, capsys):
     for k in adapters["off"]:
         assert _rel(adapters["on"][k], adapters["off"][k]) < 1e-4, k
     assert math.isfinite(sum(v.sum().item() for v in adapters["on"].values()))
+
+
+def test_checkpointing_rerun_skip_on_cuda():
+    """lorakit's checkpointing (MLP output not rerun) gives the grads of no checkpointing on the GPU."""
+    torch.manual_seed(0)
+    model = lorakit.inject(make_llama(layers=3), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                     init_lora_weights=False))
+    fuse_swiglu_mlps(model)
+    fuse_shared_inputs(model)
+    model.to(CUDA).train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            assert enable_checkpointing(model) == 3
+        model.zero_grad(set_to_none=True)
+        micro = _batches()[1]
+        model(**micro).loss.backward()
+        grads.append({n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        assert _rel(grads[1][name], grads[0][name]) < 1e-5, name
