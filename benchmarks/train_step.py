@@ -16,6 +16,7 @@ Variants:
                     with its CUDA graphs (decoder layers recorded per padded shape) and fused AdamW
     lorakit-eager   lorakit-auto without CUDA graphs (what the graphs add)
     lorakit-gc      lorakit-fp32 plus its gradient checkpointing (the memory-lean setting; the rerun skips the MLP output)
+    lorakit-gc2     the same, every 2nd decoder layer only (gradient_checkpointing: 2)
     lorakit-compile experiment, not run by default: lorakit-auto with each decoder layer torch.compile'd
 
 On a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and very slow; the
@@ -39,8 +40,8 @@ from _common import MODEL_ENV, git_rev, load_bench_model, machine, median, model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["peft-fp32", "peft-bf16", "lorakit-fp32", "lorakit-auto", "lorakit-eager", "lorakit-gc",
-            "lorakit-compile"]
-DEFAULT_VARIANTS = VARIANTS[:6]
+            "lorakit-gc2", "lorakit-compile"]
+DEFAULT_VARIANTS = VARIANTS[:7]
 WORKLOADS = {"short": (8, 64), "long": (4, 256)}  # name -> (batch size, max tokens per row)
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 
@@ -104,8 +105,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
-        if variant == "lorakit-gc":  # as `lorakit train` with gradient_checkpointing: true
-            enable_checkpointing(model)
+        if variant in ("lorakit-gc", "lorakit-gc2"):  # as `lorakit train` with gradient_checkpointing: true / 2
+            enable_checkpointing(model, every_n_layers=2 if variant == "lorakit-gc2" else 1)
         if variant == "lorakit-compile":  # experiment: regional torch.compile, one decoder layer at a time
             for layer in model.model.layers:
                 layer.compile(dynamic=None)

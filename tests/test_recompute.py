@@ -134,3 +134,19 @@ def test_other_layouts(input_ids, make, marked):
     ours = copy.deepcopy(base)
     assert enable_checkpointing(ours) == marked
     assert_same(run(base, input_ids), run(ours, input_ids))
+
+
+def test_every_n_layers(input_ids):
+    base = lora(make_llama(layers=4).double())
+    fuse_swiglu_mlps(base)
+    ours = copy.deepcopy(base)
+    assert enable_checkpointing(ours, every_n_layers=2) == 2
+    assert [layer.gradient_checkpointing for layer in ours.model.layers] == [True, False, True, False]
+    assert [SKIP_IN_RECOMPUTE in layer.mlp.__dict__ for layer in ours.model.layers] == [True, False, True, False]
+    every = copy.deepcopy(base)
+    enable_checkpointing(every)
+    ref, half, full = run(base, input_ids), run(ours, input_ids), run(every, input_ids)
+    assert_same(ref, half)
+    assert ref[2] < half[2] < full[2]  # half the layers rerun
+    with pytest.raises(lorakit.ConfigError, match="at least 1"):
+        enable_checkpointing(copy.deepcopy(base), every_n_layers=0)

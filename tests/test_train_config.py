@@ -119,6 +119,15 @@ def test_overrides(project):
     assert cfg.output.dir == Path("/abs/out")
 
 
+def test_gradient_checkpointing_every_n(project):
+    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"),
+                          ["train.gradient_checkpointing=3"])
+    assert cfg.train.gradient_checkpointing == 3 and type(cfg.train.gradient_checkpointing) is int
+    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"),
+                          ["train.gradient_checkpointing=true"])
+    assert cfg.train.gradient_checkpointing is True
+
+
 def test_override_creates_missing_section(project):
     cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"), ["lora.r=4"])
     assert cfg.lora == {"r": 4}
@@ -170,6 +179,9 @@ def test_unknown_key(project, text, message):
         ("data: {train: data/train.jsonl, max_seq_len: 1.5}", r"1\.5 for 'data\.max_seq_len'"),
         ("train: {steps: 10, epochs: 2}", r"train\.steps \(10\) and train\.epochs \(2\) are both set; keep one"),
         ("train: [1, 2]", r"'train' in runs\.yaml must be a mapping"),
+        ("train: {gradient_checkpointing: -2}", r"gradient_checkpointing must be true, false or a layer interval"),
+        ("train: {gradient_checkpointing: often}", r"^invalid value 'often' for 'train\.gradient_checkpointing' in "
+                                                   r"runs\.yaml: .*true, false or a layer interval N >= 1"),
     ],
 )
 def test_wrong_value(project, text, message):

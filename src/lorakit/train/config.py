@@ -92,9 +92,18 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=0)  # 0: never
     save_every: int = Field(50, ge=0)  # 0: only at the end
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
+    # true (every decoder layer) / false, or N: every N-th layer (less recompute, less memory saved)
+    gradient_checkpointing: bool | int = False
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
     log_every: int = Field(1, gt=0)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _every_n(cls, value: Any) -> bool | int:
+        if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
+            return value
+        raise ValueError(f"train.gradient_checkpointing must be true, false or a layer interval N >= 1 "
+                         f"(checkpoint every N-th decoder layer), got {value!r}")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:

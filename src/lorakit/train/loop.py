@@ -155,7 +155,7 @@ class _Run:
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
         if t.gradient_checkpointing:  # per layer; the rerun skips the MLP output LoRA does not need
-            enable_checkpointing(model, self.say)
+            enable_checkpointing(model, self.say, every_n_layers=int(t.gradient_checkpointing))
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         self.pad_id = tokenizer.pad_token_id

@@ -31,6 +31,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import SKIP_IN_RECOMPUTE, LoraLinear
 from ..ops import recompute_mode
 from .graphs import decoder_layers
@@ -47,10 +48,12 @@ def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractC
 
 
 def _mark(layers: nn.ModuleList | None) -> int:
-    """Flag the MLPs (and their down_proj) whose output only feeds the residual add; return how many."""
+    """Flag the checkpointed layers' MLPs (and down_proj) whose output only feeds the residual add; count them."""
     count = 0
     for layer in layers if layers is not None else ():
         mlp = getattr(layer, "mlp", None)
+        if not getattr(layer, "gradient_checkpointing", False):
+            continue
         if {name for name, _ in layer.named_children()} != LLAMA_LAYER or mlp is None:
             continue
         if {name for name, _ in mlp.named_children()} != LLAMA_MLP:
@@ -62,30 +65,40 @@ def _mark(layers: nn.ModuleList | None) -> int:
     return count
 
 
-def enable_checkpointing(model: nn.Module, say: Callable[[str], None] | None = None) -> int:
+def enable_checkpointing(model: nn.Module, say: Callable[[str], None] | None = None, every_n_layers: int = 1) -> int:
     """Turn on per-layer gradient checkpointing whose rerun skips the MLP output.
 
     Args:
         model: a transformers model with LoRA injected (and, usually, MLPs fused).
-        say: optional progress printer; told how many layers get the skip.
+        say: optional progress printer; told how many layers are checkpointed and skip.
+        every_n_layers: checkpoint every N-th decoder layer only (transformers'
+            ``every_n_layers``); the others keep their activations. 1: every layer.
 
     Returns:
-        The number of decoder layers whose recompute skips the MLP output (0: stock
-        checkpointing everywhere, still correct).
+        The number of checkpointed decoder layers whose recompute skips the MLP output
+        (0: stock checkpointing everywhere, still correct).
 
     Raises:
+        ConfigError: ``every_n_layers`` below 1, or above 1 with a transformers that lacks it.
         ValueError: from transformers, when the model does not support checkpointing.
     """
-    count = _mark(decoder_layers(model))
+    if every_n_layers < 1:
+        raise ConfigError(f"every_n_layers must be at least 1, got {every_n_layers}")
     kwargs = {"use_reentrant": False, "context_fn": _contexts}  # non-reentrant: no enable_input_require_grads
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError("checkpointing every N-th layer needs transformers' activation_checkpointing_enable "
+                          "(transformers >= 5.2x); use gradient_checkpointing: true")
+    layers = decoder_layers(model)
+    count = _mark(layers)
     if say is not None:
-        layers = decoder_layers(model)
         total = len(layers) if layers is not None else 0
-        say(f"gradient checkpointing: {count} of {total} decoder layers skip the MLP output in the recompute")
+        done = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers or ())
+        say(f"gradient checkpointing: {done} of {total} decoder layers, {count} of them without rerunning "
+            f"the MLP output")
     return count
 
 
