@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import ops, swiglu
-from .layers import SKIP_IN_RECOMPUTE, LoraLinear
+from .layers import LoraLinear, output_unread
 
 __all__ = ["SHARED_INPUT_NAMES", "fuse_swiglu_mlps", "unfuse_mlps", "fuse_shared_inputs", "unfuse_shared_inputs"]
 
@@ -84,9 +84,8 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         name = pending[0][0]
         drops = {_dropout_p(layer, name) for layer in layers}
         if len(drops) == 1:
-            skip = ops.in_recompute() and self.__dict__.get(SKIP_IN_RECOMPUTE, False)  # output unread
             return swiglu.lora_swiglu_mlp(x, *(_spec(layer, name) for layer in layers), dropout_p=drops.pop(),
-                                          training=self.training, compute_output=not skip)
+                                          training=self.training, compute_output=not output_unread(self))
     return type(self).forward(self, x)  # anything else: the model's own forward
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "SUPPORTED_KINDS",
     "wrap_module",
+    "SKIP_IN_RECOMPUTE",
+    "output_unread",
 ]
 
 try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
@@ -41,6 +43,11 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 # Attribute set by lorakit.train.recompute on modules whose output only feeds a residual add: under
 # gradient checkpointing their recompute skips the output matmuls (ops.in_recompute).
 SKIP_IN_RECOMPUTE = "_lorakit_skip_in_recompute"
+
+
+def output_unread(module: nn.Module) -> bool:
+    """True while a checkpointing rerun recomputes ``module`` and nothing will read its output."""
+    return ops.in_recompute() and module.__dict__.get(SKIP_IN_RECOMPUTE, False)
 
 SUPPORTED_KINDS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D (GPT-2)"
 
@@ -267,9 +274,8 @@ class LoraLinear(LoraLayer):
                 y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
                 return y
             # The fused path: one autograd node, LoRA term added in place, x saved once.
-            skip = ops.in_recompute() and self.__dict__.get(SKIP_IN_RECOMPUTE, False)  # output unread
             return ops.lora_linear(x, W, bias, A, B, self.scaling[name], dropout_p=drop.p if dropping else 0.0,
-                                   training=self.training, compute_output=not skip)
+                                   training=self.training, compute_output=not output_unread(self))
         result = self.base_layer(x, *args, **kwargs)
         for name in pending:  # several adapters at once: the plain composition
             A, B = self.lora_A[name], self.lora_B[name]

@@ -13,7 +13,7 @@ How: transformers' own per-layer checkpointing (non-reentrant
 ``torch.utils.checkpoint``) with a ``context_fn`` whose recompute context is
 :func:`lorakit.ops.recompute_mode`; the MLP (fused SwiGLU) or its ``down_proj``
 carries :data:`lorakit.layers.SKIP_IN_RECOMPUTE` and asks
-:func:`lorakit.ops.in_recompute`.
+:func:`lorakit.layers.output_unread`.
 
 The skip is applied only where the layout guarantees the output is unread: a
 decoder layer whose children are exactly ``input_layernorm``, ``self_attn``,
