@@ -109,26 +109,29 @@ def _llama_on_cuda(dtype=torch.float32):
     return model.to(CUDA).train()
 
 
-def _batches(seed=0):
-    """Micro-batches of two shapes, with left padding in some rows (a real mask tensor)."""
+def _batches(seed=0, side="left"):
+    """Micro-batches of two shapes, with padding in one row: left padding keeps its mask tensor; right
+    padding runs mask-free (``causal_lm_loss`` drops a right-padding mask), so graphs record no mask."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for T in (12, 20, 12, 20, 12, 20):
         ids = torch.randint(0, 96, (3, T), generator=g)
         mask = torch.ones_like(ids)
         mask[1, : T // 3] = 0
+        if side == "right":
+            mask[1] = mask[1].flip(0)
         labels = ids.masked_fill(mask == 0, -100)
         out.append({"input_ids": ids.to(CUDA), "attention_mask": mask.to(CUDA), "labels": labels.to(CUDA)})
     return out
 
 
-def _train(model, graphs: bool, bf16: bool, steps=3, accum=2):
+def _train(model, graphs: bool, bf16: bool, steps=3, accum=2, side="left"):
     from lorakit.train.fast import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-2, 0.0, CUDA)
     lg = LayerGraphs(model) if graphs else None
-    batches, losses = _batches(), []
+    batches, losses = _batches(side=side), []
     for step in range(steps):
         for micro in batches[step * accum:(step + 1) * accum]:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
@@ -140,16 +143,17 @@ def _train(model, graphs: bool, bf16: bool, steps=3, accum=2):
     return losses, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}, lg
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_layer_graphs_train_like_eager(bf16):
+@pytest.mark.parametrize("bf16, side", [(False, "left"), (True, "left"), (False, "right")])
+def test_layer_graphs_train_like_eager(bf16, side):
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     eager_model = _llama_on_cuda(dtype)
     torch.manual_seed(0)
     graph_model = _llama_on_cuda(dtype)
     assert graph_blocker(graph_model, CUDA) is None
-    loss_e, params_e, _ = _train(eager_model, graphs=False, bf16=bf16)
-    loss_g, params_g, lg = _train(graph_model, graphs=True, bf16=bf16)
+    loss_e, params_e, _ = _train(eager_model, graphs=False, bf16=bf16, side=side)
+    loss_g, params_g, lg = _train(graph_model, graphs=True, bf16=bf16, side=side)
+    assert all((key[2] is None) == (side == "right") for key in lg.graphs)  # key[2]: the mask's meta
     assert len(lg.graphs) == 2 and lg.replays == 3 * 6  # two shapes recorded, every layer call replayed
     tol = 1e-5 if not bf16 else 1e-2
     for a, b in zip(loss_g, loss_e):

@@ -67,3 +67,75 @@ def test_no_label_tokens_gives_zero():
     batch["labels"][:] = -100
     loss, n = causal_lm_loss(model, batch)
     assert n == 0 and loss.item() == 0.0
+
+
+def _backbone_masks(model):
+    """Records the attention_mask each backbone call receives."""
+    seen = []
+    backbone, _ = split_head(model)
+    backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    return seen
+
+
+def _left_padded(batch):
+    """The same rows, padding moved to the front (row 2 has 3 padding tokens)."""
+    out = {k: v.clone() for k, v in batch.items()}
+    for k in out:
+        out[k][2] = torch.roll(batch[k][2], 3)
+    return out
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none"])
+def test_padding_mask_dropped_only_for_right_padding(padding):
+    """Right padding runs mask-free (causal attention never lets a real token see it); the loss and
+    gradients still equal the full model called with the mask. Left padding keeps its mask."""
+    model = lorakit.inject(make_llama().double(),
+                           lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                              init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    batch = batch_for(model.config.vocab_size)
+    if padding == "left":
+        batch = _left_padded(batch)
+    elif padding == "none":
+        batch["attention_mask"][:] = 1
+    seen = _backbone_masks(model)
+    ours, n = causal_lm_loss(model, batch)
+    assert (seen[0] is None) == (padding != "left")
+    theirs, m = reference(twin, batch)
+    assert n == m
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours.backward()
+    theirs.backward()
+    grads = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_right_padding_with_sliding_window_float64():
+    """A sliding window shorter than the batch: the mask-free causal mask keeps the window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def qwen2(window: bool):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=window, sliding_window=4,
+            max_window_layers=0)).double().eval()
+
+    base = qwen2(window=True)
+    cfg = base.config
+    assert cfg.layer_types == ["sliding_attention"] * 2
+    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    batch = batch_for(cfg.vocab_size)
+    seen = _backbone_masks(model)
+    ours, _ = causal_lm_loss(model, batch)
+    assert seen[0] is None
+    theirs, _ = reference(twin, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    # and the window matters here: the same weights with full causal attention give another loss
+    full = qwen2(window=False)
+    assert full.config.layer_types == ["full_attention"] * 2
+    assert not torch.allclose(reference(full, batch)[0], reference(qwen2(window=True), batch)[0])

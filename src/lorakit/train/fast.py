@@ -12,6 +12,16 @@ exist.
 Models whose head does more than a plain matmul (logit soft-capping, logit
 scales, a trained or adapted head) take the generic path: the head module on
 the gathered positions, then cross-entropy.
+
+Right-padded batches (what :func:`lorakit.train.batching.collate` builds) run
+without their padding mask: under causal attention a real token only sees the
+tokens before it, all real, so the mask changes nothing a label reads, while
+without it transformers' SDPA path takes the plain causal kernel and reads
+grouped K/V heads without repeating them (``repeat_kv``): the step saves K and V
+at their own width (about 10% fewer saved activation bytes for SmolLM2), builds
+no [B, 1, T, T] mask, and on CUDA can use the flash kernel. Padding positions
+then compute on the real tokens before them; their labels are -100, so nothing
+reads them. Left or inner padding keeps its mask.
 """
 
 from __future__ import annotations
@@ -42,6 +52,17 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def _drop_right_padding_mask(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``inputs`` without ``attention_mask`` when it only marks right padding (see the module doc)."""
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if (not isinstance(mask, torch.Tensor) or ids is None or mask.dim() != 2 or mask.shape != ids.shape
+            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+        return inputs
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens (fp32) and their count.
@@ -58,7 +79,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
         ``(loss_sum, n_tokens)``.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = _drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
     parts = split_head(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
