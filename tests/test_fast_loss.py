@@ -21,6 +21,21 @@ def reference(model, batch):
     return loss, int((targets != -100).sum())
 
 
+def assert_matches_reference(model, batch, **kwargs):
+    """causal_lm_loss on ``model`` equals the full-logits loss of an untouched copy: value, count, LoRA grads."""
+    twin = copy.deepcopy(model)
+    ours, n = causal_lm_loss(model, batch, **kwargs)
+    theirs, m = reference(twin, batch)
+    assert n == m == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours.backward()
+    theirs.backward()
+    grads = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
 def batch_for(vocab):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (3, 12), generator=g)
@@ -40,18 +55,7 @@ def batch_for(vocab):
 def test_matches_full_logits_float64(factory, targets):
     base = factory().double()
     model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()  # no dropout
-    twin = copy.deepcopy(model)
-    batch = batch_for(model.config.vocab_size)
-    ours, n = causal_lm_loss(model, batch, chunk_size=7)
-    theirs, m = reference(twin, batch)
-    assert n == m == int((batch["labels"][:, 1:] != -100).sum())
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    ours.backward()
-    theirs.backward()
-    grads = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
-    for k, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert_matches_reference(model, batch_for(model.config.vocab_size), chunk_size=7)
 
 
 def test_split_head_refuses_softcapping():
@@ -92,24 +96,14 @@ def test_padding_mask_dropped_only_for_right_padding(padding):
     model = lorakit.inject(make_llama().double(),
                            lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
                                               init_lora_weights=False))
-    twin = copy.deepcopy(model)
     batch = batch_for(model.config.vocab_size)
     if padding == "left":
         batch = _left_padded(batch)
     elif padding == "none":
         batch["attention_mask"][:] = 1
     seen = _backbone_masks(model)
-    ours, n = causal_lm_loss(model, batch)
+    assert_matches_reference(model, batch)
     assert (seen[0] is None) == (padding != "left")
-    theirs, m = reference(twin, batch)
-    assert n == m
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    ours.backward()
-    theirs.backward()
-    grads = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
-    for k, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_right_padding_with_sliding_window_float64():
@@ -124,17 +118,13 @@ def test_right_padding_with_sliding_window_float64():
             max_window_layers=0)).double().eval()
 
     base = qwen2(window=True)
-    cfg = base.config
-    assert cfg.layer_types == ["sliding_attention"] * 2
+    assert base.config.layer_types == ["sliding_attention"] * 2
     model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))
-    twin = copy.deepcopy(model)
-    batch = batch_for(cfg.vocab_size)
+    batch = batch_for(base.config.vocab_size)
     seen = _backbone_masks(model)
-    ours, _ = causal_lm_loss(model, batch)
+    assert_matches_reference(model, batch)
     assert seen[0] is None
-    theirs, _ = reference(twin, batch)
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     # and the window matters here: the same weights with full causal attention give another loss
     full = qwen2(window=False)
     assert full.config.layer_types == ["full_attention"] * 2
