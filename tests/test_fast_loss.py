@@ -129,3 +129,30 @@ def test_right_padding_with_sliding_window_float64():
     full = qwen2(window=False)
     assert full.config.layer_types == ["full_attention"] * 2
     assert not torch.allclose(reference(full, batch)[0], reference(qwen2(window=True), batch)[0])
+
+
+def test_bidirectional_attention_keeps_the_mask():
+    """Gemma's use_bidirectional_attention: padding is visible to every token, so the mask must stay."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(GemmaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_bidirectional_attention=True)).double()
+    assert base.model.layers[0].self_attn.is_causal is False
+    model = lorakit.inject(base.eval(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    seen = _backbone_masks(model)
+    assert_matches_reference(model, batch_for(96))
+    assert seen[0] is not None
+
+
+def test_token_type_ids_keep_the_mask():
+    """token_type_ids can mean a prefix-LM mask (PaliGemma); such batches keep their padding mask."""
+    model = lorakit.inject(make_gpt2().double(), lorakit.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                    init_lora_weights=False))
+    batch = batch_for(96)
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    seen = _backbone_masks(model)
+    assert_matches_reference(model, batch)
+    assert seen[0] is not None

@@ -21,10 +21,14 @@ grouped K/V heads without repeating them (``repeat_kv``): the step saves K and V
 at their own width (about 10% fewer saved activation bytes for SmolLM2), builds
 no [B, 1, T, T] mask, and on CUDA can use the flash kernel. Padding positions
 then compute on the real tokens before them; their labels are -100, so nothing
-reads them. Left or inner padding keeps its mask.
+reads them. Left or inner padding keeps its mask, and so does every model with
+attention that looks ahead (encoder-decoder, ``use_bidirectional_attention``, a
+module with ``is_causal = False``) or with ``token_type_ids`` (prefix-LM masks).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 __all__ = ["causal_lm_loss", "split_head"]
 
 IGNORE_INDEX = -100
+_CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
 
 
@@ -52,11 +57,24 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def _all_causal(model: nn.Module) -> bool:
+    """No attention in ``model`` looks ahead: not encoder-decoder, no bidirectional attention module."""
+    known = _CAUSAL.get(model)
+    if known is None:
+        config = getattr(model, "config", None)
+        known = not (getattr(config, "is_encoder_decoder", False)
+                     or getattr(config, "use_bidirectional_attention", False)  # Gemma-family embedding models
+                     or any(vars(m).get("is_causal", getattr(type(m), "is_causal", True)) is False
+                            for m in model.modules()))
+        _CAUSAL[model] = known
+    return known
+
+
 def _drop_right_padding_mask(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``inputs`` without ``attention_mask`` when it only marks right padding (see the module doc)."""
     mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
     if (not isinstance(mask, torch.Tensor) or ids is None or mask.dim() != 2 or mask.shape != ids.shape
-            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+            or "token_type_ids" in inputs or not _all_causal(model)):
         return inputs
     if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
         return inputs
