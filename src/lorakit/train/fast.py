@@ -18,10 +18,10 @@ without their padding mask: under causal attention a real token only sees the
 tokens before it, all real, so the mask changes nothing a label reads, while
 without it transformers' SDPA path takes the plain causal kernel and reads
 grouped K/V heads without repeating them (``repeat_kv``): the step saves K and V
-at their own width (about 10% fewer saved activation bytes for SmolLM2), builds
-no [B, 1, T, T] mask, and on CUDA can use the flash kernel. Padding positions
-then compute on the real tokens before them; their labels are -100, so nothing
-reads them. Left or inner padding keeps its mask, and so does every model with
+at their own width (11% fewer saved activation bytes on the short benchmark
+batch: 606 -> 541 MB), builds no [B, 1, T, T] mask, and on CUDA can use the
+flash kernel. Padding positions then compute on the real tokens before them;
+their labels are -100, so nothing reads them. Left or inner padding keeps its mask, and so does every model with
 attention that looks ahead (encoder-decoder, ``use_bidirectional_attention``, a
 module with ``is_causal = False``) or with ``token_type_ids`` (prefix-LM masks).
 """
