@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
-from lorakit.ops import _compute_dtype, _no_autocast
+from lorakit.precision import compute_dtype as _compute_dtype
+from lorakit.precision import no_autocast as _no_autocast
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, git_rev, machine, median, write_section  # noqa: E402
+from _common import RESULTS, git_rev, machine, median, rss_kib, write_section  # noqa: E402
 
 BATCH, TOKENS, HIDDEN, VOCAB, LABELLED = 8, 80, 576, 49152, 0.45
 OLD_CHUNK = 1024  # what train/fast.py passed to the old function
@@ -126,28 +127,16 @@ def _step(fn, hidden, head, labels):
     fn(hidden, head, labels).backward()
 
 
-def _rss_kib(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in KiB.
-
-    Not ``ru_maxrss``: Linux carries it over from the parent through fork and exec, so
-    a worker started by a parent that held more than the worker ever does reads flat.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _memory_worker(name: str) -> None:
     """Print how much one forward+backward of ``name`` raises this fresh process's peak RSS (MB)."""
     fn = VARIANTS[name]
     _step(fn, *_data(batch=1, tokens=4, vocab=64))  # load kernels and thread pools first
     hidden, head, labels = _data()
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak to the current RSS
     _step(fn, hidden, head, labels)
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     print(json.dumps({"base_mb": base / 1024, "extra_mb": (peak - base) / 1024}))
 
 
@@ -209,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {ms[name]:.0f} | {ms[name] / ms[ref]:.2f} | {mem[name]['extra_mb']:.0f} "
                      f"| {mem[name]['extra_mb'] / mem[ref]['extra_mb']:.2f} |")
     header = (
-        f"Machine: {machine()}; commit {git_rev()} + uncommitted changes.\n\n"
+        f"Machine: {machine()}; commit {git_rev()}.\n\n"
         f"LM head + mean cross-entropy, forward+backward, fp32: hidden {BATCH} x {TOKENS} x {HIDDEN} (requires grad), "
         f"frozen head {VOCAB} x {HIDDEN}, {n_lab} of {BATCH * TOKENS} positions labelled. Median of {args.repeats} "
         f"rounds, variants taking turns. Peak memory added: growth of a fresh process's peak RSS during one "

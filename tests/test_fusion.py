@@ -12,7 +12,7 @@ from transformers import BartConfig, BartForConditionalGeneration
 
 import lorakit
 from conftest import make_llama
-from lorakit import ops
+from lorakit import ops, routing
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps, unfuse_mlps, unfuse_shared_inputs
 from lorakit.layers import LoraLinear
 
@@ -223,7 +223,7 @@ def test_for_inference_and_back(input_ids):
     fuse_shared_inputs(fused)
     for m in (plain, fused):
         lorakit.for_inference(m)
-    assert "forward" in fused.model.layers[0].self_attn.q_proj.__dict__  # shortcut_if_plain in place
+    assert routing.forward_owner(fused.model.layers[0].self_attn.q_proj) == "lorakit.layers"  # merged shortcut
     with torch.no_grad():
         assert torch.equal(plain(input_ids=input_ids).logits, fused(input_ids=input_ids).logits)
     for m in (plain, fused):
@@ -252,13 +252,14 @@ def test_state_dict_copies_and_undo(input_ids):
         assert group.x is None and not group.stash
         assert group.members[1] is twin.model.layers[0].self_attn.k_proj
         assert twin.model.layers[0].mlp.forward.args[0] is twin.model.layers[0].mlp
+        assert routing.forward_owner(twin.model.layers[0].mlp) == "lorakit.fusion"
         got = run(twin, input_ids)
         assert_same(ref, got)
         assert got[2] == 2 * 2  # q,k,v -> 1 node and o per layer; the MLPs run as one _SwigluFn
     unfuse_shared_inputs(model)
     unfuse_mlps(model)
     assert not groups(model)
-    assert all("shared_input" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+    assert all("shared_input" not in m.__dict__ and routing.forward_owner(m) is None for m in model.modules())
     assert run(model, input_ids)[2] == ref[2]
     fuse_swiglu_mlps(model)
     fuse_shared_inputs(model)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
 
 import lorakit
 from lorakit.fusion import fuse_swiglu_mlps
+from lorakit.train.config import RunConfig
 from lorakit.train.graphs import LayerGraphs, decoder_layers, graph_blocker
 from lorakit.train.recompute import enable_checkpointing
-from lorakit.train.config import RunConfig
-
-from conftest import make_gpt2, make_llama
 
 
 def _lora(model, dropout=0.0):

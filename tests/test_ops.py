@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit import ops
+from lorakit import branches
 from lorakit.errors import ConfigError, ModelMismatchError
 from lorakit.ops import LoraSpec, lora_linear, lora_linear_multi
 from lorakit.swiglu import lora_swiglu_mlp
@@ -170,9 +170,9 @@ def test_swiglu_matches_stock_autograd_with_dropout():
     torch.manual_seed(7)
     y = lora_swiglu_mlp(x, gate, up, down, dropout_p=p)
     torch.manual_seed(7)  # rebuild the two masks the op drew
-    seeds = (ops._draw_seed(), ops._draw_seed())
-    mx = ops._keep_mask(torch.Size((12, H)), p, seeds[0], x.device, torch.float32).view(3, 4, H) / (1 - p)
-    mh = ops._keep_mask(torch.Size((12, I)), p, seeds[1], x.device, torch.float32).view(3, 4, I) / (1 - p)
+    seeds = (branches.draw_seed(), branches.draw_seed())
+    mx = branches.keep_mask(torch.Size((12, H)), p, seeds[0], x.device, torch.float32).view(3, 4, H) / (1 - p)
+    mh = branches.keep_mask(torch.Size((12, I)), p, seeds[1], x.device, torch.float32).view(3, 4, I) / (1 - p)
     g, _ = _reference(x, *gate, mask=mx)
     u, _ = _reference(x, *up, mask=mx)
     yr, _ = _reference(F.silu(g) * u, *down, mask=mh)
@@ -198,12 +198,12 @@ def test_dropout_eval_and_keep_fraction_and_backward_consistency():
     x = _make_x((50,), 64, True, False)
     eval_out = lora_linear(x, W, b, A, B, 1.0, dropout_p=0.4, training=False)
     assert torch.equal(eval_out, lora_linear(x, W, b, A, B, 1.0))
-    keep = ops._keep_mask(torch.Size((400, 500)), 0.4, 123, x.device, torch.float32)
+    keep = branches.keep_mask(torch.Size((400, 500)), 0.4, 123, x.device, torch.float32)
     assert abs(keep.mean().item() - 0.6) < 0.01
     torch.manual_seed(11)
     y = lora_linear(x, W, b, A, B, 1.0, dropout_p=0.4)
     torch.manual_seed(11)  # the same global RNG state gives the same seed, hence the same mask
-    mask = ops._keep_mask(torch.Size((50, 64)), 0.4, ops._draw_seed(), x.device, torch.float32) / 0.6
+    mask = branches.keep_mask(torch.Size((50, 64)), 0.4, branches.draw_seed(), x.device, torch.float32) / 0.6
     assert not torch.equal(y, eval_out)
     yr, leaves = _reference(x, W, b, A, B, 1.0, mask)
     _check_grads(y, yr, (x, b, A, B), leaves, 1e-5)

@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import make_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import lorakit
-from conftest import make_llama
-from lorakit import ops
+from lorakit import ops, rerun
 from lorakit.fusion import fuse_swiglu_mlps
-from lorakit.layers import SKIP_IN_RECOMPUTE
 from lorakit.train.recompute import disable_checkpointing, enable_checkpointing
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -84,27 +83,17 @@ def test_skip_only_inside_recompute_and_disable_restores(input_ids):
     model = lora(make_llama().double())
     enable_checkpointing(model)
     layer = model.model.layers[0]
-    assert layer.mlp.__dict__[SKIP_IN_RECOMPUTE] and layer.mlp.down_proj.__dict__[SKIP_IN_RECOMPUTE]
-    assert not ops.in_recompute()
+    assert rerun.is_marked(layer.mlp) and rerun.is_marked(layer.mlp.down_proj)
+    assert not rerun.in_rerun() and not rerun.output_unread(layer.mlp)
     with torch.no_grad():  # an ordinary forward of a marked model computes real outputs
         model.eval()
         out = model(input_ids=input_ids).logits
         model.train()
     disable_checkpointing(model)
-    assert not any(SKIP_IN_RECOMPUTE in m.__dict__ for m in model.modules())
+    assert not any(rerun.is_marked(m) for m in model.modules())
     assert not model.model.layers[0].gradient_checkpointing
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=input_ids).logits, out)
-
-
-def test_recompute_mode_nests_and_resets_on_error():
-    with ops.recompute_mode():
-        with ops.recompute_mode():
-            assert ops.in_recompute()
-        assert ops.in_recompute()
-    with pytest.raises(RuntimeError), ops.recompute_mode():
-        raise RuntimeError("boom")
-    assert not ops.in_recompute()
 
 
 def test_compute_output_false_keeps_backward_inputs():
@@ -142,7 +131,7 @@ def test_every_n_layers(input_ids):
     ours = copy.deepcopy(base)
     assert enable_checkpointing(ours, every_n_layers=2) == 2
     assert [layer.gradient_checkpointing for layer in ours.model.layers] == [True, False, True, False]
-    assert [SKIP_IN_RECOMPUTE in layer.mlp.__dict__ for layer in ours.model.layers] == [True, False, True, False]
+    assert [rerun.is_marked(layer.mlp) for layer in ours.model.layers] == [True, False, True, False]
     every = copy.deepcopy(base)
     enable_checkpointing(every)
     ref, half, full = run(base, input_ids), run(ours, input_ids), run(every, input_ids)

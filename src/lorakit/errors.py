@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "TrainingError",
     "TrainingInterrupted",
+    "ForwardConflictError",
 ]
 
 
@@ -76,3 +77,7 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, message: str, step: int, checkpoint=None) -> None:
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
+class ForwardConflictError(LorakitError, RuntimeError):
+    """Two parts of lorakit (or lorakit and user code) tried to replace one module's ``forward``."""

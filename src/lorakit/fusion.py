@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops, swiglu
-from .layers import LoraLinear, output_unread
+from . import ops, routing, swiglu
+from .layers import LoraLinear
+from .rerun import output_unread
 
 __all__ = ["SHARED_INPUT_NAMES", "fuse_swiglu_mlps", "unfuse_mlps", "fuse_shared_inputs", "unfuse_shared_inputs"]
 
@@ -55,6 +56,8 @@ SHARED_INPUT_NAMES = (
     ("q", "k", "v"),  # T5
     ("gate_proj", "up_proj"),  # gated MLPs that fuse_swiglu_mlps does not route (GELU, no LoRA on down)
 )
+
+_ROUTE_OWNER = __name__  # lorakit.routing owner tag of the fused-MLP forward
 
 
 def _dropout_p(layer: LoraLinear, name: str) -> float:
@@ -98,20 +101,26 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     up. At call time it falls back to the module's own forward whenever the
     three layers do not run exactly one common adapter with one dropout
     (merged, disabled, several adapters). With dropout, gate and up share one
-    mask (PEFT draws one per module). Undo with :func:`unfuse_mlps`.
+    mask (PEFT draws one per module). Undo with :func:`unfuse_mlps`. The
+    route is a :mod:`lorakit.routing` override; MLPs already routed by an
+    earlier call are left as they are (and not counted).
 
     Args:
         model: an injected model.
 
     Returns:
-        The number of MLP modules routed.
+        The number of MLP modules newly routed.
+
+    Raises:
+        ForwardConflictError: an MLP's forward was already replaced by someone else.
     """
     count = 0
     for module in model.modules():
         parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
         if (all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
-                and _is_silu(getattr(module, "act_fn", None)) and "forward" not in module.__dict__):
-            module.forward = functools.partial(_swiglu_forward, module)  # a partial pickles (torch.save)
+                and _is_silu(getattr(module, "act_fn", None)) and routing.forward_owner(module) != _ROUTE_OWNER):
+            # a partial of a module-level function pickles (torch.save of the model)
+            routing.set_forward(module, functools.partial(_swiglu_forward, module), _ROUTE_OWNER)
             count += 1
     return count
 
@@ -119,8 +128,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
 def unfuse_mlps(model: nn.Module) -> None:
     """Give every MLP routed by :func:`fuse_swiglu_mlps` its own forward back."""
     for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "func", None) is _swiglu_forward:
-            del module.forward
+        routing.remove_forward(module, _ROUTE_OWNER)
 
 
 # ---------------------------------------------------------------- shared-input groups

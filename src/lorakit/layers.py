@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, routing
 from .errors import LorakitError, UnsupportedModuleError
+from .rerun import output_unread
 
 __all__ = [
     "LoraLayer",
@@ -31,8 +32,6 @@ __all__ = [
     "ModulesToSaveWrapper",
     "SUPPORTED_KINDS",
     "wrap_module",
-    "SKIP_IN_RECOMPUTE",
-    "output_unread",
 ]
 
 try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
@@ -40,16 +39,9 @@ try:  # GPT-2 style Conv1D: weight stored (in, out), y = x @ W + b.
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     HFConv1D = None
 
-# Attribute set by lorakit.train.recompute on modules whose output only feeds a residual add: under
-# gradient checkpointing their recompute skips the output matmuls (ops.in_recompute).
-SKIP_IN_RECOMPUTE = "_lorakit_skip_in_recompute"
-
-
-def output_unread(module: nn.Module) -> bool:
-    """True while a checkpointing rerun recomputes ``module`` and nothing will read its output."""
-    return ops.in_recompute() and module.__dict__.get(SKIP_IN_RECOMPUTE, False)
-
 SUPPORTED_KINDS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D (GPT-2)"
+
+_ROUTE_OWNER = __name__  # lorakit.routing owner tag of the merged-layer shortcut
 
 
 class LoraLayer(nn.Module):
@@ -80,7 +72,7 @@ class LoraLayer(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in LoraLayer._STATE_ATTRS:
-            self.__dict__.pop("forward", None)
+            routing.remove_forward(self, _ROUTE_OWNER)
         super().__setattr__(name, value)
 
     def shortcut_if_plain(self) -> bool:
@@ -93,15 +85,17 @@ class LoraLayer(nn.Module):
         unmerge, add, delete, active or disabled adapters) drops the shortcut again.
         Hooks on the wrapper still run; a base layer that has hooks keeps the full
         path (hooks added to the base layer later run only after the next state change).
+        The shortcut is a :mod:`lorakit.routing` override that steps aside: a wrapper
+        whose forward another owner has replaced keeps that route.
 
         Returns:
             True if the shortcut is now in place.
         """
-        self.__dict__.pop("forward", None)
+        routing.remove_forward(self, _ROUTE_OWNER)
         base = self.base_layer
-        if self._pending() or base._forward_hooks or base._forward_pre_hooks:
+        if self._pending() or base._forward_hooks or base._forward_pre_hooks or routing.forward_owner(self):
             return False
-        self.__dict__["forward"] = base.forward
+        routing.set_forward(self, base.forward, _ROUTE_OWNER)
         return True
 
     # Attributes transformers and user code read off the layer they replaced.
@@ -119,7 +113,7 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, scaling: float, dropout: float, init: bool | str) -> None:
         """Create adapter ``name`` on this layer and initialise it."""
-        self.__dict__.pop("forward", None)
+        routing.remove_forward(self, _ROUTE_OWNER)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create(name, r)
@@ -133,7 +127,7 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging it first if merged)."""
-        self.__dict__.pop("forward", None)
+        routing.remove_forward(self, _ROUTE_OWNER)
         if name in self.merged_adapters:
             self.unmerge()
         for pname in (*self.adapter_param_names, "lora_dropout"):
@@ -155,7 +149,7 @@ class LoraLayer(nn.Module):
         """
         names = self.active_adapters if adapter_names is None else adapter_names
         weight = self.base_layer.weight
-        self.__dict__.pop("forward", None)
+        routing.remove_forward(self, _ROUTE_OWNER)
         for name in names:
             if name not in self.r:
                 continue
@@ -175,7 +169,7 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight (last merged first)."""
         weight = self.base_layer.weight
-        self.__dict__.pop("forward", None)
+        routing.remove_forward(self, _ROUTE_OWNER)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             delta = self.delta_weight(name)

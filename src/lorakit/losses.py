@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .ops import _compute_dtype, _no_autocast
+from . import precision
 
 __all__ = ["chunked_cross_entropy"]
 
@@ -84,7 +84,7 @@ class _FusedCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, rows, targets, chunk, cd):
         need_h, need_w = ctx.needs_input_grad[:2]
-        with _no_autocast(hidden.device.type):
+        with precision.no_autocast(hidden.device.type):
             loss, gh, gw = _fused_ce(hidden, weight, rows, targets, chunk, cd, need_h, need_w)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(gh, gw)
@@ -163,8 +163,8 @@ def chunked_cross_entropy(
             f"chunked_cross_entropy: label {bad} is outside the vocabulary [0, {vocab}) "
             f"and is not ignore_index ({ignore_index})"
         )
-    cd = _compute_dtype(hidden, compute_dtype)
+    cd = precision.compute_dtype(hidden, compute_dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad):
         return _FusedCEFn.apply(h2, head_weight, rows, targets, int(chunk_size), cd)
-    with _no_autocast(hidden.device.type):  # loss only: one matmul per chunk, no gradient work
+    with precision.no_autocast(hidden.device.type):  # loss only: one matmul per chunk, no gradient work
         return _fused_ce(h2, head_weight, rows, targets, int(chunk_size), cd, False, False)[0]

@@ -2,10 +2,10 @@
 
 :func:`lora_swiglu_mlp` runs gate and up as one shared-input branch pair and
 down as a third, and recomputes the activation in backward instead of saving
-it. It builds on the helpers of :mod:`lorakit.ops`: ``_branches_forward`` /
-``_branches_backward`` (k adapted Linears over one input), ``_mask_for`` and
-``_draw_seed`` (dropout masks redrawn from a seed), ``_prepare`` (argument
-checks) and ``_no_autocast``; the memory rules there hold here too.
+it. It wraps the math of :mod:`lorakit.branches` (k adapted Linears over one
+input, dropout masks redrawn from seeds, argument checks) in one autograd
+function, with autocast off inside (:func:`lorakit.precision.no_autocast`); the
+memory rules of :mod:`lorakit.ops` hold here too.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorakit.errors import ConfigError
-from lorakit.ops import (
-    LoraSpec,
-    _branches_backward,
-    _branches_forward,
-    _draw_seed,
-    _mask_for,
-    _no_autocast,
-    _prepare,
-)
+from .branches import LoraSpec, branches_backward, branches_forward, draw_seed, dropout_multiplier, prepare
+from .errors import ConfigError
+from .precision import no_autocast
 
 __all__ = ["lora_swiglu_mlp"]
 
@@ -32,17 +25,17 @@ class _SwigluFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, seeds, p, scalings, cd, compute_output, *params):
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             ctx.seeds, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seeds, p, scalings, cd, x.dtype
             ctx.scale = 1.0 if seeds is None else 1.0 / (1.0 - p)
             xc = x.to(cd)
             x2 = xc.reshape(-1, x.shape[-1])  # [N, H]
             sx, sh = seeds if seeds is not None else (None, None)
-            mask = _mask_for(x2, None, sx, p)
-            (g, u), xa = _branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd)  # [N, I] x2
+            mask = dropout_multiplier(x2, None, sx, p)
+            (g, u), xa = branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd)  # [N, I] x2
             h = torch.nn.functional.silu(g).mul_(u)  # [N, I], freed after this call
-            mask_h = _mask_for(h, None, sh, p)
-            (y,), ha = _branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
+            mask_h = dropout_multiplier(h, None, sh, p)
+            (y,), ha = branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
             ctx.save_for_backward(xc, xa, g, u, ha, *params)
             return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -51,13 +44,13 @@ class _SwigluFn(torch.autograd.Function):
         xc, xa, g, u, ha, *params = ctx.saved_tensors
         sx, sh = ctx.seeds if ctx.seeds is not None else (None, None)
         needs = ctx.needs_input_grad[6:]
-        with _no_autocast(xc.device.type):
+        with no_autocast(xc.device.type):
             x2 = xc.reshape(-1, xc.shape[-1])  # [N, H]
             sg = torch.nn.functional.silu(g)  # recomputed, [N, I]
             h = sg * u  # [N, I]
             dy2 = dy.reshape(-1, dy.shape[-1])
-            mask_h = _mask_for(h, None, sh, ctx.p)
-            gh, grads_d = _branches_backward(
+            mask_h = dropout_multiplier(h, None, sh, ctx.p)
+            gh, grads_d = branches_backward(
                 h, ha, mask_h, ctx.scale, params[8:], ctx.scalings[2:], ctx.cd, [dy2], needs[8:], True
             )
             del h, mask_h
@@ -65,8 +58,8 @@ class _SwigluFn(torch.autograd.Function):
             # gh·u·silu'(g), silu'(g) = σ(g)(1 + g(1 − σ(g))): torch's fused silu_backward kernel, one pass
             # instead of six elementwise ones, written into gh's buffer.
             gg = torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=gh)  # [N, I]
-            mask = _mask_for(x2, None, sx, ctx.p)
-            gx, grads_gu = _branches_backward(
+            mask = dropout_multiplier(x2, None, sx, ctx.p)
+            gx, grads_gu = branches_backward(
                 x2, xa, mask, ctx.scale, params[:8], ctx.scalings[:2], ctx.cd, [gg, gu], needs[:8],
                 ctx.needs_input_grad[0],
             )
@@ -118,8 +111,8 @@ def lora_swiglu_mlp(
     """
     if act != "silu":
         raise ConfigError(f"lora_swiglu_mlp supports act='silu' only, got {act!r}; use lora_linear per layer")
-    _, _, sc_gu, cd, p_gu = _prepare(x, [gate_spec, up_spec], dropout_p, False, None, compute_dtype)
+    _, _, sc_gu, cd, p_gu = prepare(x, [gate_spec, up_spec], dropout_p, False, None, compute_dtype)
     h_like = x.new_empty((1, gate_spec.weight.shape[0]))  # only its width is checked
-    _, _, sc_d, _, p_d = _prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
-    seeds = (_draw_seed(), _draw_seed()) if training and dropout_p > 0 else None
+    _, _, sc_d, _, p_d = prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
+    seeds = (draw_seed(), draw_seed()) if training and dropout_p > 0 else None
     return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, compute_output, *p_gu, *p_d)

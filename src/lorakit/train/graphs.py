@@ -39,12 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import ConfigError
+from .. import routing
+from ..errors import ConfigError
 
 __all__ = ["LayerGraphs", "decoder_layers", "graph_blocker", "setup_graphs"]
 
 # Layer kwargs a graphed call may drop: sdpa/eager attention without a cache does not read them.
 _IGNORED_KWARGS = {"position_ids", "cache_position", "use_cache", "past_key_values"}
+
+_ROUTE_OWNER = __name__  # lorakit.routing owner tag of the patched decoder layers
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -129,14 +132,19 @@ class _NotGraphable(Exception):
 class LayerGraphs:
     """Record and replay a causal LM's decoder layers as CUDA graphs while it trains.
 
-    ``LayerGraphs(model)`` patches each decoder layer's ``forward`` (module names and
-    state dicts are unchanged); :meth:`remove` restores them. Use it only when
-    :func:`graph_blocker` returns None.
+    ``LayerGraphs(model)`` routes each decoder layer's ``forward`` to it (a
+    :mod:`lorakit.routing` override: module names and state dicts are unchanged);
+    :meth:`remove` restores them. Use it only when :func:`graph_blocker` returns None.
 
     Args:
         model: A transformers causal LM on a CUDA device, LoRA already injected.
         max_shapes: Most input shapes recorded; later new shapes run eagerly.
         log: Called with one line when a shape is recorded or graphs are given up.
+
+    Raises:
+        ValueError: the model has no decoder layer list.
+        ForwardConflictError: a decoder layer's forward is already replaced (e.g. by
+            another ``LayerGraphs`` that was not removed).
     """
 
     def __init__(self, model: nn.Module, max_shapes: int = 8, log: Any = None) -> None:
@@ -156,12 +164,12 @@ class LayerGraphs:
         self._hooks = [p.register_hook(functools.partial(_own_grad, p))
                        for layer in self.layers for p in layer.parameters() if p.requires_grad]
         for i, layer in enumerate(self.layers):
-            layer.forward = functools.partial(self._forward, i)
+            routing.set_forward(layer, functools.partial(self._forward, i), _ROUTE_OWNER)
 
     def remove(self) -> None:
         """Restore the layers' own forward and drop the recorded graphs."""
         for layer in self.layers:
-            layer.__dict__.pop("forward", None)
+            routing.remove_forward(layer, _ROUTE_OWNER)
         for h in self._hooks:
             h.remove()
         self._hooks, self.graphs, self._current = [], OrderedDict(), None

@@ -11,9 +11,9 @@ else is recomputed as usual.
 
 How: transformers' own per-layer checkpointing (non-reentrant
 ``torch.utils.checkpoint``) with a ``context_fn`` whose recompute context is
-:func:`lorakit.ops.recompute_mode`; the MLP (fused SwiGLU) or its ``down_proj``
-carries :data:`lorakit.layers.SKIP_IN_RECOMPUTE` and asks
-:func:`lorakit.layers.output_unread`.
+:func:`lorakit.rerun.rerun_mode`; this module marks the MLP (fused SwiGLU) and
+its ``down_proj`` with :func:`lorakit.rerun.mark_output_unread`, and their
+forwards ask :func:`lorakit.rerun.output_unread`.
 
 The skip is applied only where the layout guarantees the output is unread: a
 decoder layer whose children are exactly ``input_layernorm``, ``self_attn``,
@@ -27,13 +27,13 @@ dropout) is excluded by that rule, since a norm there would save the output.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
+from .. import rerun
 from ..errors import ConfigError
-from ..layers import SKIP_IN_RECOMPUTE, LoraLinear
-from ..ops import recompute_mode
+from ..layers import LoraLinear
 from .graphs import decoder_layers
 
 __all__ = ["enable_checkpointing", "disable_checkpointing", "LLAMA_LAYER", "LLAMA_MLP"]
@@ -44,7 +44,7 @@ LLAMA_MLP = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
 
 def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``context_fn`` for torch.utils.checkpoint: nothing in forward, recompute mode in the rerun."""
-    return contextlib.nullcontext(), recompute_mode()
+    return contextlib.nullcontext(), rerun.rerun_mode()
 
 
 def _mark(layers: nn.ModuleList | None) -> int:
@@ -58,9 +58,9 @@ def _mark(layers: nn.ModuleList | None) -> int:
             continue
         if {name for name, _ in mlp.named_children()} != LLAMA_MLP:
             continue
-        setattr(mlp, SKIP_IN_RECOMPUTE, True)  # the fused SwiGLU path (lorakit.fusion)
+        rerun.mark_output_unread(mlp)  # the fused SwiGLU path (lorakit.fusion)
         if isinstance(mlp.down_proj, LoraLinear):
-            setattr(mlp.down_proj, SKIP_IN_RECOMPUTE, True)  # the per-module path
+            rerun.mark_output_unread(mlp.down_proj)  # the per-module path
         count += 1
     return count
 
@@ -104,8 +104,7 @@ def enable_checkpointing(model: nn.Module, say: Callable[[str], None] | None = N
 
 def disable_checkpointing(model: nn.Module) -> None:
     """Turn checkpointing off and drop the recompute marks."""
-    for module in model.modules():
-        module.__dict__.pop(SKIP_IN_RECOMPUTE, None)
+    rerun.unmark_all(model)
     if hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()
     else:

@@ -1,0 +1,229 @@
+"""k adapted Linears over one input: the forward and backward math that lorakit's autograd functions wrap.
+
+:mod:`lorakit.ops` wraps it as ``lora_linear`` / ``lora_linear_multi`` (k = 1
+for a single projection, q/k/v or gate/up for shared-input groups) and
+:mod:`lorakit.swiglu` wraps it twice (gate/up, then down) in the fused MLP.
+Nothing here is an autograd function: these are the plain tensor computations
+of a forward and its hand-written backward, "small side first" (``dY·B`` is
+``[N, r]`` before it meets ``A`` or ``x``).
+
+Parameters travel as one flat list of 4k tensors, ``[W_1, b_1, A_1, B_1, W_2,
+...]`` (``W [out, in]``, ``b [out]`` or None, ``A [r, in]``, ``B [out, r]``),
+the order ``torch.autograd.Function.apply`` receives them in.
+
+Dropout is kept as one integer seed, not a mask: :func:`dropout_multiplier`
+redraws the 0/1 keep-mask from a private generator seeded with it
+(:func:`keep_mask`), in forward and again in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, ModelMismatchError
+from .precision import compute_dtype
+
+__all__ = [
+    "LoraSpec",
+    "draw_seed",
+    "keep_mask",
+    "dropout_multiplier",
+    "apply_dropout",
+    "branches_forward",
+    "branches_backward",
+    "prepare",
+]
+
+
+class LoraSpec(NamedTuple):
+    """One adapted Linear: frozen base plus LoRA factors.
+
+    Attributes:
+        weight: Base weight ``[out, in]`` (usually frozen; fp32 or bf16).
+        bias: Base bias ``[out]`` or None.
+        lora_A: Down-projection ``[r, in]`` (fp32, trainable).
+        lora_B: Up-projection ``[out, r]`` (fp32, trainable).
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    lora_A: Tensor
+    lora_B: Tensor
+    scaling: float
+
+
+def draw_seed() -> int:
+    """A dropout seed taken from torch's global RNG (so ``torch.manual_seed`` governs it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 0/1 keep-mask of dropout ``p`` drawn from a private generator seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def dropout_multiplier(x2: Tensor, explicit: Tensor | None, seed: int | None, p: float) -> Tensor | None:
+    """The dropout multiplier for the flattened input ``x2 [N, in]`` (None without dropout)."""
+    if explicit is not None:
+        return explicit.reshape(x2.shape).to(x2.dtype)
+    if seed is None:
+        return None
+    return keep_mask(x2.shape, p, seed, x2.device, x2.dtype)
+
+
+def apply_dropout(t: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """``t ⊙ mask · scale`` (``scale`` is 1/(1-p) for a drawn 0/1 mask, 1 for an explicit one)."""
+    if mask is None:
+        return t
+    out = t * mask
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def branches_forward(
+    x2: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    params: Sequence[Tensor | None],
+    scalings: Sequence[float],
+    cd: torch.dtype,
+    compute_output: bool = True,
+) -> tuple[list[Tensor], Tensor]:
+    """Forward of k adapted Linears reading the same ``x2 [N, in]``.
+
+    Args:
+        x2: The flattened input ``[N, in]``, already in ``cd``.
+        mask: Dropout multiplier of ``x2``'s shape (:func:`dropout_multiplier`) or None.
+        scale: Multiplier applied with the mask (``1/(1-p)`` for a drawn 0/1 mask, else 1).
+        params: The 4k tensors ``[W, b, A, B] * k`` (see the module docstring).
+        scalings: The k LoRA scalings.
+        cd: The compute dtype.
+        compute_output: False computes only ``xa`` and leaves the outputs uninitialised.
+
+    Returns:
+        The k outputs ``[N, out_i]`` and the concatenated ``xa [N, R]``,
+        ``R = Σ r_i``, from one down-projection matmul.
+    """
+    As = params[2::4]
+    A = torch.cat([a.to(cd) for a in As]) if len(As) > 1 else As[0].to(cd)  # [R, in]
+    xa = apply_dropout(x2, mask, scale) @ A.t()  # [N, R]
+    if not compute_output:  # a recompute whose outputs nothing reads: backward needs x and xa only
+        return [x2.new_empty((x2.shape[0], W.shape[0])) for W in params[0::4]], xa
+    outs, off = [], 0
+    for (W, b, _, B), s in zip(zip(*[iter(params)] * 4), scalings):
+        Wt = W.to(cd).t()  # [in, out]
+        y = x2 @ Wt if b is None else torch.addmm(b.to(cd), x2, Wt)  # [N, out]
+        r = B.shape[1]
+        y.addmm_(xa[:, off : off + r], B.to(cd).t(), alpha=s)  # += s·(xA_iᵀ)B_iᵀ, in place
+        off += r
+        outs.append(y)
+    return outs, xa
+
+
+def branches_backward(
+    x2: Tensor,
+    xa: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    params: Sequence[Tensor | None],
+    scalings: Sequence[float],
+    cd: torch.dtype,
+    dys: Sequence[Tensor],
+    needs: Sequence[bool],
+    need_x: bool,
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Backward of :func:`branches_forward`.
+
+    Args:
+        x2, xa, mask, scale, params, scalings, cd: As given to (and returned by) the forward.
+        dys: The k output gradients ``[N, out_i]``.
+        needs: 4k flags: which of W, b, A, B of each branch need a gradient.
+        need_x: Whether ``x2`` needs a gradient.
+
+    Returns:
+        ``(grad_x2 or None, [4k grads or None])``; parameter grads come back in
+        their own dtype, ``grad_x2`` in ``cd``.
+    """
+    grads: list[Tensor | None] = []
+    gs, gx, off = [], None, 0
+    for i, ((W, b, _, B), s, dy) in enumerate(zip(zip(*[iter(params)] * 4), scalings, dys)):
+        dy = dy.to(cd)  # [N, out]
+        r = B.shape[1]
+        gs.append((dy @ B.to(cd)).mul_(s))  # s·dY B: [N, r], small side first
+        nW, nb, _, nB = needs[4 * i : 4 * i + 4]
+        gW = (dy.t() @ x2).to(W.dtype) if nW else None  # [out, in], only if W trains
+        gb = dy.sum(0, dtype=torch.float32).to(b.dtype) if nb else None  # [out]
+        gB = (dy.t() @ xa[:, off : off + r]).mul_(s).to(B.dtype) if nB else None  # [out, r]
+        grads += [gW, gb, None, gB]
+        if need_x:  # Σ_i dY_i W_i accumulated in one buffer: [N, in]
+            gx = dy @ W.to(cd) if gx is None else gx.addmm_(dy, W.to(cd))
+        off += r
+    g = torch.cat(gs, 1) if len(gs) > 1 else gs[0]  # [N, R]
+    As = params[2::4]
+    A = torch.cat([a.to(cd) for a in As]) if len(As) > 1 else As[0].to(cd)  # [R, in]
+    if any(needs[2::4]):
+        gA = g.t() @ apply_dropout(x2, mask, scale)  # [R, in], one matmul for all branches
+        for i, part in enumerate(gA.split([a.shape[0] for a in As])):
+            grads[4 * i + 2] = part.to(As[i].dtype) if needs[4 * i + 2] else None
+    if need_x:
+        if mask is None:
+            gx.addmm_(g, A)  # += s·(dY B) A: [N, r]·[r, in]
+        else:
+            gx.add_(apply_dropout(g @ A, mask, scale))  # dropout's mask gates the LoRA branch only
+    return gx, grads
+
+
+def prepare(
+    x: Tensor,
+    specs: Sequence[LoraSpec],
+    dropout_p: float,
+    training: bool,
+    dropout_mask: Tensor | None,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor | None, int | None, tuple[float, ...], torch.dtype, list[Tensor | None]]:
+    """Validate the arguments of a fused call and flatten ``specs`` into ``Function.apply``'s inputs.
+
+    Args:
+        x: The input ``[..., in]``.
+        specs: One :class:`LoraSpec` per branch.
+        dropout_p: LoRA dropout, in ``[0, 1)``.
+        training: Dropout applies only when True.
+        dropout_mask: An explicit multiplier of ``x``'s shape, or None.
+        dtype: The requested compute dtype, or None (see :func:`lorakit.precision.compute_dtype`).
+
+    Returns:
+        ``(mask, seed, scalings, compute dtype, params)``: the explicit mask if
+        dropout applies (else None), a fresh seed when dropout applies without
+        one (else None), the k scalings, and the 4k flat parameters.
+
+    Raises:
+        ConfigError: ``dropout_p`` outside ``[0, 1)``.
+        ModelMismatchError: a weight or LoRA factor does not fit ``x``.
+        ValueError: no specs, or a ``dropout_mask`` not of ``x``'s shape.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout_p}")
+    if not specs:
+        raise ValueError("lora_linear_multi needs at least one LoraSpec, got none")
+    for spec in specs:
+        W, A, B = spec.weight, spec.lora_A, spec.lora_B
+        if W.shape[1] != x.shape[-1] or A.shape[1] != x.shape[-1] or B.shape != (W.shape[0], A.shape[0]):
+            raise ModelMismatchError(
+                f"LoRA shapes do not fit: x [..., {x.shape[-1]}], weight {tuple(W.shape)}, "
+                f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; expected weight [out, in], "
+                f"lora_A [r, in], lora_B [out, r]"
+            )
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+    use_drop = training and dropout_p > 0.0
+    mask = dropout_mask if use_drop else None
+    seed = draw_seed() if use_drop and mask is None else None
+    params = [t for spec in specs for t in (spec.weight, spec.bias, spec.lora_A, spec.lora_B)]
+    scalings = tuple(float(spec.scaling) for spec in specs)
+    return mask, seed, scalings, compute_dtype(x, dtype), params
