@@ -49,23 +49,45 @@ def section(name: str, device: str) -> str:
     return name if device == "cpu" else f"{name} ({device})"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine() -> str:
-    """One line: date, CPU model, bf16/AMX flags, threads, torch version (and GPU if used)."""
-    model = platform.processor() or platform.machine()
-    flags: set[str] = set()
+    """One line: date, CPU model (family/model), the matmul-relevant CPU flags, threads, torch (and GPU if used).
+
+    The flags decide what ``precision: auto`` picks (``avx512_bf16`` / ``amx_bf16``: bf16 matmuls are fast)
+    and which int8 kernels exist, so every result header names them.
+    """
+    model, family, flags = platform.processor() or platform.machine(), "", set()
     try:
         text = Path("/proc/cpuinfo").read_text()
         m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         model = m.group(1) if m else model
+        fam, mod = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M), re.search(r"^model\s*:\s*(\d+)$", text, re.M)
+        family = f", family {fam.group(1)} model {mod.group(1)}" if fam and mod else ""
         m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
         flags = set(m.group(1).split()) if m else set()
     except OSError:
         pass
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    have = [f for f in CPU_FLAGS if f in flags]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{datetime.date.today().isoformat()}, {model} ({os.cpu_count()} cores; flags: {', '.join(have) or 'none'}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {load:.1f}{gpu}")
+    return (f"{datetime.date.today().isoformat()}, {model}{family} ({os.cpu_count()} cores; flags: "
+            f"{', '.join(have) or 'none'}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"load avg {load:.1f}{gpu}")
+
+
+def rss_kib(field: str = "VmHWM") -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in KiB (Linux).
+
+    Not ``ru_maxrss``: Linux carries it over from the parent through fork and exec, so
+    a worker started by a parent that held more than the worker ever does reads flat.
+    ``VmHWM`` belongs to the process's own address space, which exec starts afresh.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def median(xs: list[float]) -> float:
@@ -73,21 +95,34 @@ def median(xs: list[float]) -> float:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the ``## name`` section of RESULTS.md, keeping the others."""
+    """Replace (or add) the ``## name`` section of RESULTS.md, keeping the others.
+
+    A new section goes before the first ``## History`` section (results from earlier
+    machines and commits, kept as they were).
+    """
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     header = f"## {name}"
-    parts = re.split(r"(?m)^(?=## )", text)
-    kept = [p for p in parts if p.splitlines()[0].rstrip() != header] if text.strip() else []
-    kept = kept or ["# Benchmark results\n"]
-    new = "".join(kept).rstrip() + f"\n\n{header}\n\n{body.strip()}\n"
+    parts = [p for p in re.split(r"(?m)^(?=## )", text) if p.strip()]
+    new = f"{header}\n\n{body.strip()}\n\n"
+    if any(p.splitlines()[0].rstrip() == header for p in parts):
+        parts = [new if p.splitlines()[0].rstrip() == header else p for p in parts]
+    else:
+        at = next((i for i, p in enumerate(parts) if p.startswith("## History")), len(parts))
+        parts.insert(at, new)
+    parts = [p.rstrip() + "\n\n" for p in parts]
     tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(new)
+    tmp.write_text("".join(parts).rstrip() + "\n")
     os.replace(tmp, RESULTS)
 
 
 def git_rev() -> str:
+    """The short commit, plus a note when the measured code (src/, benchmarks/*.py) has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"],
+                               capture_output=True, text=True, cwd=root).stdout.strip()
     except OSError:
         return "?"
+    return f"{rev} + uncommitted changes" if dirty else rev

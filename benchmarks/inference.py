@@ -102,7 +102,7 @@ def main() -> None:
     gen_t: dict[str, list[float]] = {k: [] for k in variants}
     fwd_t: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
-        for k, m in variants.items():  # warm-up
+        for m in variants.values():  # warm-up
             m.generate(**prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
         for _ in range(args.repeats):
             for k, m in variants.items():

@@ -10,12 +10,7 @@ benchmarks/RESULTS.md (other sections are left alone).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +21,7 @@ from torch import nn
 from lorakit.ops import lora_linear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, section, write_section  # noqa: E402
+from _common import RESULTS, git_rev, machine, section, write_section  # noqa: E402
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # (in, out), SmolLM2-135M's projections
 
@@ -98,14 +93,14 @@ def _bench(tokens: int, r: int, repeats: int, warmup: int, device: str) -> list[
             dy = torch.randn(tokens, out_f, device=device, dtype=dtype)
             variants = _variants(in_f, out_f, r, bf16, device)
 
-            def fwd(fn):
+            def fwd(fn, x=x):
                 def run():
                     with torch.no_grad():
                         fn(x)
 
                 return run
 
-            def fwd_bwd(fn):
+            def fwd_bwd(fn, x=x, dy=dy):
                 return lambda: fn(x).backward(dy)
 
             f = _median_ms({n: fwd(fn) for n, fn in variants.items()}, repeats, warmup, device)
@@ -130,21 +125,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _machine(device: str) -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown CPU"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    isa = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("amx_bf16", "amx_tile", "avx512_bf16"))
-    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{platform.platform()}; CPU {model} ({isa}){gpu}"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
@@ -162,9 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = _bench(args.tokens, args.rank, args.repeats, args.warmup, device)
     table = _table(rows)
     header = (
-        f"Date {datetime.date.today().isoformat()}; {_machine(device)}; torch {torch.__version__}; "
-        f"device {device}; threads {torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}; "
-        f"r={args.rank}; median of {args.repeats} runs.\n"
+        f"Machine: {machine()}; commit {git_rev()}; device {device}; r={args.rank}; {args.tokens} tokens; "
+        f"median of {args.repeats} runs, the layers taking turns.\n\n"
         "fwd is under no_grad; fwd+bwd computes grads for x, A, B (base frozen). bf16: lorakit and "
         "nn.Linear hold the base weight in bf16 and compute in bf16; PEFT runs under torch.autocast(bf16). "
         "Ratio < 1 means faster than PEFT."
