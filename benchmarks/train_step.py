@@ -48,7 +48,7 @@ DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_t
 
 def _rows(tokenizer, workload: str, steps: int) -> list[list[dict]]:
     """Deterministic batches of tokenized chat rows (input_ids, labels) for the workload."""
-    from lorakit.train.data import load_examples
+    from lorakit.examples import load_examples
 
     batch, max_len = WORKLOADS[workload]
     examples, _ = load_examples(DATA, tokenizer, max_seq_len=4096)
@@ -74,8 +74,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
 
     import lorakit
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
-    from lorakit.train.batching import collate
-    from lorakit.train.fast import causal_lm_loss
+    from lorakit.examples import collate
+    from lorakit.train.lm_loss import causal_lm_loss
     from lorakit.train.graphs import setup_graphs
     from lorakit.train.recompute import enable_checkpointing
     from lorakit.train.loop import GRAPH_PAD, make_optimizer, resolve_precision

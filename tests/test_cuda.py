@@ -126,7 +126,7 @@ def _batches(seed=0, side="left"):
 
 
 def _train(model, graphs: bool, bf16: bool, steps=3, accum=2, side="left"):
-    from lorakit.train.fast import causal_lm_loss
+    from lorakit.train.lm_loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-2, 0.0, CUDA)

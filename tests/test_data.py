@@ -1,4 +1,4 @@
-"""Tests of lorakit.train.data: formats, label masks, errors, truncation, packing, batching."""
+"""Tests of lorakit.rows, lorakit.examples and lorakit.train.batching: formats, label masks, errors, truncation, packing, batching."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.errors import ConfigError, DataError
-from lorakit.train.data import (
-    DataStats,
-    collate,
-    load_examples,
-    make_batches,
-    pack_examples,
-    packed_attention_mask,
-    read_rows,
-    split_eval,
-)
+from lorakit.examples import DataStats, collate, load_examples
+from lorakit.rows import read_rows
+from lorakit.train.batching import make_batches, pack_examples, packed_attention_mask, split_eval
 
 from tiny import CHATML  # SmolLM2-Instruct's template: ChatML with a default system prompt  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 
 import lorakit
 from lorakit.models import load_model
-from lorakit.train.data import load_examples
+from lorakit.examples import load_examples
 from lorakit.train.loop import train
 from lorakit.train.report import read_metrics
 

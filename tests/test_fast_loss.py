@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lorakit
 from conftest import make_gpt2, make_llama
-from lorakit.train.fast import causal_lm_loss, split_head
+from lorakit.train.lm_loss import causal_lm_loss, split_head
 
 
 def reference(model, batch):

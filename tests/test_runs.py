@@ -13,6 +13,7 @@ from tiny import make_tiny_model_dir, write_chat_jsonl
 
 import lorakit
 from lorakit import runs
+from lorakit.examples import load_examples
 from lorakit.errors import AdapterFormatError, ConfigError, ModelMismatchError
 from lorakit.models import load_model
 
@@ -189,7 +190,7 @@ def test_generate_rejects_bad_arguments(opened):
 def test_eval_loss_equals_transformers_loss(env, opened):
     model, tokenizer, _ = opened
     result = runs.evaluate(model, tokenizer, env["data"], batch_size=2, exact_match=False)
-    examples, _ = lorakit.train.data.load_examples(env["data"], tokenizer, max_seq_len=512)
+    examples, _ = load_examples(env["data"], tokenizer, max_seq_len=512)
     total = count = 0.0
     for ex in examples:  # one example at a time, no padding; transformers' own shifted loss
         labels = torch.tensor([ex["labels"]])

@@ -34,8 +34,8 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .generation import _decode, _generate_ids, _generation_config, _prompt_ids, compare_base, generate
 from .io import load_adapter, read_adapter
-from .train.batching import IGNORE_INDEX, collate
-from .train.data import load_examples, read_rows
+from .examples import IGNORE_INDEX, collate, load_examples
+from .rows import read_rows
 
 __all__ = [
     "RUN_CONFIG_NAME",
@@ -233,7 +233,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Eval loss, perplexity and exact-match rate on a JSONL data file.
 
-    The loss is tokenized as training does (:func:`lorakit.train.data.load_examples`:
+    The loss is tokenized as training does (:func:`lorakit.examples.load_examples`:
     loss only on assistant turns / completions) and averaged over all label tokens
     of the file (not per batch). Exact match sends each row's prompt (everything
     before the final assistant turn, rendered with the chat template) and decodes
@@ -244,7 +244,7 @@ def evaluate(
     Args:
         model: A causal LM (with or without adapters).
         tokenizer: Its tokenizer.
-        data_path: A JSONL file in any format :mod:`lorakit.train.data` reads.
+        data_path: A JSONL file in any format :mod:`lorakit.rows` reads.
         max_seq_len: Examples are cut to this many tokens for the loss.
         batch_size: Examples per forward pass (loss and generation).
         max_new_tokens: Most tokens per greedy answer; None = the longest reference

@@ -1,10 +1,11 @@
-"""Tokenized examples -> packed rows, seed-deterministic batches, padded tensors.
+"""Training-only batching: packed rows, seed-deterministic length-bucketed batches, the eval split.
 
-Everything here works on example dicts as :func:`lorakit.train.data.load_examples`
+Everything here works on example dicts as :func:`lorakit.examples.load_examples`
 makes them (``input_ids`` and ``labels``, lists of ints, labels unshifted with -100
 where no loss is taken) and needs no tokenizer. Every function is a pure function of
 its arguments, so a training run can resume at an (epoch, batch index) position by
-calling :func:`make_batches` again.
+calling :func:`make_batches` again. Padding a batch into tensors is
+:func:`lorakit.examples.collate` (shared with eval).
 
 Packing and attention. A packed row holds several examples one after the other, with
 ``position_ids`` restarting at 0 for each. transformers (5.x, ``masking_utils``)
@@ -19,24 +20,19 @@ skipped). For models or code paths without that detection, pass
 from __future__ import annotations
 
 import bisect
-import math
 from typing import Any
 
 import torch
 
 from lorakit.errors import ConfigError, DataError
+from lorakit.examples import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX",
     "pack_examples",
     "make_batches",
-    "collate",
     "packed_attention_mask",
     "split_eval",
 ]
-
-IGNORE_INDEX = -100
-"""Label value that the loss ignores (PyTorch's ``CrossEntropyLoss`` default)."""
 
 
 def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict[str, list[int]]]:
@@ -146,60 +142,6 @@ def make_batches(
     if shuffle:
         batches = [batches[p] for p in torch.randperm(len(batches), generator=g).tolist()]
     return batches
-
-
-def collate(
-    rows: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Right-pads rows into a batch of tensors.
-
-    Args:
-        rows: Example dicts (``input_ids``, ``labels``) or packed rows (those plus
-            ``position_ids``); one kind per batch.
-        pad_token_id: Token id put in padding positions.
-        pad_to_multiple_of: Round the padded length up to a multiple of this (8 or 16
-            keeps the number of distinct shapes, and so kernel builds, small).
-
-    Returns:
-        ``input_ids`` (B, T) long, ``labels`` (B, T) long with -100 on padding, and
-        either ``attention_mask`` (B, T) long (1 on tokens, 0 on padding) for plain
-        rows, or ``position_ids`` (B, T) long for packed rows (padding is its own
-        segment, positions from 0). Packed batches carry no attention mask: call the
-        model with ``use_cache=False`` so transformers builds the block-diagonal mask
-        from ``position_ids`` (or pass :func:`packed_attention_mask`).
-
-    Raises:
-        ConfigError: ``rows`` is empty or ``pad_to_multiple_of`` is not a positive int.
-        DataError: Packed and unpacked rows are mixed, or a row's fields differ in length.
-    """
-    if not rows:
-        raise ConfigError("collate needs at least one row, got an empty list")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-        raise ConfigError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
-    packed = {"position_ids" in r for r in rows}
-    if len(packed) > 1:
-        raise DataError("a batch mixes packed rows (with position_ids) and unpacked rows; pack all or none")
-    packed_batch = packed.pop()
-    keys = ("input_ids", "labels", "position_ids") if packed_batch else ("input_ids", "labels")
-    t = max(len(r["input_ids"]) for r in rows)
-    if pad_to_multiple_of:
-        t = math.ceil(t / pad_to_multiple_of) * pad_to_multiple_of
-    b = len(rows)
-    input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    extra = torch.arange(t).repeat(b, 1) if packed_batch else torch.zeros((b, t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        if any(len(r[k]) != n for k in keys):
-            raise DataError(f"row {i} has fields of different lengths: " + ", ".join(f"{k}={len(r[k])}" for k in keys))
-        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
-        if packed_batch:
-            extra[i, :n] = torch.tensor(r["position_ids"], dtype=torch.long)
-            extra[i, n:] = torch.arange(t - n)  # padding: a segment of its own
-        else:
-            extra[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed_batch else "attention_mask"): extra}
 
 
 def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

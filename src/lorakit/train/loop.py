@@ -42,17 +42,18 @@ import torch.distributed as dist
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
+from lorakit.examples import collate
 from lorakit.inject import inject, trainable_parameters
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.io import save_adapter
 from lorakit.train import report
-from lorakit.train.batching import collate, make_batches
+from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import (check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint,
                                       save_checkpoint)
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_run_data
 from lorakit.train.device import DistContext, resolve_precision, setup_distributed
-from lorakit.train.fast import causal_lm_loss
+from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.graphs import setup_graphs
 from lorakit.train.recompute import enable_checkpointing
 from lorakit.train.report import TrainResult
@@ -71,7 +72,7 @@ def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     """Sum of next-token cross-entropy over label tokens, in fp32; and their count.
 
     The head and the loss run only at labelled positions (see
-    :func:`lorakit.train.fast.causal_lm_loss`), equal to the full-logits loss.
+    :func:`lorakit.train.lm_loss.causal_lm_loss`), equal to the full-logits loss.
 
     Args:
         model: A causal LM.

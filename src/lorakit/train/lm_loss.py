@@ -1,4 +1,4 @@
-"""The training step's loss, computed only where there is something to learn.
+"""The causal-LM training loss, computed only where there is something to learn, and its padding policy.
 
 A causal LM's output head is a [hidden -> vocab] matmul at every position
 (49,152 wide for SmolLM2: about a fifth of the model's FLOPs), yet in chat
@@ -13,7 +13,7 @@ Models whose head does more than a plain matmul (logit soft-capping, logit
 scales, a trained or adapted head) take the generic path: the head module on
 the gathered positions, then cross-entropy.
 
-Right-padded batches (what :func:`lorakit.train.batching.collate` builds) run
+Right-padded batches (what :func:`lorakit.examples.collate` builds) run
 without their padding mask: under causal attention a real token only sees the
 tokens before it, all real, so the mask changes nothing a label reads, while
 without it transformers' SDPA path takes the plain causal kernel and reads
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..examples import IGNORE_INDEX
 from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 __all__ = ["causal_lm_loss", "split_head"]
 
-IGNORE_INDEX = -100
 _CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
 
