@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-import warnings
+import math
 
 import peft
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
 from torch import nn
 
 import lorakit
-from conftest import make_gpt2, make_llama
 from lorakit.layers import LoraLinear
 
 
@@ -27,12 +27,47 @@ def test_injection_at_init_is_bit_equal(llama, input_ids):
     assert torch.equal(logits(llama, input_ids), before)
 
 
-def test_gaussian_init_matches_spec(llama):
-    lorakit.inject(llama, lorakit.LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights="gaussian"))
-    A = torch.cat([m.self_attn.q_proj.lora_A["default"].weight.flatten() for m in llama.model.layers])
-    B = llama.model.layers[0].self_attn.q_proj.lora_B["default"].weight
-    assert torch.all(B == 0)
-    assert abs(A.std().item() - 1 / 8) < 0.02
+def _lora_A(init, in_features=2048, r=32, use_peft=False, seed=0):
+    """lora_A of one Linear(in_features, 8) after lorakit's (or PEFT's) init, flattened to float64."""
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(in_features, 8, bias=False))
+    if use_peft:
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, target_modules=["0"], init_lora_weights=init))
+        layer = model.base_model.model[0]
+    else:
+        layer = lorakit.inject(base, lorakit.LoraConfig(r=r, target_modules=["0"], init_lora_weights=init))[0]
+    assert torch.all(layer.lora_B["default"].weight == 0)
+    return layer.lora_A["default"].weight.detach().double().flatten()
+
+
+def _ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = a.sort().values, b.sort().values
+    grid = torch.cat([a, b])
+    fa = torch.searchsorted(a, grid, right=True) / a.numel()
+    fb = torch.searchsorted(b, grid, right=True) / b.numel()
+    return (fa - fb).abs().max().item()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_lora_A_init_has_peft_distribution(init):
+    # 65536 samples: the std is known to well under 1%, and the two schemes' stds differ by 2.4x
+    # (kaiming-uniform bound 1/sqrt(2048): std 0.0128; gaussian 1/r: std 0.03125).
+    in_features, r = 2048, 32
+    A = _lora_A(init, in_features, r)
+    bound = 1 / math.sqrt(in_features)
+    if init is True:  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert A.abs().max() <= bound and A.abs().max() > 0.999 * bound
+        assert A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    else:  # N(0, 1/r)
+        assert A.std().item() == pytest.approx(1 / r, rel=0.01)
+        assert A.abs().max() > 3 * bound
+    # Same distribution as PEFT's init (another seed), and clearly not the other scheme's: the KS distance is
+    # below its 1e-6 critical value 2.69 * sqrt(2 / n) against PEFT, and far above it against the other scheme.
+    critical = 2.69 * math.sqrt(2 / A.numel())
+    assert _ks_distance(A, _lora_A(init, in_features, r, use_peft=True, seed=1)) < critical
+    other = "gaussian" if init is True else True
+    assert _ks_distance(A, _lora_A(other, in_features, r, use_peft=True, seed=1)) > 10 * critical
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])

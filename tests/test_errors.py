@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import make_gpt2, make_llama
+from tiny import make_tiny_model_dir, write_chat_jsonl
 from torch import nn
 
 import lorakit
-from conftest import make_gpt2, make_llama
 from lorakit import (
     AdapterFormatError,
     ConfigError,
@@ -18,7 +19,12 @@ from lorakit import (
     ModelMismatchError,
     TargetNotFoundError,
     UnsupportedModuleError,
+    cli,
+    errors,
 )
+from lorakit.errors import AdapterNotFoundError, DataError, ForwardConflictError, ModelLoadError, TrainingError
+from lorakit.fusion import fuse_swiglu_mlps
+from lorakit.models import load_model
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -177,12 +183,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
-def test_all_errors_are_lorakit_errors():
-    for cls in (AdapterFormatError, ConfigError, ModelMismatchError, TargetNotFoundError, UnsupportedModuleError):
-        assert issubclass(cls, LorakitError)
-    assert save_file  # imported for the atomicity monkeypatch target
-
-
 def test_save_into_a_run_dir_keeps_its_other_files(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-1").mkdir(parents=True)
@@ -199,3 +199,121 @@ def test_save_into_a_run_dir_keeps_its_other_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.iterdir()) == names
     assert (run / "checkpoints" / "step-1").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# --------------------------------------------------------------------------- every error class, provoked
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    model = make_tiny_model_dir(root / "model")
+    adapter = lorakit.inject(load_model(model)[0], lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    return {"root": root, "model": model, "data": write_chat_jsonl(root / "train.jsonl", n=8),
+            "run": lorakit.save_adapter(adapter, root / "run"), "wide": make_tiny_model_dir(root / "wide", hidden=48)}
+
+
+def _run_config(tiny, path, lora=None, data=None, train=None, model=None):
+    """A YAML run config for the tiny model, with the given sections merged in."""
+    cfg = {"model": str(model or tiny["model"]), "lora": {"r": 4, "target_modules": ["q_proj"], **(lora or {})},
+           "data": {"train": str(tiny["data"]), **(data or {})},
+           "train": {"steps": 2, "batch_size": 4, "precision": "fp32", "eval_every": 0, "save_every": 0,
+                     **(train or {})},
+           "output": {"dir": str(path.parent / (path.stem + "-out"))}}
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def _user_routed_mlp_then_fuse():
+    model = lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules="all-linear"))
+    mlp = model.model.layers[0].mlp
+    mlp.forward = functools.partial(type(mlp).forward, mlp)  # user code replaced this MLP's forward
+    fuse_swiglu_mlps(model)
+
+
+def _bad_rows(tmp_path):
+    (tmp_path / "x.jsonl").write_text("not json\n")
+    return str(tmp_path / "x.jsonl")
+
+
+# name -> (error class, what provokes it through the public API, fragments the message must hold: the bad value
+# and the fix). TrainingInterrupted (a TrainingError; exit code 130, not 2) is provoked in test_train_loop.py.
+API_CASES = {
+    "config": (ConfigError, lambda t, p: lorakit.LoraConfig(r=0), ["r=0", "integer >= 1"]),
+    "target": (TargetNotFoundError,
+               lambda t, p: lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_prj"])),
+               ["'q_prj'", "closest: q_proj"]),
+    "unsupported": (UnsupportedModuleError,
+                    lambda t, p: lorakit.inject(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
+                                                lorakit.LoraConfig(target_modules=["1"])),
+                    ["LayerNorm", "supported layers are", "exclude_modules"]),
+    "adapter_format": (AdapterFormatError, lambda t, p: lorakit.load_adapter(make_llama(), p / "nope"),
+                       ["nope", "does not exist", "pass the folder that holds adapter_config.json"]),
+    "adapter_name": (AdapterNotFoundError,
+                     lambda t, p: lorakit.set_adapter(
+                         lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_proj"])), "nope"),
+                     ["'nope'", "adapters: default"]),
+    "mismatch": (ModelMismatchError, lambda t, p: lorakit.load_adapter(load_model(t["wide"])[0], t["run"]),
+                 ["q_proj.lora_A.weight", "(4, 48)", "(4, 32)", "another base model"]),
+    "model_load": (ModelLoadError, lambda t, p: load_model(str(p / "no-model")),
+                   ["no-model", "not found", "pass a local model directory"]),
+    "data": (DataError, lambda t, p: lorakit.train(_run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})),
+             ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"]),
+    "forward_conflict": (ForwardConflictError, lambda t, p: _user_routed_mlp_then_fuse(),
+                         ["LlamaMLP", "user code", "undo that first"]),
+    "training": (TrainingError,
+                 lambda t, p: lorakit.train(_run_config(t, p / "c.yaml", lora={"init_lora_weights": False},
+                                                        train={"lr": 1e30, "max_grad_norm": None, "steps": 8})),
+                 ["became", "lower train.lr"]),
+}
+
+
+def test_every_error_class_has_a_provoking_case():
+    raised = {cls for cls, _, _ in API_CASES.values()} | {errors.TrainingInterrupted, LorakitError}
+    public = {getattr(errors, name) for name in errors.__all__}
+    assert public == raised, f"error classes no test provokes: {public - raised}"
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_error_through_the_api_names_the_value_and_the_fix(case, tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cls, provoke, fragments = API_CASES[case]
+    with pytest.raises(LorakitError) as info:
+        provoke(tiny, tmp_path)
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+# name -> (argv built from the fixture and tmp_path, fragments of the one `error:` line: the bad value and the fix)
+CLI_CASES = {
+    "config": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"r": 0})], ["r=0", "integer >= 1"]),
+    "target": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["q_prj"]})],
+               ["'q_prj'", "closest: q_proj"]),
+    "unsupported": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["input_layernorm"]})],
+                    ["LlamaRMSNorm", "exclude_modules"]),
+    "adapter_format": (lambda t, p: ["generate", p / "nope", "-p", "x"],
+                       ["nope", "does not exist", "pass a run directory"]),
+    "mismatch": (lambda t, p: ["generate", t["run"], "-p", "x", "--model", t["wide"]],
+                 ["shape mismatch", "(4, 48)", "--model"]),
+    "model_load": (lambda t, p: ["train", _run_config(t, p / "c.yaml", model=p / "no-model")],
+                   ["no-model", "not found", "pass a local model directory"]),
+    "data": (lambda t, p: ["train", _run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})],
+             ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"]),
+    "training": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"init_lora_weights": False},
+                                                    train={"lr": 1e30, "max_grad_norm": None, "steps": 8})],
+                 ["became", "lower train.lr"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_error_through_the_cli_is_one_line_and_exit_code_2(case, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, fragments = CLI_CASES[case]
+    code = cli.main([str(a) for a in argv(tiny, tmp_path)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
