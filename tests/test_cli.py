@@ -18,8 +18,8 @@ from test_runs import make_adapter, make_run
 from tiny import make_tiny_model_dir, write_chat_jsonl
 from transformers import AutoModelForCausalLM
 
-from lorakit import cli, export, runs
-from lorakit.errors import LorakitError
+from lorakit import cli, evaluation, generation, inspection, runs
+from lorakit.errors import TrainingInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_train_calls_the_loop(capsys, monkeypatch, tmp_path):
         calls.append((config, list(overrides), resume))
         return types.SimpleNamespace(run_dir=tmp_path / "runs" / "x", steps=3, train_loss=1.5, eval_loss=None)
 
-    fake_loop = types.SimpleNamespace(train=fake_train, TrainingInterrupted=FakeInterrupted)
+    fake_loop = types.SimpleNamespace(train=fake_train)
     monkeypatch.setitem(sys.modules, "lorakit.train.loop", fake_loop)
     code, out, err = run_cli(capsys, "train", "cfg.yaml", "--set", "train.lr=1e-4", "--set", "train.steps=3",
                              "--resume", "--model", "some/dir")
@@ -71,15 +71,15 @@ def test_train_calls_the_loop(capsys, monkeypatch, tmp_path):
     assert f"lorakit generate {tmp_path / 'runs' / 'x'}" in out
 
 
-class FakeInterrupted(LorakitError):
+class FakeInterrupted(TrainingInterrupted):
     pass
 
 
 def test_train_ctrl_c_exits_130_with_resume_note(capsys, monkeypatch):
     def interrupted(config, *, overrides=(), resume=False):
-        raise FakeInterrupted("stopped at step 7; checkpoint in runs/x/checkpoints/step-7; rerun with --resume")
+        raise FakeInterrupted("stopped at step 7; checkpoint in runs/x/checkpoints/step-7; rerun with --resume", 7)
 
-    fake_loop = types.SimpleNamespace(train=interrupted, TrainingInterrupted=FakeInterrupted)
+    fake_loop = types.SimpleNamespace(train=interrupted)
     monkeypatch.setitem(sys.modules, "lorakit.train.loop", fake_loop)
     code, _, err = run_cli(capsys, "train", "cfg.yaml")
     assert code == 130 and err.strip() == (
@@ -116,7 +116,7 @@ def test_train_then_use_the_run(capsys, env, tmp_path, monkeypatch):
 
 def test_generate_prints_the_answer(capsys, env):
     model, tokenizer, _ = runs.open_adapter(env["run"])
-    expected = runs.generate(model, tokenizer, "say ab", max_new_tokens=4)
+    expected = generation.generate(model, tokenizer, "say ab", max_new_tokens=4)
     code, out, err = run_cli(capsys, "generate", env["run"], "--prompt", "say ab", "--max-new-tokens", 4)
     assert code == 0, err
     assert out.rstrip("\n") == expected
@@ -138,7 +138,7 @@ def test_generate_compare_base_from_prompts_file(capsys, env, tmp_path, monkeypa
 def test_generate_with_model_override(capsys, env, tmp_path):
     other = make_tiny_model_dir(tmp_path / "other", seed=7)
     model, tokenizer, _ = runs.open_adapter(env["run"], model=other)
-    expected = runs.generate(model, tokenizer, "say ab", max_new_tokens=4)
+    expected = generation.generate(model, tokenizer, "say ab", max_new_tokens=4)
     code, out, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 4,
                              "--model", other)
     assert code == 0, err
@@ -147,13 +147,13 @@ def test_generate_with_model_override(capsys, env, tmp_path):
 
 def test_chat_keeps_history_resets_and_exits_on_eof(capsys, env, monkeypatch):
     seen = []
-    real = runs.generate
+    real = generation.generate
 
     def spy(model, tokenizer, prompt, **kwargs):
         seen.append([dict(m) for m in prompt])
         return real(model, tokenizer, prompt, **kwargs)
 
-    monkeypatch.setattr(runs, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("say ab\nsay cd\n/reset\n\nsay ef\n"))
     code, out, err = run_cli(capsys, "chat", env["run"], "--max-new-tokens", 3)
     assert code == 0, err
@@ -171,7 +171,7 @@ def test_chat_exit_command(capsys, env, monkeypatch):
 
 def test_eval_prints_loss_perplexity_exact_match(capsys, env):
     model, tokenizer, _ = runs.open_adapter(env["run"])
-    expected = runs.evaluate(model, tokenizer, env["data"], max_new_tokens=4)
+    expected = evaluation.evaluate(model, tokenizer, env["data"], max_new_tokens=4)
     code, out, err = run_cli(capsys, "eval", env["run"], "--data", env["data"], "--max-new-tokens", 4)
     assert code == 0, err
     assert f"eval_loss    {expected['eval_loss']:.4f}" in out
@@ -334,7 +334,7 @@ def test_internal_error_exit_1_and_debug_traceback(capsys, env, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(export, "inspect_adapter", boom)
+    monkeypatch.setattr(inspection, "inspect_adapter", boom)
     code, _, err = run_cli(capsys, "inspect", env["run"])
     assert code == 1
     assert "kaboom" in err and "--debug" in err and "Traceback" not in err
@@ -352,7 +352,7 @@ def test_ctrl_c_exits_130(capsys, env, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "inspect_adapter", interrupted)
+    monkeypatch.setattr(inspection, "inspect_adapter", interrupted)
     code, _, err = run_cli(capsys, "inspect", env["run"])
     assert code == 130 and "interrupted" in err and "Traceback" not in err
 

@@ -1,4 +1,4 @@
-"""lorakit.export on tiny offline models: merge to a transformers dir, inspect an adapter."""
+"""lorakit.merging and lorakit.inspection on tiny offline models: merge to a transformers dir, inspect an adapter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tiny import make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit import export, runs
+from lorakit import inspection, merging, runs
 from lorakit.errors import AdapterFormatError, ConfigError
 
 
@@ -35,7 +35,7 @@ def opened(env):
 
 
 def test_merge_matches_unmerged_logits(env, opened, tmp_path):
-    out = export.merge_to_dir(env["run"], tmp_path / "merged")
+    out = merging.merge_to_dir(env["run"], tmp_path / "merged")
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
@@ -45,7 +45,7 @@ def test_merge_matches_unmerged_logits(env, opened, tmp_path):
 
 
 def test_merged_model_loads_without_lorakit(env, tmp_path):
-    out = export.merge_to_dir(env["run"], tmp_path / "merged", dtype="bf16")
+    out = merging.merge_to_dir(env["run"], tmp_path / "merged", dtype="bf16")
     script = (
         "import sys; sys.modules['lorakit'] = None\n"  # any import of lorakit fails
         "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -60,12 +60,12 @@ def test_merged_model_loads_without_lorakit(env, tmp_path):
 
 def test_merge_refuses_bad_dtype_and_existing_dir(env, tmp_path):
     with pytest.raises(ConfigError, match="dtype"):
-        export.merge_to_dir(env["run"], tmp_path / "m", dtype="fp16")
+        merging.merge_to_dir(env["run"], tmp_path / "m", dtype="fp16")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        export.merge_to_dir(env["run"], tmp_path / "busy")
-    export.merge_to_dir(env["run"], tmp_path / "busy", overwrite=True)
+        merging.merge_to_dir(env["run"], tmp_path / "busy")
+    merging.merge_to_dir(env["run"], tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "keep.txt").exists()
 
 
@@ -78,7 +78,7 @@ def test_inspect_norms_equal_float64_reference(env, tmp_path):
         rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3},
     )
     adapter = make_adapter(env["tiny"], tmp_path / "patterned", config)
-    rows = export.inspect_adapter(adapter)
+    rows = inspection.inspect_adapter(adapter)
     tensors = {k.removeprefix("base_model.model."): v.double()
                for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
     expected_scaling = {"q_proj": 8 / 2, "v_proj": 3 / 4, "embed_tokens": 8 / 4}
@@ -107,4 +107,4 @@ def test_inspect_rejects_corrupt_file(env, tmp_path):
     (bad / "adapter_config.json").write_bytes((env["adapter"] / "adapter_config.json").read_bytes())
     (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterFormatError, match="corrupt"):
-        export.inspect_adapter(bad)
+        inspection.inspect_adapter(bad)

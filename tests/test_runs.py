@@ -1,4 +1,4 @@
-"""lorakit.runs on tiny offline models: open, generate, compare, evaluate, last metrics."""
+"""lorakit.runs, .generation and .evaluation on tiny offline models: open, generate, compare, evaluate, last metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from tiny import make_tiny_model_dir, write_chat_jsonl
 
 import lorakit
-from lorakit import runs
+from lorakit import evaluation, generation, runs
 from lorakit.examples import load_examples
 from lorakit.errors import AdapterFormatError, ConfigError, ModelMismatchError
 from lorakit.models import load_model
@@ -163,25 +163,25 @@ def _reference_greedy(model, tokenizer, prompt: str, n: int) -> str:
 
 def test_generate_matches_plain_transformers_greedy(opened):
     model, tokenizer, _ = opened
-    assert runs.generate(model, tokenizer, "say abc", max_new_tokens=6) == _reference_greedy(
+    assert generation.generate(model, tokenizer, "say abc", max_new_tokens=6) == _reference_greedy(
         model, tokenizer, "say abc", 6)
 
 
 def test_compare_base_uses_base_and_adapter_answers(env, opened):
     model, tokenizer, _ = opened
-    rows = runs.compare_base(model, tokenizer, ["say abc", "hi"], max_new_tokens=6)
+    rows = generation.compare_base(model, tokenizer, ["say abc", "hi"], max_new_tokens=6)
     base, _ = load_model(env["tiny"])
     for prompt, base_answer, adapter_answer in rows:
         assert base_answer == _reference_greedy(base, tokenizer, prompt, 6)
         assert adapter_answer == _reference_greedy(model, tokenizer, prompt, 6)
     assert rows[0][1] != rows[0][2]
-    assert runs.generate(model, tokenizer, "say abc", max_new_tokens=6) == rows[0][2]  # adapter back on
+    assert generation.generate(model, tokenizer, "say abc", max_new_tokens=6) == rows[0][2]  # adapter back on
 
 
 def test_generate_rejects_bad_arguments(opened):
     model, tokenizer, _ = opened
     with pytest.raises(ConfigError):
-        runs.generate(model, tokenizer, "x", max_new_tokens=0)
+        generation.generate(model, tokenizer, "x", max_new_tokens=0)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -189,7 +189,7 @@ def test_generate_rejects_bad_arguments(opened):
 
 def test_eval_loss_equals_transformers_loss(env, opened):
     model, tokenizer, _ = opened
-    result = runs.evaluate(model, tokenizer, env["data"], batch_size=2, exact_match=False)
+    result = evaluation.evaluate(model, tokenizer, env["data"], batch_size=2, exact_match=False)
     examples, _ = load_examples(env["data"], tokenizer, max_seq_len=512)
     total = count = 0.0
     for ex in examples:  # one example at a time, no padding; transformers' own shifted loss
@@ -206,10 +206,10 @@ def test_eval_loss_equals_transformers_loss(env, opened):
 
 def test_exact_match_on_known_answers(opened, tmp_path):
     model, tokenizer, _ = opened
-    known = runs.generate(model, tokenizer, "say abc", max_new_tokens=5)
+    known = generation.generate(model, tokenizer, "say abc", max_new_tokens=5)
     data = tmp_path / "em.jsonl"
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "say abc"}]
-    known_with_system = runs.generate(model, tokenizer, conversation, max_new_tokens=5)
+    known_with_system = generation.generate(model, tokenizer, conversation, max_new_tokens=5)
     rows = [
         [{"role": "user", "content": "say abc"}, {"role": "assistant", "content": f"  {known}\n"}],  # stripped
         [{"role": "user", "content": "say abc"}, {"role": "assistant", "content": "something else"}],
@@ -217,7 +217,7 @@ def test_exact_match_on_known_answers(opened, tmp_path):
     ]
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
     for batch_size in (1, 2):
-        result = runs.evaluate(model, tokenizer, data, batch_size=batch_size, max_new_tokens=5)
+        result = evaluation.evaluate(model, tokenizer, data, batch_size=batch_size, max_new_tokens=5)
         assert result["exact_match"] == pytest.approx(2 / 3) and result["exact_match_rows"] == 3
 
 

@@ -1,7 +1,8 @@
 """The ``lorakit`` command: one thin function per verb (parse -> call the library -> print).
 
 Verbs: ``train``, ``generate``, ``chat``, ``eval``, ``merge``, ``inspect``. The work
-is done by :mod:`lorakit.train.loop`, :mod:`lorakit.runs` and :mod:`lorakit.export`;
+is done by :mod:`lorakit.train.loop`, :mod:`lorakit.runs`, :mod:`lorakit.generation`,
+:mod:`lorakit.evaluation`, :mod:`lorakit.merging` and :mod:`lorakit.inspection`;
 this module only turns arguments into calls and results into text.
 
 Exit codes: 0 success; 2 a user error (any :class:`~lorakit.errors.LorakitError`,
@@ -109,7 +110,8 @@ def train(
     model: ModelOpt = None,
 ) -> None:
     """Inject LoRA into the base model and fine-tune it as the YAML config says."""
-    from lorakit.train.loop import TrainingInterrupted, train as run_training  # heavy: import on use
+    from lorakit.errors import TrainingInterrupted
+    from lorakit.train.loop import train as run_training  # heavy: import on use
 
     overrides = list(set_) + ([f"model={model}"] if model is not None else [])
     try:
@@ -155,16 +157,16 @@ def generate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Answer prompts with the adapter (greedy), optionally next to the base model's answers."""
-    from lorakit import runs
+    from lorakit import generation
 
     prompts = _read_prompts(ctx, prompt, prompts_file)
     lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
     if compare_base:
-        _print_comparison(runs.compare_base(lm, tokenizer, prompts, max_new_tokens=max_new_tokens))
+        _print_comparison(generation.compare_base(lm, tokenizer, prompts, max_new_tokens=max_new_tokens))
         return
     console = _console()
     for i, p in enumerate(prompts):
-        answer = runs.generate(lm, tokenizer, p, max_new_tokens=max_new_tokens)
+        answer = generation.generate(lm, tokenizer, p, max_new_tokens=max_new_tokens)
         if len(prompts) == 1:
             console.print(answer, markup=False)
         else:
@@ -205,7 +207,7 @@ def chat(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Chat with the adapted model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
-    from lorakit import runs
+    from lorakit import generation
 
     lm, tokenizer, info = _open(run_or_adapter, model, dtype, device)
     console = _console()
@@ -227,7 +229,7 @@ def chat(
         if not command:
             continue
         history.append({"role": "user", "content": text})
-        answer = runs.generate(lm, tokenizer, history, max_new_tokens=max_new_tokens)
+        answer = generation.generate(lm, tokenizer, history, max_new_tokens=max_new_tokens)
         history.append({"role": "assistant", "content": answer})
         console.print(f"assistant> {answer}", markup=False)
 
@@ -246,11 +248,11 @@ def eval_(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Eval loss, perplexity and exact match of greedy answers on a JSONL file."""
-    from lorakit import runs
+    from lorakit import evaluation
 
     lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
-    result = runs.evaluate(lm, tokenizer, data, max_seq_len=max_seq_len, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, exact_match=not no_exact_match)
+    result = evaluation.evaluate(lm, tokenizer, data, max_seq_len=max_seq_len, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, exact_match=not no_exact_match)
     console = _console()
     console.print(f"eval_loss    {result['eval_loss']:.4f}  ({result['label_tokens']} label tokens, "
                   f"{result['examples']} examples)")
@@ -279,11 +281,11 @@ def merge(
     model: ModelOpt = None,
 ) -> None:
     """Fold the adapter into the base weights and save a plain transformers model directory."""
-    from lorakit import export
+    from lorakit import merging
 
     _quiet_transformers()
 
-    out = export.merge_to_dir(run_or_adapter, out_dir, dtype=dtype.value, model=model, overwrite=force)
+    out = merging.merge_to_dir(run_or_adapter, out_dir, dtype=dtype.value, model=model, overwrite=force)
     _console().print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -293,9 +295,9 @@ def inspect(run_or_adapter: RunArg) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from lorakit import export, runs
+    from lorakit import inspection, runs
 
-    rows = export.inspect_adapter(run_or_adapter)
+    rows = inspection.inspect_adapter(run_or_adapter)
     prefix = _common_prefix([row["module"] for row in rows if row["kind"] != "total"])
     title = f"adapter {run_or_adapter}" + (f" (module names under {prefix})" if prefix else "")
     table = Table(title=Text(title))

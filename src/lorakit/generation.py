@@ -1,9 +1,12 @@
 """Answers from a model, with or without its adapter: prompts rendered, generated, decoded.
 
 :func:`generate` and :func:`compare_base` are what the ``lorakit generate`` and
-``lorakit chat`` verbs run; :mod:`lorakit.runs` re-exports them next to
-``open_adapter`` and builds its exact-match eval on the private helpers here
-(``_prompt_ids``, ``_generation_config``, ``_generate_ids``, ``_decode``).
+``lorakit chat`` verbs run. :func:`prompt_ids` and :func:`generate_batch` are the same
+steps for many prompts at once (the exact-match eval in :mod:`lorakit.evaluation`)::
+
+    print(generate(model, tokenizer, "Name three colours."))
+    for prompt, base, tuned in compare_base(model, tokenizer, ["Hi!"]): ...
+    answers = generate_batch(model, tokenizer, [prompt_ids(tokenizer, "Hi!")], max_new_tokens=32)
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ import torch
 from .adapters import disable_adapters
 from .errors import ConfigError
 
-__all__ = ["generate", "compare_base"]
+__all__ = ["prompt_ids", "generate_batch", "generate", "compare_base"]
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]], chat: bool) -> list[int]:
-    """Token ids of a prompt: the chat template with the generation prompt, or the plain text."""
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]], chat: bool = True) -> list[int]:
+    """Token ids of a prompt, ready for the model to answer.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        prompt: A user message, or a whole conversation as ``[{"role", "content"}, ...]``.
+        chat: Render with the tokenizer's chat template and its generation prompt (when
+            it has a template); False sends a string as it is (with the tokenizer's
+            special tokens) and a conversation as a plain ``role: content`` transcript.
+
+    Returns:
+        The token ids.
+    """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -61,8 +75,41 @@ def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_conf
     return [row[width:].tolist() for row in out.cpu()]
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    batch_size: int = 8,
+) -> list[str]:
+    """Answer many tokenized prompts, ``batch_size`` at a time (left-padded).
+
+    Args:
+        model: A causal LM (with or without adapters).
+        tokenizer: Its tokenizer (``pad_token_id`` set).
+        prompts: Token ids per prompt, e.g. from :func:`prompt_ids`.
+        max_new_tokens: Most tokens to generate per answer.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature (only with ``do_sample``).
+        batch_size: Prompts per ``model.generate`` call.
+
+    Returns:
+        The answers in the order of ``prompts``, special tokens removed.
+
+    Raises:
+        ConfigError: ``max_new_tokens`` or ``batch_size`` < 1, or ``temperature`` <= 0 when sampling.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature)
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        ids = _generate_ids(model, tokenizer, list(prompts[i : i + batch_size]), gen_config)
+        answers += [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
+    return answers
 
 
 def generate(
@@ -93,9 +140,8 @@ def generate(
     Raises:
         ConfigError: ``max_new_tokens`` < 1, or ``temperature`` <= 0 when sampling.
     """
-    gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature)
-    ids = _generate_ids(model, tokenizer, [_prompt_ids(tokenizer, prompt, chat)], gen_config)[0]
-    return _decode(tokenizer, ids)
+    return generate_batch(model, tokenizer, [prompt_ids(tokenizer, prompt, chat)], max_new_tokens=max_new_tokens,
+                          do_sample=do_sample, temperature=temperature)[0]
 
 
 def compare_base(
@@ -104,7 +150,7 @@ def compare_base(
     """Greedy answers of the base model and of the adapter, one model in memory.
 
     Args:
-        model: A model with an active adapter (e.g. from :func:`open_adapter`).
+        model: A model with an active adapter (e.g. from :func:`lorakit.runs.open_adapter`).
         tokenizer: Its tokenizer.
         prompts: User messages.
         max_new_tokens: Most tokens to generate per answer.

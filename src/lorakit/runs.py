@@ -1,14 +1,11 @@
-"""What the ``lorakit`` verbs do, as library functions: open, generate, evaluate.
+"""Open a run or adapter directory: the base model with the adapter on it, and the run's metrics.
 
-Each CLI verb in :mod:`lorakit.cli` parses its arguments and calls one function
-here (``merge`` and ``inspect``: in :mod:`lorakit.export`); Python users call the
-same functions (``generate`` and ``compare_base`` live in :mod:`lorakit.generation`
-and are re-exported here)::
+The ``generate``, ``chat`` and ``eval`` verbs start here, then call
+:mod:`lorakit.generation` or :mod:`lorakit.evaluation`; ``merge`` and ``inspect``
+(:mod:`lorakit.merging`, :mod:`lorakit.inspection`) find the adapter here too::
 
     model, tokenizer, info = open_adapter("runs/quickstart", dtype="bf16")
-    print(generate(model, tokenizer, "Name three colours."))
-    for prompt, base, tuned in compare_base(model, tokenizer, ["Hi!"]): ...
-    evaluate(model, tokenizer, "data/eval.jsonl")   # {"eval_loss": ..., "perplexity": ..., "exact_match": ...}
+    last_metrics("runs/quickstart")   # {"step": ..., "loss": ..., "eval_loss": ...}
 
 A *run directory* (written by ``lorakit train``) holds the adapter at its root
 (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``lorakit.yaml``
@@ -20,7 +17,6 @@ Both are accepted wherever ``run_or_adapter`` appears.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +28,7 @@ import yaml
 from . import models
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
-from .generation import _decode, _generate_ids, _generation_config, _prompt_ids, compare_base, generate
 from .io import load_adapter, read_adapter
-from .examples import IGNORE_INDEX, collate, load_examples
-from .rows import read_rows
 
 __all__ = [
     "RUN_CONFIG_NAME",
@@ -44,9 +37,6 @@ __all__ = [
     "find_adapter_dir",
     "natural_key",
     "open_adapter",
-    "generate",
-    "compare_base",
-    "evaluate",
     "last_metrics",
 ]
 
@@ -216,95 +206,6 @@ def open_adapter(
         ) from None
     base.eval()
     return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config)
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def evaluate(
-    model: Any,
-    tokenizer: Any,
-    data_path: str | os.PathLike[str],
-    *,
-    max_seq_len: int = 512,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    exact_match: bool = True,
-) -> dict[str, Any]:
-    """Eval loss, perplexity and exact-match rate on a JSONL data file.
-
-    The loss is tokenized as training does (:func:`lorakit.examples.load_examples`:
-    loss only on assistant turns / completions) and averaged over all label tokens
-    of the file (not per batch). Exact match sends each row's prompt (everything
-    before the final assistant turn, rendered with the chat template) and decodes
-    the greedy answer; it matches when ``answer.strip() == reference.strip()``
-    (only leading / trailing whitespace is ignored; case and inner whitespace
-    count). Rows without a reference (``text`` rows) are not counted.
-
-    Args:
-        model: A causal LM (with or without adapters).
-        tokenizer: Its tokenizer.
-        data_path: A JSONL file in any format :mod:`lorakit.rows` reads.
-        max_seq_len: Examples are cut to this many tokens for the loss.
-        batch_size: Examples per forward pass (loss and generation).
-        max_new_tokens: Most tokens per greedy answer; None = the longest reference
-            in tokens plus 16.
-        exact_match: Also generate answers and score them (the slow part).
-
-    Returns:
-        ``{"eval_loss", "perplexity", "label_tokens", "examples", "exact_match",
-        "exact_match_rows"}``; ``exact_match`` is None when no row has a reference
-        or ``exact_match=False``.
-
-    Raises:
-        DataError: the file is missing or malformed.
-        ConfigError: a bad ``batch_size`` / ``max_seq_len`` / ``max_new_tokens``.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-    examples, _ = load_examples(data_path, tokenizer, max_seq_len=max_seq_len)
-    total, count = _loss_sum(model, tokenizer, examples, batch_size)
-    loss = total / count
-    result: dict[str, Any] = {
-        "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "label_tokens": count,
-        "examples": len(examples), "exact_match": None, "exact_match_rows": 0,
-    }
-    if exact_match:
-        rows = [r for r in read_rows(data_path) if r.reference is not None]
-        if rows:
-            hits = _exact_matches(model, tokenizer, rows, batch_size, max_new_tokens)
-            result.update(exact_match=sum(hits) / len(hits), exact_match_rows=len(hits))
-    return result
-
-
-@torch.inference_mode()
-def _loss_sum(model: Any, tokenizer: Any, examples: list[dict], batch_size: int) -> tuple[float, int]:
-    """(sum of token losses, number of label tokens), next-token shifted as transformers does."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
-        labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total, count
-
-
-def _exact_matches(model, tokenizer, rows, batch_size: int, max_new_tokens: int | None) -> list[bool]:
-    templated = getattr(tokenizer, "chat_template", None) is not None
-    prompts = [_prompt_ids(tokenizer, r.prompt_messages, True) if templated or r.prompt is None
-               else _prompt_ids(tokenizer, r.prompt, False) for r in rows]
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) for r in rows) + 16
-    gen_config = _generation_config(model, tokenizer, max_new_tokens, False, 1.0)
-    answers: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        answers += _generate_ids(model, tokenizer, prompts[i : i + batch_size], gen_config)
-    return [_decode(tokenizer, a).strip() == r.reference.strip() for a, r in zip(answers, rows)]
 
 
 def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
