@@ -1,26 +1,41 @@
-"""Train-step speed and memory: lorakit vs PEFT on the embedded default model.
+"""Train-step speed and memory: lorakit vs PEFT on the embedded default model, each beside its matching baseline.
 
-LoRA r=16, alpha=32 on all seven projections of SmolLM2-135M-Instruct, AdamW,
-the same batches (same rows, same labels: assistant tokens only) for every
-variant. Each variant runs in its own subprocess so peak RSS is honest.
+LoRA r=16, alpha=32 on all seven projections of SmolLM2-135M-Instruct, AdamW
+(lr 2e-4, weight decay 0; torch's fused AdamW for every variant on CUDA), the
+same batches (same rows, same labels: assistant tokens only) for every variant.
+Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own. Runs are
+repeated (``--repeats``), the variant order rotated on each repeat so that slow
+spells of the machine hit all variants alike; the table gives the median and the
+spread (min-max) over the repeats, and ratios against the matching PEFT baseline.
 
-    python benchmarks/train_step.py                 # both workloads, all variants
-    python benchmarks/train_step.py --steps 10 --workloads short
+    python benchmarks/train_step.py                       # both workloads, all default variants, 3 repeats
+    python benchmarks/train_step.py --steps 3 --repeats 1 --workloads short --variants lorakit-fp32 peft-fp32
 
-Variants:
+Workloads (from examples/data/quickstart_train.jsonl; the header of each result
+gives the measured token counts):
+    short   8 rows a step, each one chat example as it is (no truncation: the longest row of a
+            batch is 70-88 tokens), right-padded to a multiple of 8
+    long    4 rows a step, each chat examples concatenated and cut to exactly 256 tokens
+
+Variants (baseline in brackets):
     peft-fp32       PEFT, fp32, transformers' own loss over full logits
-    peft-bf16       PEFT under torch.autocast(bf16)
-    lorakit-fp32    lorakit as `lorakit train` runs it: fused LoRA ops, fused SwiGLU MLPs, on CUDA its graphs,
-                    loss only at labelled positions (chunked)
-    lorakit-auto    lorakit with train.precision=auto (skipped when auto resolves to fp32); on CUDA
-                    with its CUDA graphs (decoder layers recorded per padded shape) and fused AdamW
-    lorakit-eager   lorakit-auto without CUDA graphs (what the graphs add)
-    lorakit-gc      lorakit-fp32 plus its gradient checkpointing (the memory-lean setting; the rerun skips the MLP output)
-    lorakit-gc2     the same, every 2nd decoder layer only (gradient_checkpointing: 2)
-    lorakit-compile experiment, not run by default: lorakit-auto with each decoder layer torch.compile'd
+    peft-bf16       PEFT as a bf16 user runs it: base loaded in bf16 (torch_dtype=bfloat16), PEFT's adapters
+                    in fp32 (its autocast_adapter_dtype default), the step under torch.autocast(bf16), as
+                    transformers.Trainer(bf16=True) does
+    peft-gc         peft-fp32 with transformers' gradient checkpointing as PEFT users enable it:
+                    gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads
+    lorakit-fp32    [peft-fp32] lorakit as `lorakit train` runs it: fused LoRA ops, fused SwiGLU MLPs,
+                    loss only at labelled positions; on CUDA its CUDA graphs
+    lorakit-auto    [peft-bf16] lorakit with train.precision=auto (skipped where auto resolves to fp32):
+                    base stored in bf16, adapters fp32, autocast; on CUDA its CUDA graphs
+    lorakit-eager   [peft-bf16] lorakit-auto without CUDA graphs (CUDA only: on a CPU it is lorakit-auto)
+    lorakit-gc      [peft-gc] lorakit-fp32 plus its gradient checkpointing (the rerun skips the MLP output)
+    lorakit-gc2     [peft-gc] the same, every 2nd decoder layer only (gradient_checkpointing: 2)
+    lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
+                    torch.compile'd
 
-On a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and very slow; the
-bf16 variants then run only --bf16-steps steps (time and memory only, no loss).
+On a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and very slow: there
+peft-bf16 runs only --bf16-steps steps, once (time and memory only, no loss).
 """
 
 from __future__ import annotations
@@ -29,20 +44,25 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODEL_ENV, git_rev, load_bench_model, machine, median, model_note, section, write_section  # noqa: E402
+from _common import MODEL_ENV, git_rev, load_bench_model, machine, median, model_note, rss_kib, section, write_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["peft-fp32", "peft-bf16", "lorakit-fp32", "lorakit-auto", "lorakit-eager", "lorakit-gc",
-            "lorakit-gc2", "lorakit-compile"]
-DEFAULT_VARIANTS = VARIANTS[:7]
-WORKLOADS = {"short": (8, 64), "long": (4, 256)}  # name -> (batch size, max tokens per row)
+BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline itself)
+    "peft-fp32": None, "peft-bf16": None, "peft-gc": None,
+    "lorakit-fp32": "peft-fp32", "lorakit-auto": "peft-bf16", "lorakit-eager": "peft-bf16",
+    "lorakit-gc": "peft-gc", "lorakit-gc2": "peft-gc", "lorakit-compile": "peft-bf16",
+}
+VARIANTS = list(BASELINE)
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "lorakit-compile"]
+AUTO = {"lorakit-auto", "lorakit-eager", "lorakit-compile"}  # bf16 where train.precision=auto picks bf16
+WORKLOADS = {"short": 8, "long": 4}  # name -> rows a step
+LONG_TOKENS = 256
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 
 
@@ -50,21 +70,25 @@ def _rows(tokenizer, workload: str, steps: int) -> list[list[dict]]:
     """Deterministic batches of tokenized chat rows (input_ids, labels) for the workload."""
     from lorakit.examples import load_examples
 
-    batch, max_len = WORKLOADS[workload]
+    batch = WORKLOADS[workload]
     examples, _ = load_examples(DATA, tokenizer, max_seq_len=4096)
     rng = random.Random(0)
     rows = []
     while len(rows) < batch * steps:
-        if workload == "short":
+        if workload == "short":  # one chat example per row, whole
             rows.append(rng.choice(examples))
-        else:  # multi-turn: concatenate examples until ~max_len tokens
+        else:  # multi-turn: concatenate examples, cut to exactly LONG_TOKENS
             ids, labels = [], []
-            while len(ids) < max_len:
+            while len(ids) < LONG_TOKENS:
                 ex = rng.choice(examples)
                 ids += ex["input_ids"]
                 labels += ex["labels"]
-            rows.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+            rows.append({"input_ids": ids[:LONG_TOKENS], "labels": labels[:LONG_TOKENS]})
     return [rows[i * batch:(i + 1) * batch] for i in range(steps)]
+
+
+def _uses_bf16(variant: str, fast_bf16: bool) -> bool:
+    return variant == "peft-bf16" or (variant in AUTO and fast_bf16)
 
 
 def build(variant: str, workload: str, steps: int, device: str = "cpu"):
@@ -73,12 +97,14 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     import torch
 
     import lorakit
-    from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
     from lorakit.examples import collate
-    from lorakit.train.lm_loss import causal_lm_loss
+    from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+    from lorakit.train.device import resolve_precision
     from lorakit.train.graphs import setup_graphs
+    from lorakit.train.lm_loss import causal_lm_loss
+    from lorakit.train.loop import GRAPH_PAD
     from lorakit.train.recompute import enable_checkpointing
-    from lorakit.train.loop import GRAPH_PAD, make_optimizer, resolve_precision
+    from lorakit.train.schedule import make_optimizer
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -89,19 +115,21 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     pad = GRAPH_PAD if graphed else 8
     batches = [{k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=pad).items()}
                for b in _rows(tok, workload, steps)]
-    bf16 = variant == "peft-bf16"
-    if variant in ("lorakit-auto", "lorakit-eager", "lorakit-compile"):
-        bf16 = resolve_precision("auto", dev)[0] == "bf16"
+    bf16 = _uses_bf16(variant, resolve_precision("auto", dev)[0] == "bf16")
+    if bf16:  # both libraries' bf16 users: the frozen base stored in bf16
+        model = model.to(torch.bfloat16)
     if variant.startswith("peft"):
         import peft
 
+        if variant == "peft-gc":  # as PEFT's docs and prepare_model_for_kbit_training do it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        # autocast_adapter_dtype=True (the default) keeps the adapters of a bf16 base in fp32
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
         def loss_fn(batch):
             return model(**batch).loss
     else:
-        if bf16:
-            model = model.to(torch.bfloat16)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
@@ -116,12 +144,11 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
             return loss_sum / max(n, 1)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, 2e-4, 0.0, dev)  # fused AdamW on CUDA, for PEFT too
     graphs = None
-    if variant.startswith("peft"):
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)  # as make_optimizer below
+    if variant.startswith("peft"):  # as transformers.Trainer(bf16=True) runs it
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    else:  # as `lorakit train` sets it up: fused AdamW on CUDA, CUDA graphs where the run allows them
-        opt = make_optimizer(params, 2e-4, 0.0, dev)
+    else:  # as `lorakit train` sets it up: no weight cache (the base is bf16 already), graphs where allowed
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
         if graphed:  # "on": a run that cannot use graphs is an error, as with train.cuda_graphs: on
             graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
@@ -138,10 +165,12 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
 
 
 def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict:
+    """Run one variant in this (fresh) process; return its per-step times, losses, tokens and peak memory."""
     import torch
 
     step, batches, bf16 = build(variant, workload, steps, device)
-    times, losses, tokens = [], [], 0
+    rss_before = rss_kib("VmRSS")
+    times, losses = [], []
     for batch in batches:
         t0 = time.perf_counter()
         loss = step(batch)
@@ -149,19 +178,82 @@ def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-        tokens += int(batch["attention_mask"].sum())
-    warm = times[1:] or times
-    return {"variant": variant, "workload": workload, "steps": steps, "s_per_step": median(warm),
-            "tokens_per_s": tokens / len(batches) / median(warm),
-            "peak_rss_gb": (torch.cuda.max_memory_allocated() / 1e9 if device == "cuda"
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6),
-            "final_loss": losses[-1], "bf16": bf16}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else rss_kib("VmHWM") / 2**20
+    return {"variant": variant, "workload": workload, "steps": steps, "times": times, "losses": losses, "bf16": bf16,
+            "peak_gib": peak, "rss_before_gib": rss_before / 2**20,
+            "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
+            "padded_tokens": sum(b["input_ids"].numel() for b in batches) / len(batches),
+            "labelled": sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches),
+            "longest_row": [int(b["attention_mask"].sum(1).max()) for b in batches]}
+
+
+def _run(variant: str, workload: str, steps: int, device: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", variant, workload, str(steps), device],
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+        sys.exit(f"worker {variant}/{workload} failed")
+    return json.loads(line[7:])
+
+
+def _spread(xs: list[float], fmt: str) -> str:
+    med = format(median(xs), fmt)
+    return med if len(xs) < 2 else f"{med} ({format(min(xs), fmt)}-{format(max(xs), fmt)})"
+
+
+def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[str]:
+    """Median (min-max) over repeats of each variant's s/step (median of its steps after ``skip``) and peak memory."""
+    agg: dict[tuple[str, str], dict] = {}
+    for r in runs:
+        a = agg.setdefault((r["workload"], r["variant"]), {"s": [], "peak": [], "loss": [], "runs": []})
+        a["s"].append(median(r["times"][skip:] or r["times"][-1:]))
+        a["peak"].append(r["peak_gib"])
+        a["loss"].append(r["losses"][-1])
+        a["runs"].append(r)
+    mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
+    lines = [f"| workload | variant | vs | s/step | x vs | x peft-fp32 | tokens/s | {mem} | x vs | x peft-fp32 "
+             "| loss after N steps | loss vs |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (workload, variant), a in sorted(agg.items(), key=lambda kv: (list(WORKLOADS).index(kv[0][0]),
+                                                                       VARIANTS.index(kv[0][1]))):
+        r0 = a["runs"][0]
+        base = BASELINE[variant]
+        ref, ref32 = agg.get((workload, base)) if base else None, agg.get((workload, "peft-fp32"))
+
+        def ratio(key, other, a=a):
+            return f"{median(a[key]) / median(other[key]):.2f}" if other else "n/a"
+
+        slow16 = r0["bf16"] and not fast_bf16  # emulated bf16: too few steps for a loss
+        loss = "n/a" if slow16 else f"{median(a['loss']):.4f} (N={r0['steps']})"
+        if len(set(round(x, 4) for x in a["loss"])) > 1:
+            loss += f", runs differ: {min(a['loss']):.4f}-{max(a['loss']):.4f}"
+        loss_vs = (f"{(median(a['loss']) / median(ref['loss']) - 1) * 100:+.3f}%"
+                   if ref and not slow16 and ref["runs"][0]["steps"] == r0["steps"] else "")
+        lines.append(
+            f"| {workload} | {variant} | {base or ''} | {_spread(a['s'], '.3f')} | {ratio('s', ref) if base else ''} "
+            f"| {ratio('s', ref32)} | {r0['real_tokens'] / median(a['s']):.0f} | {_spread(a['peak'], '.2f')} "
+            f"| {ratio('peak', ref) if base else ''} | {ratio('peak', ref32)} | {loss} | {loss_vs} |")
+    return lines
+
+
+def _workload_note(runs: list[dict]) -> str:
+    notes = []
+    for workload in WORKLOADS:
+        r = next((x for x in runs if x["workload"] == workload and x["variant"].startswith("peft")), None)
+        r = r or next((x for x in runs if x["workload"] == workload), None)
+        if r:
+            notes.append(f"{workload} = {WORKLOADS[workload]} rows a step, longest row {min(r['longest_row'])}-"
+                         f"{max(r['longest_row'])} tokens, on average {r['real_tokens']:.0f} real tokens "
+                         f"({r['labelled']:.0f} labelled) and {r['padded_tokens']:.0f} padded a step")
+    return "; ".join(notes)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--bf16-steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per run (the loss is read after the last)")
+    ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing (median of the rest)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per variant, the variant order rotated each time")
+    ap.add_argument("--bf16-steps", type=int, default=3, help="steps of the bf16 PEFT run where bf16 is emulated")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -169,7 +261,8 @@ def main() -> None:
     ap.add_argument("--model", help=f"model directory (sets ${MODEL_ENV}); a directory with a config and tokenizer "
                     "but no weights gets random weights")
     ap.add_argument("--keep", action="store_true",
-                    help="keep earlier results (benchmarks/.train_step.json) of variants not run this time in the table")
+                    help="keep earlier runs (benchmarks/.train_step.DEVICE.json) of variants not run this time")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "WORKLOAD", "STEPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model:
@@ -179,53 +272,51 @@ def main() -> None:
         return
     import torch
 
-    from lorakit.train.loop import resolve_precision
+    from lorakit.train.device import resolve_precision
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("train_step.py: --device cuda, but torch sees no CUDA device here.")
     fast_bf16 = resolve_precision("auto", torch.device(args.device))[0] == "bf16"
+    variants = []
+    for v in args.variants:
+        if v in AUTO and not fast_bf16:
+            print(f"{v}: train.precision=auto resolves to fp32 here, the same run as lorakit-fp32; skipped")
+        elif v == "lorakit-eager" and args.device == "cpu":
+            print("lorakit-eager: no CUDA graphs on a CPU, the same run as lorakit-auto; skipped")
+        else:
+            variants.append(v)
     store = Path(__file__).with_name(f".train_step.{args.device}.json")
-    results = json.loads(store.read_text()) if args.keep and store.exists() else []
+    runs = json.loads(store.read_text()) if args.keep and store.exists() else []
+    runs = [r for r in runs if (r["workload"], r["variant"]) not in
+            {(w, v) for w in args.workloads for v in variants}]
     for workload in args.workloads:
-        for variant in args.variants:
-            if variant in ("lorakit-auto", "lorakit-eager", "lorakit-compile") and not fast_bf16:
-                print(f"[{workload}] {variant}: auto resolves to fp32 on this CPU, same as lorakit-fp32; skipped")
-                continue
-            bf16 = variant in ("peft-bf16", "lorakit-auto", "lorakit-eager", "lorakit-compile")
-            steps = args.steps if (fast_bf16 or not bf16) else args.bf16_steps
-            out = subprocess.run([sys.executable, __file__, "--worker", variant, workload, str(steps), args.device],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                sys.exit(f"worker {variant}/{workload} failed")
-            res = json.loads(line[7:])
-            results = [r for r in results if (r["workload"], r["variant"]) != (workload, variant)] + [res]
-            store.write_text(json.dumps(results, indent=1))
-            print(f"[{workload}] {variant}: {res['s_per_step']:.3f} s/step, {res['tokens_per_s']:.0f} tok/s, "
-                  f"RSS {res['peak_rss_gb']:.2f} GB, loss@{res['steps']} {res['final_loss']:.4f}", flush=True)
-    lines = [f"Machine: {machine()}; commit {git_rev()}.", "",
-             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, "
-             f"AdamW lr 2e-4 weight decay 0, same batches for "
-             f"every variant; workloads: " + ", ".join(f"{k} = batch {b} x <= {t} tokens" for k, (b, t) in
-                                                       WORKLOADS.items()) + ". Median s/step over steps 2..N.", "",
-             f"Device: {args.device}" + (" (peak memory: CUDA allocator peak)" if args.device == "cuda" else "") + ".", "",
-             "| workload | variant | steps | s/step | x PEFT fp32 | x PEFT bf16 | tokens/s | peak mem GB | x PEFT fp32 "
-             "| loss at last step |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    results.sort(key=lambda r: (list(WORKLOADS).index(r["workload"]), VARIANTS.index(r["variant"])))
-    for r in results:
-        ref = next((x for x in results if x["workload"] == r["workload"] and x["variant"] == "peft-fp32"), None)
-        ref16 = next((x for x in results if x["workload"] == r["workload"] and x["variant"] == "peft-bf16"), None)
-        t_ratio = r["s_per_step"] / ref["s_per_step"] if ref else float("nan")
-        t16 = f"{r['s_per_step'] / ref16['s_per_step']:.2f}" if ref16 else "n/a"
-        m_ratio = r["peak_rss_gb"] / ref["peak_rss_gb"] if ref else float("nan")
-        loss = f"{r['final_loss']:.4f}" if not r["bf16"] or fast_bf16 else f"n/a ({r['steps']} steps)"
-        lines.append(f"| {r['workload']} | {r['variant']} | {r['steps']} | {r['s_per_step']:.3f} | {t_ratio:.2f} | {t16} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {m_ratio:.2f} | {loss} |")
+        for rep in range(args.repeats):
+            k = rep % len(variants)
+            for variant in variants[k:] + variants[:k]:
+                slow16 = _uses_bf16(variant, fast_bf16) and not fast_bf16
+                if slow16 and rep > 0:
+                    continue
+                res = _run(variant, workload, args.bf16_steps if slow16 else args.steps, args.device)
+                runs.append(res)
+                store.write_text(json.dumps(runs, indent=1))
+                s = median(res["times"][args.skip:] or res["times"][-1:])
+                print(f"[{workload} #{rep + 1}] {variant}: {s:.3f} s/step, peak {res['peak_gib']:.2f} GiB, "
+                      f"loss@{res['steps']} {res['losses'][-1]:.4f}", flush=True)
+    mem = ("peak GPU memory: CUDA allocator peak" if args.device == "cuda"
+           else "peak RSS: VmHWM of the run's own fresh process, model and data included")
+    lines = [f"Machine: {machine()}; commit {git_rev()}; device {args.device}; `python benchmarks/train_step.py "
+             f"--steps {args.steps} --repeats {args.repeats}`.", "",
+             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight "
+             f"decay 0, same batches for every variant. Workloads: {_workload_note(runs)}. "
+             f"Each variant ran {args.repeats} times in a fresh process, the variant order rotated on each repeat; "
+             f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
+             f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
+             "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
+             "cross-entropy over labelled tokens.", "", *_table(runs, args.skip, fast_bf16, args.device)]
     table = "\n".join(lines)
     print(table)
-    write_section(section("train_step.py", args.device), table)
+    if not args.no_write:
+        write_section(section("train_step.py", args.device), table)
 
 
 if __name__ == "__main__":
