@@ -1,0 +1,202 @@
+"""Direct Preference Optimization (Rafailov et al. 2023): the loss, the rewards, the reference.
+
+A pair is a prompt ``x`` with a preferred answer ``y_w`` and a rejected one ``y_l``.
+With ``log π(y|x)`` the summed log-probability of an answer's tokens under the
+policy and ``log π_ref`` under the frozen reference, each answer's implicit reward
+is ``β (log π(y|x) − log π_ref(y|x))`` and the losses are TRL's (1.16) formulas on
+``Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))``::
+
+    sigmoid   −(1 − ε) log σ(βΔ) − ε log σ(−βΔ)           DPO; ε > 0 is conservative DPO (cDPO)
+    robust    (−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)    robust DPO, ε = label flip rate
+    hinge     max(0, 1 − βΔ)                               SLiC
+    ipo       (Δ_w / n_w − Δ_l / n_l − 1 / (2β))²          IPO, log-ratios per answer token (TRL's norm)
+
+(TRL 1.16 dropped ε from ``sigmoid``; its old cDPO formula is kept here under the
+same key, equal to TRL's at ε = 0.)
+
+The reference is never a second model. :func:`reference_mode` makes the same model
+compute it: with adapters disabled (a fresh LoRA: the reference is the base), or
+with only a frozen copy of the starting adapter active (held as a second adapter on
+the same base, a few MB). :func:`pair_logps` scores a batch of pairs as
+:func:`lorakit.pairs.collate_pairs` lays it out, through
+:func:`lorakit.logprobs.completion_logps` (the head only at answer tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import active_adapters, disable_adapters, set_adapter
+from .errors import ConfigError
+from .logprobs import completion_logps
+
+__all__ = ["LOSS_TYPES", "DpoTerms", "check_dpo_args", "dpo_loss", "pair_logps", "reference_mode", "pair_metrics",
+           "METRIC_NAMES"]
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+class DpoTerms(NamedTuple):
+    """Per-pair results of :func:`dpo_loss`.
+
+    Attributes:
+        losses: ``[B]`` loss of each pair (differentiable).
+        chosen_rewards: ``[B]`` ``β (log π(y_w) − log π_ref(y_w))``, detached.
+        rejected_rewards: ``[B]`` the same for the rejected answers, detached.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+
+def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Raises a :class:`ConfigError` for values :func:`dpo_loss` does not take.
+
+    Args:
+        beta: Must be > 0.
+        loss_type: One of :data:`LOSS_TYPES`.
+        label_smoothing: In ``[0, 0.5)`` for ``sigmoid`` and ``robust``; 0 for ``hinge`` and ``ipo``.
+
+    Raises:
+        ConfigError: a value is outside what is allowed.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if not isinstance(beta, (int, float)) or not beta > 0:
+        raise ConfigError(f"dpo.beta must be > 0, got {beta!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type in ("hinge", "ipo"):
+        raise ConfigError(f"dpo.label_smoothing applies to loss_type sigmoid (cDPO) and robust, not {loss_type}; "
+                          "set it to 0 or change the loss type")
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+) -> DpoTerms:
+    """Per-pair DPO-family losses and implicit rewards (formulas in the module doc).
+
+    Args:
+        chosen_logps: ``[B]`` summed answer log-probs of the chosen answers under the policy.
+        rejected_logps: ``[B]`` the same for the rejected answers.
+        ref_chosen_logps: ``[B]`` chosen answers under the reference.
+        ref_rejected_logps: ``[B]`` rejected answers under the reference.
+        beta: The KL strength β (IPO's τ).
+        loss_type: One of :data:`LOSS_TYPES`.
+        label_smoothing: ε of cDPO (``sigmoid``) and robust DPO.
+        chosen_tokens: ``[B]`` answer token counts (needed by ``ipo``).
+        rejected_tokens: ``[B]`` the same for the rejected answers.
+
+    Returns:
+        A :class:`DpoTerms`.
+
+    Raises:
+        ConfigError: a bad ``beta`` / ``loss_type`` / ``label_smoothing``, or ``ipo`` without token counts.
+    """
+    check_dpo_args(beta, loss_type, label_smoothing)
+    chosen_ratio = chosen_logps - ref_chosen_logps  # [B]
+    rejected_ratio = rejected_logps - ref_rejected_logps  # [B]
+    delta = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    else:  # ipo
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ConfigError("dpo_loss: loss_type 'ipo' needs chosen_tokens and rejected_tokens")
+        per_token = (chosen_ratio / chosen_tokens.clamp(min=1).to(chosen_ratio.dtype)
+                     - rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype))
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    return DpoTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def pair_metrics(terms: DpoTerms, chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, float]:
+    """Sums over the pairs of a batch of TRL's metrics (divide by the pair count for means).
+
+    Args:
+        terms: The batch's :class:`DpoTerms`.
+        chosen_logps: ``[B]`` policy log-probs of the chosen answers.
+        rejected_logps: ``[B]`` of the rejected answers.
+
+    Returns:
+        ``{name: sum over pairs}`` for each of :data:`METRIC_NAMES`.
+    """
+    c, r = terms.chosen_rewards.double(), terms.rejected_rewards.double()
+    sums = torch.stack([c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
+                        chosen_logps.detach().double().sum(), rejected_logps.detach().double().sum()])
+    return dict(zip(METRIC_NAMES, sums.tolist()))
+
+
+def pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Policy (or, inside :func:`reference_mode`, reference) log-probs of a batch of pairs.
+
+    Args:
+        model: A causal LM.
+        batch: ``2B`` rows from :func:`lorakit.pairs.collate_pairs`, chosen first.
+
+    Returns:
+        ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``, each ``[B]``.
+    """
+    logps, tokens = completion_logps(model, batch)
+    b = logps.shape[0] // 2
+    return logps[:b], logps[b:], tokens[:b], tokens[b:]
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module, reference_adapter: str | None = None) -> Iterator[nn.Module]:
+    """Inside, ``model`` computes the DPO reference: deterministic, without gradients.
+
+    With ``reference_adapter=None`` every adapter is disabled (the base model); else
+    only that (frozen) adapter is active. Dropout is off (``eval()``). On exit the
+    active adapters, the ``requires_grad`` flags and the train / eval mode are as before,
+    also when the body raises.
+
+    Args:
+        model: An injected model.
+        reference_adapter: The name of the reference adapter on ``model``, or None.
+
+    Yields:
+        The model.
+
+    Raises:
+        AdapterNotFoundError: ``reference_adapter`` is not on the model.
+    """
+    training, active = model.training, active_adapters(model)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if reference_adapter is None:
+                with disable_adapters(model):
+                    yield model
+            else:
+                set_adapter(model, reference_adapter)
+                try:
+                    yield model
+                finally:
+                    set_adapter(model, active)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
+        model.train(training)
