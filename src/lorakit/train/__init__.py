@@ -1,23 +1,7 @@
-"""The training pipeline: run config, data, batching, the loss, the loop, reporting.
+"""The training pipeline: run config, a run's data and batches, the loss, the loop, reporting.
 
-``lorakit.train(config, overrides=(), resume=False)`` is the same call as
-:func:`lorakit.train.loop.train` (what ``lorakit train`` runs): this package is
-callable, so the short name and the submodules (``lorakit.train.loop``,
-``lorakit.train.data``, ...) both work. The loop is imported on first call only.
+The entry point is :func:`lorakit.train.loop.train`, exported as ``lorakit.train``
+(which is that function, not this package; see :mod:`lorakit`). Everything a training
+run shares with inference (reading rows, tokenizing, collating) lives outside this
+package, in :mod:`lorakit.rows` and :mod:`lorakit.examples`.
 """
-
-from __future__ import annotations
-
-import sys
-import types
-from typing import Any
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from .loop import train
-
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
