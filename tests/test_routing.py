@@ -105,3 +105,21 @@ def test_lorakit_owners_and_their_precedence():
     q.disabled = True  # a state change
     assert routing.forward_owner(q) == "tests.a"
     assert routing.forward_owner(model.model.layers[0].self_attn.k_proj) == "lorakit.layers"
+
+
+def test_merged_shortcut_survives_torch_save_and_deepcopy(input_ids):
+    model = lorakit.inject(make_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lorakit.for_inference(model)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        q = twin.model.layers[0].self_attn.q_proj
+        assert routing.forward_owner(q) == "lorakit.layers"
+        assert q.forward.__self__ is q.base_layer  # the copy's own base layer
+        with torch.no_grad():
+            assert torch.equal(twin(input_ids=input_ids).logits, expected)
+        q.disabled = False  # any state change drops the shortcut on the copy too
+        assert routing.forward_owner(q) is None
