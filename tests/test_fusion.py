@@ -8,10 +8,10 @@ import io
 
 import pytest
 import torch
+from conftest import make_llama
 from transformers import BartConfig, BartForConditionalGeneration
 
 import lorakit
-from conftest import make_llama
 from lorakit import ops, routing
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps, unfuse_mlps, unfuse_shared_inputs
 from lorakit.layers import LoraLinear

@@ -163,7 +163,7 @@ def test_gradcheck_swiglu():  # chunked cross-entropy's gradcheck: tests/test_lo
 
 
 def test_swiglu_matches_stock_autograd_with_dropout():
-    H, I, p = 12, 20, 0.2
+    H, I, p = 12, 20, 0.2  # noqa: E741 (I: the intermediate size, as in the papers)
     x = _make_x((3, 4), H, True, False)
     dims = [(H, I, 4), (H, I, 2), (I, H, 3)]
     gate, up, down = (LoraSpec(*_params(i, o, r, "none", seed=k), scaling=1.0) for k, (i, o, r) in enumerate(dims))
