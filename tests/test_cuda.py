@@ -18,7 +18,7 @@ from lorakit import losses, ops, swiglu
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
-from lorakit.train.loop import make_optimizer
+from lorakit.train.schedule import make_optimizer
 from lorakit.train.recompute import enable_checkpointing
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -23,7 +23,10 @@ import lorakit  # noqa: E402
 from lorakit.errors import ConfigError, TrainingError  # noqa: E402
 from lorakit.train import device as train_device, loop  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
-from lorakit.train.loop import TrainingInterrupted, lr_factor, resolve_precision, train  # noqa: E402
+from lorakit.errors import TrainingInterrupted  # noqa: E402
+from lorakit.train.device import resolve_precision  # noqa: E402
+from lorakit.train.loop import train  # noqa: E402
+from lorakit.train.schedule import lr_factor  # noqa: E402
 from lorakit.train.report import read_metrics  # noqa: E402
 
 

@@ -61,8 +61,7 @@ from lorakit.train.schedule import lr_factor, make_optimizer
 
 GRAPH_PAD = 64  # sequence-length bucket when CUDA graphs are on
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train", "make_optimizer", "resolve_precision", "lr_factor",
-           "latest_checkpoint"]
+__all__ = ["GRAPH_PAD", "train"]
 
 
 # --------------------------------------------------------------------------- the loss
