@@ -13,8 +13,8 @@ from tiny import make_tiny_model_dir, write_chat_jsonl
 
 import lorakit
 from lorakit import evaluation, generation, runs
-from lorakit.examples import load_examples
 from lorakit.errors import AdapterFormatError, ConfigError, ModelMismatchError
+from lorakit.examples import load_examples
 from lorakit.models import load_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])

@@ -23,8 +23,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import train as _train_package  # noqa: F401  (see the module docstring; must precede `def train`)
-
+from . import train as _train_package  # the subpackage; must precede `def train` (see above)
 from .adapters import (
     active_adapters,
     add_adapter,

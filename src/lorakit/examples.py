@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lorakit.errors import ConfigError, DataError
-from lorakit.rows import FORMATS, Row, read_row_file
+from lorakit.rows import Row, read_row_file
 
 __all__ = [
     "IGNORE_INDEX",
@@ -188,7 +188,7 @@ def load_examples(
     Args:
         path: The JSONL file.
         tokenizer: A transformers tokenizer (``chat_template`` set for chat rows).
-        format: ``"auto"`` (detected from the first valid row) or one of :data:`FORMATS`.
+        format: ``"auto"`` (detected from the first valid row) or one of :data:`lorakit.rows.FORMATS`.
         max_seq_len: Examples longer than this are cut, keeping the beginning.
         train_on_prompt: Take the loss on every token, not only assistant turns /
             completions.

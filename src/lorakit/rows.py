@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from lorakit.errors import ConfigError, DataError
 
@@ -246,7 +247,8 @@ def read_jsonl(
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RowError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line")
+                    raise RowError(
+                        f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
                 if not isinstance(obj, dict):
                     raise RowError(f"expected a JSON object, got {type(obj).__name__}: {_short(obj)}")
                 items.append(parse(obj, source))

@@ -6,7 +6,8 @@ batching :mod:`lorakit.train.batching`; :func:`load_run_data` puts the pieces to
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from lorakit.examples import load_examples
 from lorakit.train.batching import make_batches, pack_examples, split_eval
