@@ -11,13 +11,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterFormatError, ConfigError
+from .files import write_file_atomic
 
 __all__ = ["LoraConfig", "CONFIG_NAME", "WEIGHTS_NAME", "PEFT_FORMAT_VERSION"]
 
@@ -189,7 +189,9 @@ class LoraConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         peft_type = data.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"{source}: peft_type={peft_type!r}; lorakit loads LoRA adapters only (peft_type 'LORA').")
+            raise ConfigError(
+                f"{source}: peft_type={peft_type!r}; lorakit loads LoRA adapters only (peft_type 'LORA')."
+            )
         for key, default in _UNSUPPORTED_IF_SET.items():
             if key in data and data[key] not in (default, None, [], {}):
                 raise ConfigError(
@@ -197,7 +199,8 @@ class LoraConfig:
                     f"re-train or export the adapter without it."
                 )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS and k not in _UNSUPPORTED_IF_SET)
+        skip = known | set(_IGNORED_PEFT_KEYS) | set(_UNSUPPORTED_IF_SET)
+        unknown = sorted(k for k in data if k not in skip)
         if unknown:
             warnings.warn(
                 f"{source}: ignoring keys lorakit does not know (written by a newer PEFT?): {', '.join(unknown)}",
@@ -207,17 +210,8 @@ class LoraConfig:
 
     def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
         """Write ``adapter_config.json`` into ``directory`` atomically."""
-        path = Path(directory) / CONFIG_NAME
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adapter_config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(base_model_name_or_path), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_file_atomic(Path(directory) / CONFIG_NAME,
+                                 json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "LoraConfig":

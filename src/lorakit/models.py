@@ -28,13 +28,13 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit.errors import ModelLoadError
+from lorakit.files import write_dir_atomic
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -249,21 +249,11 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # unlike mkdtemp, honours the umask, so the cache stays shareable
-    try:
-        print(f"lorakit: converting {gguf.name} to safetensors in {target} (once, ~30 s)...",
-              file=sys.stderr, flush=True)
-        _write_hf_model(gguf, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first: its directory is complete, use it.
-            if not (target / "config.json").is_file():
-                raise
-    finally:  # on success tmp was renamed away; on any failure nothing half-written stays
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"lorakit: converting {gguf.name} to safetensors in {target} (once, ~30 s)...", file=sys.stderr, flush=True)
+    # existing="keep": when another process finished first, its directory is complete; use it.
+    write_dir_atomic(target, lambda tmp: _write_hf_model(gguf, tmp), existing="keep")
+    if not (target / "config.json").is_file():
+        raise ModelLoadError(f"{target} exists but holds no config.json; delete that folder and load the model again.")
     return target
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lorakit.errors import ConfigError, ModelMismatchError
-from lorakit.io import adapter_state_dict, read_adapter, save_adapter, write_dir_atomic
+from lorakit.files import write_dir_atomic
+from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.train.config import RunConfig
 
 __all__ = ["latest_checkpoint", "check_run_dir", "run_fingerprint", "save_checkpoint", "load_checkpoint"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import ConfigError
+from lorakit.files import write_file_atomic
 
 __all__ = [
     "LORA_FIELDS",
@@ -186,22 +186,13 @@ def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ())
 
 
 def dump_run_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
-    """Write a run config as YAML, atomically (temp file beside it + ``os.replace``).
+    """Write a run config as YAML, atomically (:func:`lorakit.files.write_file_atomic`).
 
     Args:
         cfg: The config to write.
         path: The file to write (its folder must exist).
     """
-    path = Path(path)
-    text = yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False, allow_unicode=True))
 
 
 # --------------------------------------------------------------------------- helpers

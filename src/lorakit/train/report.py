@@ -18,11 +18,12 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lorakit.files import write_file_atomic
 
 __all__ = [
     "TrainResult",
@@ -34,20 +35,6 @@ __all__ = [
     "peak_memory_bytes",
     "format_summary",
 ]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class MetricsLogger:
@@ -63,10 +50,10 @@ class MetricsLogger:
     def __init__(self, path: str | os.PathLike[str], keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         if keep_until_step is None:
-            _atomic_write_bytes(self.path, b"")
+            write_file_atomic(self.path, b"")
         else:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
-            _atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -136,7 +123,7 @@ def plot_loss(metrics_path: str | os.PathLike[str], png_path: str | os.PathLike[
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     png_path = Path(png_path)
-    _atomic_write_bytes(png_path, buf.getvalue())
+    write_file_atomic(png_path, buf.getvalue())
     return png_path
 
 
@@ -230,7 +217,7 @@ tokenizer = AutoTokenizer.from_pretrained({base_model!r})
 model = PeftModel.from_pretrained(base, {str(path.parent)!r})
 ```
 """
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    write_file_atomic(path, text.encode("utf-8"))
     return path
 
 
