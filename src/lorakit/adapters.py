@@ -1,6 +1,9 @@
-"""Adapter lifecycle on a model: add / set / disable / delete, merge / unmerge / unload.
+"""Adapter bookkeeping and lifecycle: inject / add / set / disable / delete, merge / unmerge / unload.
 
-All functions take the (injected) model itself; there is no wrapper class.
+All functions take the (injected) model itself; there is no wrapper class. The
+bookkeeping (which adapters a model has, their configs, which are active, which
+are loaded for inference only) lives in attributes of the model that only this
+module reads and writes; :mod:`lorakit.inject` does the module surgery.
 """
 
 from __future__ import annotations
@@ -12,20 +15,16 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError
-from .inject import (
-    _ACTIVE_ATTR,
-    _CONFIGS_ATTR,
-    _FROZEN_ATTR,
-    _set_module,
-    get_configs,
-    inject,
-    lora_layers,
-    set_active,
-)
 from .fusion import unfuse_mlps, unfuse_shared_inputs
+from .inject import add_lora, lora_layers, remove_lora, route_adapters, set_module, set_requires_grad
 from .layers import LoraLayer, ModulesToSaveWrapper
 
 __all__ = [
+    "inject",
+    "get_configs",
+    "adapter_config",
+    "freeze_adapter",
+    "restore_on_error",
     "add_adapter",
     "set_adapter",
     "active_adapters",
@@ -40,7 +39,26 @@ __all__ = [
     "for_training",
 ]
 
+_CONFIGS_ATTR = "lorakit_configs"  # model attribute: {adapter_name: LoraConfig}, in the order added
+_ACTIVE_ATTR = "lorakit_active"  # model attribute: list of active adapter names
+_FROZEN_ATTR = "lorakit_frozen"  # model attribute: set of adapters loaded for inference only
+_BOOKKEEPING = (_CONFIGS_ATTR, _ACTIVE_ATTR, _FROZEN_ATTR)
 _INFERENCE_ATTR = "_lorakit_inference_state"
+
+
+def get_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters on ``model`` and their configs, in the order added (empty if none)."""
+    return dict(getattr(model, _CONFIGS_ATTR, {}))
+
+
+def adapter_config(model: nn.Module, name: str) -> LoraConfig:
+    """The config adapter ``name`` was added with.
+
+    Raises:
+        AdapterNotFoundError: the adapter is not on the model.
+    """
+    _require(model, [name])
+    return get_configs(model)[name]
 
 
 def _require(model: nn.Module, names: list[str]) -> None:
@@ -52,8 +70,117 @@ def _require(model: nn.Module, names: list[str]) -> None:
             raise AdapterNotFoundError(f"no adapter named {name!r} on this model; adapters: {', '.join(have)}.")
 
 
+def _set_active(model: nn.Module, names: list[str]) -> None:
+    """Record ``names`` as the active adapters, route every layer to them and set requires_grad to match."""
+    setattr(model, _ACTIVE_ATTR, list(names))
+    route_adapters(model, names)
+    _update_requires_grad(model)
+
+
+def _update_requires_grad(model: nn.Module) -> None:
+    """Trainable = the active adapters that are not frozen (see :func:`lorakit.inject.set_requires_grad`)."""
+    frozen = getattr(model, _FROZEN_ATTR, set())
+    set_requires_grad(model, [n for n in active_adapters(model) if n not in frozen], get_configs(model))
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add LoRA adapter ``adapter_name`` to ``model`` in place and return the model.
+
+    On a model without adapters this wraps the targeted modules, freezes every
+    base parameter and makes the new adapter the active, trainable one. On a
+    model that already has adapters the new one is added inactive (as PEFT's
+    ``add_adapter``); switch to it with :func:`lorakit.set_adapter`. When it
+    fails, the model is left as it was.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model or your own).
+        config: what to adapt and how.
+        adapter_name: name of the new adapter.
+
+    Returns:
+        The same model object, modified in place.
+
+    Raises:
+        ConfigError: the name is taken or the config is unusable.
+        TargetNotFoundError: a target matches no module.
+        UnsupportedModuleError: a matched module is of an unsupported kind.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}.")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ConfigError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
+    configs = get_configs(model)
+    if adapter_name in configs:
+        raise ConfigError(
+            f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first."
+        )
+    with restore_on_error(model):
+        add_lora(model, config, adapter_name)
+        if not configs:
+            model.requires_grad_(False)
+        setattr(model, _CONFIGS_ATTR, {**configs, adapter_name: config})
+        if not hasattr(model, _FROZEN_ATTR):
+            setattr(model, _FROZEN_ATTR, set())
+        _set_active(model, active_adapters(model) if configs else [adapter_name])
+    return model
+
+
+def freeze_adapter(model: nn.Module, name: str) -> None:
+    """Mark adapter ``name`` inference-only: its weights stay frozen, also while it is active.
+
+    Raises:
+        AdapterNotFoundError: the adapter is not on the model.
+    """
+    _require(model, [name])
+    getattr(model, _FROZEN_ATTR).add(name)
+    _update_requires_grad(model)
+
+
+@contextlib.contextmanager
+def restore_on_error(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: if its body raises, the adapters it added are removed without a trace.
+
+    The module tree (every module object at its place), the ``requires_grad`` flags,
+    the bookkeeping and each layer's active adapters come back as they were on
+    entry. Parameter values the body wrote into existing parameters are the
+    body's to restore.
+    """
+    modules = list(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    routing = [(m, list(m.active_adapters) if isinstance(m, LoraLayer) else m.active_adapter)
+               for _, m in modules if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    before = {m: set(m.r) if isinstance(m, LoraLayer) else set(m.modules_to_save) for m, _ in routing}
+    saved = {a: model.__dict__[a] for a in _BOOKKEEPING if a in model.__dict__}
+    saved = {a: (dict(v) if isinstance(v, dict) else type(v)(v)) for a, v in saved.items()}
+    try:
+        yield model
+    except BaseException:
+        added = set()
+        for _, m in model.named_modules():
+            if isinstance(m, (LoraLayer, ModulesToSaveWrapper)):
+                have = set(m.r) if isinstance(m, LoraLayer) else set(m.modules_to_save)
+                added |= have - before.get(m, set())
+        for name in added:
+            remove_lora(model, name)
+        for name, module in modules:  # parents first, so each path resolves in the restored tree
+            if name and model.get_submodule(name) is not module:
+                set_module(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, active in routing:
+            if isinstance(m, LoraLayer) and m.active_adapters != active:
+                m.active_adapters = active
+            elif isinstance(m, ModulesToSaveWrapper):
+                m.active_adapter = active
+        for attr in _BOOKKEEPING:
+            model.__dict__.pop(attr, None)
+            if attr in saved:
+                setattr(model, attr, saved[attr])
+        raise
+
+
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
-    """Add adapter ``name`` to ``model`` (inactive if others exist). See :func:`lorakit.inject`."""
+    """Add adapter ``name`` to ``model`` (inactive if others exist). See :func:`inject`."""
     return inject(model, config, adapter_name=name)
 
 
@@ -65,7 +192,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     """
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
     _require(model, names)
-    set_active(model, names)
+    _set_active(model, names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -85,17 +212,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         AdapterNotFoundError: the name is not on the model.
     """
     _require(model, [name])
-    for _, layer in lora_layers(model):
-        if name in layer.r:
-            layer.delete_adapter(name)
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            module.delete_adapter(name)
-    configs = dict(get_configs(model))
+    remove_lora(model, name)
+    configs = get_configs(model)
     del configs[name]
     setattr(model, _CONFIGS_ATTR, configs)
     getattr(model, _FROZEN_ATTR, set()).discard(name)
-    set_active(model, [a for a in active_adapters(model) if a != name])
+    _set_active(model, [a for a in active_adapters(model) if a != name])
 
 
 @contextlib.contextmanager
@@ -161,11 +283,11 @@ def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
                 module.merge(pending)
             else:
                 module.unmerge()
-            _set_module(model, name, module.base_layer)
+            set_module(model, name, module.base_layer)
         else:
             keep = module.current if merge_first else module.original_module
-            _set_module(model, name, keep)
-    for attr in (_CONFIGS_ATTR, _ACTIVE_ATTR, _FROZEN_ATTR):
+            set_module(model, name, keep)
+    for attr in _BOOKKEEPING:
         if attr in model.__dict__:
             delattr(model, attr)
     return model

@@ -3,12 +3,18 @@
 Matching follows PEFT exactly (so a config means the same thing in both), with
 one difference: a ``target_modules`` list entry that matches nothing is an
 error naming it and the closest real module names, where PEFT ignores it.
+
+This module changes modules and ``requires_grad`` flags only; which adapters a
+model has, their configs and which are active is :mod:`lorakit.adapters`'
+bookkeeping (``lorakit.inject(model, config)`` lives there: it calls
+:func:`add_lora` and records the adapter).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from typing import Iterator
 
 from torch import nn
@@ -18,24 +24,17 @@ from .errors import ConfigError, TargetNotFoundError
 from .layers import HFConv1D, LoraLayer, ModulesToSaveWrapper, wrap_module
 
 __all__ = [
-    "inject",
     "find_targets",
     "lora_layers",
+    "add_lora",
+    "remove_lora",
+    "set_module",
+    "route_adapters",
+    "set_requires_grad",
     "trainable_parameters",
     "print_trainable_parameters",
-    "get_configs",
-    "set_requires_grad",
     "pattern_value",
 ]
-
-_CONFIGS_ATTR = "lorakit_configs"  # model attribute: {adapter_name: LoraConfig}
-_ACTIVE_ATTR = "lorakit_active"  # model attribute: list of active adapter names
-_FROZEN_ATTR = "lorakit_frozen"  # model attribute: adapters loaded for inference only
-
-
-def get_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters on ``model`` and their configs (empty if none)."""
-    return getattr(model, _CONFIGS_ATTR, {})
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -156,72 +155,58 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def pattern_value(pattern: dict, key: str, default):
-    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key matching module ``key`` (PEFT's rule), else ``default``."""
+    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key matching module ``key``, else ``default``.
+
+    PEFT's rule: a key matches the module path's end, as a regular expression.
+    """
     for p in pattern:
         if re.match(rf"(.*\.)?({p})$", key):
             return pattern[p]
     return default
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule at dotted path ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Add LoRA adapter ``adapter_name`` to ``model`` in place and return the model.
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Wrap the modules ``config`` targets (once) and add adapter ``adapter_name`` to them.
 
-    On a model without adapters this wraps the targeted modules, freezes every
-    base parameter and makes the new adapter the active, trainable one. On a
-    model that already has adapters the new one is added inactive (as PEFT's
-    ``add_adapter``); switch to it with :func:`lorakit.set_adapter`.
-
-    Args:
-        model: any ``nn.Module`` (a transformers model or your own).
-        config: what to adapt and how.
-        adapter_name: name of the new adapter.
-
-    Returns:
-        The same model object, modified in place.
+    Also adds the adapter's ``modules_to_save`` copies. Touches no bookkeeping and
+    no ``requires_grad`` flag; a failure part way leaves the surgery done so far
+    (:func:`lorakit.adapters.inject` undoes it).
 
     Raises:
-        ConfigError: the name is taken or the config is unusable.
+        ConfigError: the config is unusable.
         TargetNotFoundError: a target matches no module.
         UnsupportedModuleError: a matched module is of an unsupported kind.
     """
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}.")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ConfigError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
-    configs = get_configs(model)
-    if adapter_name in configs:
-        raise ConfigError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first.")
-    first = not configs
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
     for name in targets:
         module = modules[name]
         if not isinstance(module, LoraLayer):
             module = wrap_module(module, config.fan_in_fan_out)
-            _set_module(model, name, module)
+            set_module(model, name, module)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         module.add_adapter(adapter_name, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
                            config.init_lora_weights)
     for mts in config.modules_to_save or []:
         _add_modules_to_save(model, mts, adapter_name)
-    if first:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    setattr(model, _CONFIGS_ATTR, {**configs, adapter_name: config})
-    if not hasattr(model, _FROZEN_ATTR):
-        setattr(model, _FROZEN_ATTR, set())
-    if first:
-        set_active(model, [adapter_name])
-    else:
-        set_active(model, getattr(model, _ACTIVE_ATTR, []))
-    return model
+
+
+def remove_lora(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every LoRA layer and modules_to_save wrapper (wrappers stay)."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.r:
+            layer.delete_adapter(adapter_name)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.delete_adapter(adapter_name)
 
 
 def _add_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> None:
@@ -236,27 +221,30 @@ def _add_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> No
             raise ConfigError(f"{name!r} is both a LoRA target and in modules_to_save; choose one.")
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
-            _set_module(model, name, module)
+            set_module(model, name, module)
         module.add_adapter(adapter_name)
 
 
-def set_active(model: nn.Module, names: list[str]) -> None:
-    """Make ``names`` the active adapters on every layer and set requires_grad to match."""
-    setattr(model, _ACTIVE_ATTR, list(names))
+def route_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make every LoRA layer and modules_to_save wrapper compute with the adapters in ``names`` it has."""
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.r]
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             module.active_adapter = next((n for n in names if n in module.modules_to_save), None)
-    set_requires_grad(model)
 
 
-def set_requires_grad(model: nn.Module) -> None:
-    """Trainable = LoRA weights of active, non-frozen adapters (+ bias / modules_to_save per config)."""
-    active = getattr(model, _ACTIVE_ATTR, [])
-    frozen = getattr(model, _FROZEN_ATTR, set())
-    configs = get_configs(model)
-    trainable = [n for n in active if n not in frozen]
+def set_requires_grad(model: nn.Module, trainable: list[str], configs: Mapping[str, LoraConfig]) -> None:
+    """Make exactly the weights of the ``trainable`` adapters trainable (+ bias / modules_to_save per config).
+
+    Base weights are left as they are, except biases: with any adapter whose
+    config trains biases (``bias`` not ``"none"``) they follow the trainable ones.
+
+    Args:
+        model: an injected model.
+        trainable: the adapters to train.
+        configs: every adapter's config, by name.
+    """
     for _, layer in lora_layers(model):
         for pname in layer.adapter_param_names:
             for name, sub in getattr(layer, pname).items():

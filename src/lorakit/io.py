@@ -14,27 +14,28 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapters import adapter_config, freeze_adapter, get_configs, inject, restore_on_error
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
-from .inject import _FROZEN_ATTR, get_configs, inject, lora_layers, set_requires_grad
+from .files import write_dir_atomic
+from .inject import lora_layers
 from .layers import LoraLayer, ModulesToSaveWrapper
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "write_dir_atomic", "LORA_KEY"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "LORA_KEY"]
 
 PREFIX = "base_model.model."
 _BIN_NAME = "adapter_model.bin"
 # Splits a saved tensor key into module path, kind and suffix.
-LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.weight)?)$")
+LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.weight)?)$"
+)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -43,10 +44,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     Raises:
         AdapterNotFoundError: the adapter is not on the model.
     """
-    from .adapters import _require
-
-    _require(model, [adapter_name])
-    config = get_configs(model)[adapter_name]
+    config = adapter_config(model, adapter_name)
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         if adapter_name not in layer.r:
@@ -82,47 +80,8 @@ def _config_for_save(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     return dataclasses.replace(config, target_modules=targets)
 
 
-def write_dir_atomic(final: Path, write: Callable[[Path], None], keep_extras: bool = False) -> Path:
-    """Write a directory via ``write(tmp_dir)`` and move it into place by renames.
-
-    On any error the temp dir is removed and ``final`` is untouched.
-
-    Args:
-        final: the directory to (re)place.
-        write: fills the temporary directory it is given.
-        keep_extras: ``final`` may hold other files (a run dir's checkpoints, metrics, a
-            non-default adapter's subfolder): only the files ``write`` produced are replaced,
-            each by one atomic rename, ``adapter_config.json`` last; nothing else in
-            ``final`` is moved. Without it an existing ``final`` is swapped out whole.
-
-    Returns:
-        ``final``.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        write(tmp)
-        if final.exists() and keep_extras:
-            produced = sorted(p.name for p in tmp.iterdir())
-            for name in sorted(produced, key=lambda n: n == CONFIG_NAME):  # the config is the "complete" marker
-                os.replace(tmp / name, final / name)
-            if WEIGHTS_NAME in produced:
-                (final / _BIN_NAME).unlink(missing_ok=True)  # a stale pickle-era copy must not shadow the new weights
-        elif final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Save one adapter in PEFT's format (atomically: a temp dir renamed into place).
+    """Save one adapter in PEFT's format, atomically (:func:`lorakit.files.write_dir_atomic`).
 
     Args:
         model: an injected model.
@@ -136,7 +95,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         AdapterNotFoundError: the adapter is not on the model.
     """
     tensors = {PREFIX + k: v.contiguous().clone().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    config = _config_for_save(model, get_configs(model)[adapter_name], adapter_name)
+    config = _config_for_save(model, adapter_config(model, adapter_name), adapter_name)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     final = Path(path) if adapter_name == "default" else Path(path) / adapter_name
 
@@ -144,7 +103,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(tmp, base_model_name_or_path=base_name)
 
-    write_dir_atomic(final, write, keep_extras=True)
+    # Only the adapter files are replaced (a run dir keeps its checkpoints), the config last: it marks "complete".
+    write_dir_atomic(final, write, existing="update", last=CONFIG_NAME)
+    (final / _BIN_NAME).unlink(missing_ok=True)  # a stale pickle-era copy must not shadow the new weights
     return final
 
 
@@ -208,6 +169,8 @@ def load_adapter(
 
     On a model without adapters the loaded one becomes active; otherwise it is
     added inactive (use :func:`lorakit.set_adapter`), as PEFT's ``load_adapter``.
+    When loading fails, the model is left exactly as it was: same modules, same
+    parameter values (also base biases the adapter trains) and flags, same adapters.
 
     Args:
         model: the base model (or a model that already has other adapters).
@@ -228,26 +191,49 @@ def load_adapter(
     if adapter_name in get_configs(model):
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; load it under another name.")
     _check_modules_exist(model, path, tensors)
-    targets: dict[str, LoraLayer] = {}
-    inject(model, config, adapter_name)
-    try:
-        for name, layer in lora_layers(model):
-            if adapter_name in layer.r:
-                targets[name] = layer
-        _load_tensors(model, path, config, tensors, targets, adapter_name)
-    except BaseException:
-        from .adapters import delete_adapter
-
-        delete_adapter(model, adapter_name)
-        raise
-    if not is_trainable:
-        getattr(model, _FROZEN_ATTR).add(adapter_name)
-    set_requires_grad(model)
+    with restore_on_error(model):
+        inject(model, config, adapter_name)
+        targets = {name: layer for name, layer in lora_layers(model) if adapter_name in layer.r}
+        _copy_into(_plan_copies(model, path, tensors, targets, adapter_name))
+        if not is_trainable:
+            freeze_adapter(model, adapter_name)
     return model
 
 
-def _load_tensors(model, path: Path, config: LoraConfig, tensors, targets: dict[str, LoraLayer], adapter_name: str):
+def _copy_into(copies: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+    """Copy each value into its parameter; if one copy fails, put the model's own parameters back first.
+
+    The new adapter's parameters need no backup (a failed load removes them); the
+    others (base biases, base embedding weights) are cloned before they are written.
+    """
+    backups = []
+    try:
+        with torch.no_grad():
+            for target, value, owned in copies:
+                if not owned:
+                    backups.append((target, target.detach().clone()))
+                target.copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for target, old in backups:
+                target.copy_(old)
+        raise
+
+
+def _plan_copies(
+    model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], targets: dict[str, LoraLayer], adapter_name: str
+) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Check every tensor against the model before anything is written.
+
+    Returns:
+        ``(parameter, value, owned)`` triples; ``owned``: the parameter belongs to the new adapter.
+
+    Raises:
+        AdapterFormatError: config and weights disagree (a tensor has no place, or a target has no weights).
+        ModelMismatchError: a tensor's shape differs from its parameter's.
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
+    copies = []
     seen = set()
     for key, value in tensors.items():
         m = LORA_KEY.match(key)
@@ -260,16 +246,19 @@ def _load_tensors(model, path: Path, config: LoraConfig, tensors, targets: dict[
                 )
             kind = m.group("kind")
             dest = f"{module}.{kind}.{adapter_name}" + (".weight" if kind in ("lora_A", "lora_B") else "")
+            owned = True
             seen.add(module)
-        elif key.endswith(".bias") or (key.endswith(".weight") and ".base_layer." in key):
-            dest = key  # a trained bias, or a base embedding PEFT saved alongside
-        else:
+        else:  # a modules_to_save copy's tensor (its bias too), a trained bias, a base embedding PEFT saved
             owner, _, leaf = key.rpartition(".")
-            wrapper = model.get_submodule(owner) if owner else None
-            if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
+            owner = owner.removesuffix(".base_layer")  # saved from a wrapped or a plain module: either fits
+            holder = model.get_submodule(owner)
+            owned = isinstance(holder, ModulesToSaveWrapper) and adapter_name in holder.modules_to_save
+            if owned:
                 dest = f"{owner}.modules_to_save.{adapter_name}.{leaf}"
+            elif isinstance(holder, LoraLayer):
+                dest = f"{owner}.base_layer.{leaf}"
             else:
-                dest = key
+                dest = f"{owner}.{leaf}" if owner else leaf
         if dest not in params:
             raise AdapterFormatError(
                 f"{path}: config and weights disagree: {key!r} has no place in the model with this config "
@@ -281,11 +270,11 @@ def _load_tensors(model, path: Path, config: LoraConfig, tensors, targets: dict[
                 f"{path}: shape mismatch for {key!r}: the model expects {tuple(target.shape)}, the adapter has "
                 f"{tuple(value.shape)}. Was it trained on another base model, or with another r / rank_pattern?"
             )
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype))
+        copies.append((target, value.to(target.dtype), owned))
     missing = sorted(set(targets) - seen)
     if missing:
         raise AdapterFormatError(
             f"{path}: config and weights disagree: the config targets {len(missing)} module(s) with no weights in "
             f"{WEIGHTS_NAME}, e.g. {missing[0]!r}. The file is incomplete or belongs to another config."
         )
+    return copies
