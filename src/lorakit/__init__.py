@@ -31,6 +31,7 @@ from .adapters import (
     disable_adapters,
     for_inference,
     for_training,
+    inject,
     list_adapters,
     merge,
     merge_and_unload,
@@ -52,7 +53,7 @@ from .errors import (
     TrainingInterrupted,
     UnsupportedModuleError,
 )
-from .inject import inject, print_trainable_parameters, trainable_parameters
+from .inject import print_trainable_parameters, trainable_parameters
 from .io import load_adapter, save_adapter
 
 if TYPE_CHECKING:

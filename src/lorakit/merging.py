@@ -18,7 +18,7 @@ import torch
 
 from .adapters import merge_and_unload
 from .errors import ConfigError
-from .io import write_dir_atomic
+from .files import write_dir_atomic
 from .runs import open_adapter
 
 __all__ = ["merge_to_dir"]

@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lorakit.adapters import inject
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.examples import collate
-from lorakit.inject import inject, trainable_parameters
+from lorakit.inject import trainable_parameters
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.io import save_adapter
 from lorakit.train import report
