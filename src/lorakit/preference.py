@@ -25,8 +25,9 @@ the same base, a few MB). :func:`pair_logps` scores a batch of pairs as
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,10 @@ from torch import Tensor, nn
 from .adapters import active_adapters, disable_adapters, set_adapter
 from .errors import ConfigError
 from .logprobs import completion_logps
+from .pairs import collate_pairs, load_pairs
 
 __all__ = ["LOSS_TYPES", "DpoTerms", "check_dpo_args", "dpo_loss", "pair_logps", "reference_mode", "pair_metrics",
-           "METRIC_NAMES"]
+           "METRIC_NAMES", "evaluate_pairs"]
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -200,3 +202,64 @@ def reference_mode(model: nn.Module, reference_adapter: str | None = None) -> It
         for name, p in model.named_parameters():
             p.requires_grad_(grads[name])
         model.train(training)
+
+
+def evaluate_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    data_path: str | os.PathLike[str],
+    *,
+    reference_adapter: str | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    max_seq_len: int = 1024,
+    max_prompt_len: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Reward accuracy and margins of an adapter against its reference on a pairs file.
+
+    Args:
+        model: The model with the adapter to judge active.
+        tokenizer: Its tokenizer.
+        data_path: A JSONL file of preference rows (:mod:`lorakit.pairs`).
+        reference_adapter: The reference adapter's name on ``model``, or None (the base).
+        beta: β of the rewards and loss.
+        loss_type: For ``eval_loss``; one of :data:`LOSS_TYPES`.
+        label_smoothing: ε of cDPO / robust DPO.
+        max_seq_len: Most tokens of prompt + answer.
+        max_prompt_len: Most prompt tokens (None: no separate limit).
+        batch_size: Pairs per forward.
+
+    Returns:
+        ``{"pairs", "eval_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+        "rewards/rejected", "logps/chosen", "logps/rejected"}``, means over the pairs.
+
+    Raises:
+        DataError: the file is missing or a row is malformed.
+        ConfigError: bad DPO values or ``batch_size``.
+    """
+    check_dpo_args(beta, loss_type, label_smoothing)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    pairs, _ = load_pairs(data_path, tokenizer, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len)
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    sums = dict.fromkeys(("eval_loss", *METRIC_NAMES), 0.0)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(pairs), batch_size):
+                batch = {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size],
+                                                                   tokenizer.pad_token_id).items()}
+                with reference_mode(model, reference_adapter):
+                    ref_c, ref_r, _, _ = pair_logps(model, batch)
+                c, r, nc, nr = pair_logps(model, batch)
+                terms = dpo_loss(c, r, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                                 label_smoothing=label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+                sums["eval_loss"] += float(terms.losses.double().sum())
+                for name, value in pair_metrics(terms, c, r).items():
+                    sums[name] += value
+    finally:
+        model.train(training)
+    return {"pairs": len(pairs), **{k: v / len(pairs) for k, v in sums.items()}}
