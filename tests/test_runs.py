@@ -184,6 +184,17 @@ def test_generate_rejects_bad_arguments(opened):
         generation.generate(model, tokenizer, "x", max_new_tokens=0)
 
 
+def test_generate_batch_answers_as_one_prompt_at_a_time(opened):
+    model, tokenizer, _ = opened
+    prompts = ["say abc", "hi", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "say ab"}]]
+    ids = [generation.prompt_ids(tokenizer, p) for p in prompts]
+    assert len({len(i) for i in ids}) == 3  # different lengths: the batch is left-padded
+    one_by_one = [generation.generate(model, tokenizer, p, max_new_tokens=5) for p in prompts]
+    assert generation.generate_batch(model, tokenizer, ids, max_new_tokens=5, batch_size=3) == one_by_one
+    with pytest.raises(ConfigError, match="batch_size"):
+        generation.generate_batch(model, tokenizer, ids, batch_size=0)
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
