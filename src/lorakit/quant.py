@@ -1,0 +1,602 @@
+"""Quantized frozen bases: 4-bit (bitsandbytes NF4 / FP4) storage and the LoRA op over it.
+
+QLoRA (Dettmers et al. 2023) keeps the base weights in 4 bits and trains LoRA on
+top. The storage is bitsandbytes' own (``bnb.nn.Linear4bit`` holding a
+``Params4bit``: two 4-bit codes per byte, one absmax per 64 weights, the absmaxes
+themselves 8-bit with double quantization), so a base quantized here is the one
+PEFT + bitsandbytes users get, and their adapters and ours load on either.
+
+What the LoRA layers need from a quantized base is one narrow interface,
+:class:`QuantizedBase`:
+
+* ``output(x2, cd)``: ``x2 Wᵀ`` for ``x2 [N, in]``, in the compute dtype ``cd``;
+* ``grad_input(dy, cd)``: ``dY W`` for ``dy [N, out]``;
+* ``dequantized(dtype)``: ``W [out, in]`` itself (merging, tests).
+
+:class:`Base4bit` implements it by dequantizing one layer's weight with
+bitsandbytes' ``dequantize_4bit`` straight into ``cd``, using it and dropping
+it: the full-precision weight exists only for the length of one matmul, and
+backward dequantizes again instead of saving it. Another storage (int8) plugs
+in by implementing the same three methods and being returned by
+:func:`quantized_base`.
+
+:func:`lora_linear_quantized` is the LoRA autograd op over such a base (the
+math of :mod:`lorakit.ops` with the base matmuls going through the interface).
+:func:`quantize` turns a loaded model's Linear layers into 4-bit storage in
+place, skipping the modules transformers' bitsandbytes integration skips (the
+output head and weights tied to it), with every other floating-point parameter
+(norms, embeddings, head) in fp32 as PEFT's ``prepare_model_for_kbit_training``
+leaves them.
+
+bitsandbytes is optional: ``pip install bitsandbytes==0.50.2`` (or ``pip install
+'lorakit[qlora]'``); it is imported only when a 4-bit base is made or used.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .branches import apply_dropout, draw_seed, dropout_multiplier
+from .errors import ConfigError, ModelLoadError, ModelMismatchError, UnsupportedModuleError
+from .precision import no_autocast
+
+__all__ = [
+    "QUANTIZATIONS",
+    "COMPUTE_DTYPES",
+    "INSTALL_HINT",
+    "QuantizedBase",
+    "Base4bit",
+    "require_bitsandbytes",
+    "check_quantization",
+    "resolve_compute_dtype",
+    "quantized_base",
+    "is_quantized_model",
+    "quantization_info",
+    "quantize",
+    "prepare_quantized",
+    "dequantize_4bit",
+    "quantize_weight_4bit",
+    "lora_linear_quantized",
+]
+
+QUANTIZATIONS = ("nf4", "fp4")
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INSTALL_HINT = "pip install bitsandbytes==0.50.2"
+BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block (weights per absmax)
+
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+# ----------------------------------------------------------------------------- bitsandbytes and settings
+
+
+def require_bitsandbytes() -> Any:
+    """Import bitsandbytes, or say how to install it.
+
+    Returns:
+        The ``bitsandbytes`` module.
+
+    Raises:
+        ModelLoadError: bitsandbytes is not installed (the message names the install command).
+    """
+    if sys.modules.get("bitsandbytes") is not None:
+        return sys.modules["bitsandbytes"]
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    # Its CPU backend warns at import that an optional kernel package (`kernels`) is missing; the
+    # plain kernels it falls back to are the ones lorakit calls, so the warning only adds noise.
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ModelLoadError(
+            f"4-bit bases need bitsandbytes, which is not installed ({e}); run `{INSTALL_HINT}` "
+            "(or `pip install 'lorakit[qlora]'`), or set quantization: none."
+        ) from None
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
+def check_quantization(quantization: str) -> str:
+    """Validate a quantization name.
+
+    Args:
+        quantization: ``"nf4"`` or ``"fp4"`` (any case).
+
+    Returns:
+        The name, lower case.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    q = str(quantization).lower()
+    if q not in QUANTIZATIONS:
+        raise ConfigError(
+            f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)} "
+            "(or none for a full-precision base)."
+        )
+    return q
+
+
+def _cpu_bf16_flag() -> str | None:
+    try:
+        flags = set(_CPUINFO.read_text().split())
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def resolve_compute_dtype(
+    requested: str | torch.dtype, device: torch.device | str | None = None, precision: str | None = None
+) -> tuple[torch.dtype, str]:
+    """The dtype a 4-bit base is dequantized into and multiplied in.
+
+    ``auto`` follows ``train.precision``: the resolved ``precision`` when one is
+    given (a training run), else the same hardware rule (bf16 on a CUDA GPU with
+    bf16, and on CPUs with AMX or AVX512-BF16; fp32 elsewhere).
+
+    Args:
+        requested: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch dtype of those.
+        device: Where the model computes (default CPU).
+        precision: A resolved ``train.precision`` (``"fp32"`` / ``"bf16"``), or None.
+
+    Returns:
+        ``(dtype, reason)``.
+
+    Raises:
+        ConfigError: an unknown compute dtype.
+    """
+    if isinstance(requested, torch.dtype):
+        names = {v: k for k, v in COMPUTE_DTYPES.items()}
+        if requested not in names:
+            raise ConfigError(f"unknown compute_dtype {requested}; use auto, {', '.join(COMPUTE_DTYPES)}.")
+        return requested, f"compute_dtype is {names[requested]}"
+    key = str(requested).lower()
+    if key in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[key], f"compute_dtype is {key}"
+    if key != "auto":
+        raise ConfigError(f"unknown compute_dtype {requested!r}; use auto, {', '.join(COMPUTE_DTYPES)}.")
+    if precision is not None:
+        return COMPUTE_DTYPES[precision], f"auto: follows train.precision ({precision})"
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "auto: the GPU supports bf16") if ok else (torch.float32, "auto: the GPU has no bf16")
+    flag = _cpu_bf16_flag() if dev.type == "cpu" else None
+    if flag is not None:
+        return torch.bfloat16, f"auto: the CPU has {flag}"
+    return torch.float32, f"auto: no fast bf16 on this {dev.type} (no AMX/AVX512-BF16)"
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+
+def _plain_state(weight: Any) -> Any:
+    """The weight's quant state in bitsandbytes' standard layout.
+
+    bitsandbytes' ``Linear4bit.forward`` repacks its weight for an inference-only CPU
+    kernel the first time it runs in eval mode without grad on an AVX512-BF16 CPU;
+    that layout is undone here (bitsandbytes' own inverse) before anything reads it.
+    """
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        weight.quant_state = state
+    return state
+
+
+def dequantize_4bit(weight: Any, dtype: torch.dtype) -> Tensor:
+    """``W [out, in]`` of a ``Params4bit``, dequantized by bitsandbytes straight into ``dtype``.
+
+    Args:
+        weight: A quantized ``bitsandbytes.nn.Params4bit``.
+        dtype: fp32, bf16 or fp16.
+
+    Returns:
+        A new tensor ``[out, in]`` (the caller owns it; nothing keeps a reference).
+    """
+    bnb = require_bitsandbytes()
+    state = _plain_state(weight)
+    target = bnb.functional.QuantState(  # the same state, asking for another output dtype
+        absmax=state.absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+        quant_type=state.quant_type, dtype=dtype, offset=state.offset, state2=state.state2,
+    )
+    return bnb.functional.dequantize_4bit(weight.data, target)
+
+
+def quantize_weight_4bit(weight: Tensor, quantization: str = "nf4", double_quant: bool = True) -> tuple[Tensor, Any]:
+    """Quantize one ``[out, in]`` weight as bitsandbytes (and so transformers) does.
+
+    Args:
+        weight: The full-precision weight (fp64 is quantized from its fp32 values).
+        quantization: ``"nf4"`` or ``"fp4"``.
+        double_quant: Also quantize the absmaxes (8-bit, blocks of 256).
+
+    Returns:
+        ``(packed uint8 codes, QuantState)``.
+
+    Raises:
+        ConfigError: an unknown quantization.
+    """
+    bnb = require_bitsandbytes()
+    q = check_quantization(quantization)
+    w = weight.detach()
+    if w.dtype not in COMPUTE_DTYPES.values():
+        w = w.float()
+    return bnb.functional.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                        quant_type=q)
+
+
+class QuantizedBase(Protocol):
+    """What the LoRA op needs from a frozen quantized Linear (``y = x Wᵀ + b``)."""
+
+    in_features: int
+    out_features: int
+    bias: Tensor | None
+    compute_dtype: torch.dtype | None
+
+    def output(self, x2: Tensor, cd: torch.dtype) -> Tensor:
+        """``x2 Wᵀ`` for ``x2 [N, in]`` in ``cd``: ``[N, out]`` in ``cd`` (no bias)."""
+        ...
+
+    def grad_input(self, dy: Tensor, cd: torch.dtype) -> Tensor:
+        """``dY W`` for ``dy [N, out]`` in ``cd``: ``[N, in]`` in ``cd``."""
+        ...
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """``W [out, in]`` in ``dtype``."""
+        ...
+
+
+class Base4bit:
+    """:class:`QuantizedBase` over a ``bitsandbytes.nn.Linear4bit``: dequantize per call, then matmul.
+
+    Attributes:
+        module: The ``Linear4bit``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return getattr(self.module, "compute_dtype", None)
+
+    @property
+    def quantization(self) -> str:
+        return self.module.weight.quant_type
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        return dequantize_4bit(self.module.weight, dtype)
+
+    def output(self, x2: Tensor, cd: torch.dtype) -> Tensor:
+        W = dequantize_4bit(self.module.weight, cd)  # [out, in], alive for this matmul only
+        return x2 @ W.t()  # [N, out]
+
+    def grad_input(self, dy: Tensor, cd: torch.dtype) -> Tensor:
+        W = dequantize_4bit(self.module.weight, cd)  # dequantized again: never saved from forward
+        return dy @ W  # [N, in]
+
+
+def quantized_base(module: nn.Module) -> QuantizedBase | None:
+    """The :class:`QuantizedBase` of a quantized Linear, None for any other module.
+
+    Args:
+        module: A module, typically a LoRA layer's ``base_layer``.
+
+    Returns:
+        A :class:`Base4bit` for a ``bitsandbytes.nn.Linear4bit``, else None.
+    """
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no module can be a bitsandbytes layer
+    if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+        # bitsandbytes' CPU inference path repacks the weight in place (absmax rounded to bf16);
+        # lorakit's bases keep bitsandbytes' standard layout, the one PEFT and save_pretrained use.
+        module.support_avx512bf16_for_cpu = False
+        return Base4bit(module)
+    return None
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether any module of ``model`` holds 4-bit (bitsandbytes) weights."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def quantization_info(model: nn.Module) -> dict[str, Any] | None:
+    """How ``model``'s base is quantized, for run summaries and adapter notes.
+
+    Returns:
+        ``{"quantization", "double_quant", "compute_dtype", "layers"}`` read off the
+        first 4-bit layer (and the count of them), or None for a model without any.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        return None
+    first = layers[0]
+    names = {v: k for k, v in COMPUTE_DTYPES.items()}
+    cd = getattr(first, "compute_dtype", None)
+    return {"quantization": first.weight.quant_type, "double_quant": bool(first.weight.compress_statistics),
+            "compute_dtype": names.get(cd, str(cd)), "layers": len(layers)}
+
+
+# ----------------------------------------------------------------------------- quantizing a model
+
+
+def _skip_names(model: nn.Module, skip_modules: Sequence[str] | None) -> list[str]:
+    """Modules left in full precision: transformers' bitsandbytes rule plus the caller's."""
+    names: set[str] = set(skip_modules or [])
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        PreTrainedModel = None
+    if PreTrainedModel is not None and isinstance(model, PreTrainedModel):
+        names.update(get_keys_to_not_convert(model))  # output head, weights tied to it, the last module
+        names.update(getattr(model, "_keep_in_fp32_modules", None) or [])
+    else:
+        get_out = getattr(model, "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        names.update(n for n, m in model.named_modules() if head is not None and m is head)
+    return sorted(names)
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or name.endswith(f".{s}") or name.startswith(f"{s}.") or f".{s}." in name for s in skip)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def _to_linear4bit(module: nn.Module, quantization: str, double_quant: bool, cd: torch.dtype) -> nn.Module:
+    """A ``Linear4bit`` holding ``module``'s weight (``[out, in]``) in 4 bits, and its bias."""
+    bnb = require_bitsandbytes()
+    weight = module.weight.detach()
+    if _is_conv1d(module):  # GPT-2's Conv1D stores (in, out)
+        weight = weight.t()
+    out_f, in_f = weight.shape
+    with torch.device("meta"):
+        new = bnb.nn.Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=cd,
+                                compress_statistics=double_quant, quant_type=quantization)
+    packed, state = quantize_weight_4bit(weight, quantization, double_quant)
+    new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                   compress_statistics=double_quant, quant_type=quantization,
+                                   quant_storage=packed.dtype, module=new, bnb_quantized=True)
+    new.quant_state = state
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+    new.compute_type_is_set = True
+    new.support_avx512bf16_for_cpu = False  # see quantized_base
+    return new
+
+
+def prepare_quantized(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Put a 4-bit model in the state QLoRA trains in; used by :func:`quantize` and the model loader.
+
+    Every parameter frozen; every floating-point parameter that is not 4-bit
+    (norms, embeddings, output head, biases) in fp32, as PEFT's
+    ``prepare_model_for_kbit_training`` does; each 4-bit layer's compute dtype set.
+
+    Args:
+        model: A model with ``bitsandbytes.nn.Linear4bit`` layers.
+        compute_dtype: The dtype the 4-bit layers dequantize into.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    bnb = require_bitsandbytes()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.__class__.__name__ != "Params4bit" and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype, m.compute_type_is_set = compute_dtype, True
+            m.support_avx512bf16_for_cpu = False  # see quantized_base
+    model.is_loaded_in_4bit = True  # what transformers sets, and PEFT reads
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype = "auto",
+    skip_modules: Sequence[str] | None = None,
+    modules: Sequence[str] | None = None,
+) -> nn.Module:
+    """Replace a loaded model's Linear layers by 4-bit bitsandbytes ones, in place (QLoRA's base).
+
+    The packed weights equal what ``from_pretrained(..., quantization_config=
+    BitsAndBytesConfig(load_in_4bit=True, ...))`` makes of the same weights, and the
+    same modules stay in full precision: the output head (and weights tied to it),
+    ``_keep_in_fp32_modules``, and ``skip_modules``. Each layer's full-precision
+    weight is dropped as soon as it is quantized. Then :func:`prepare_quantized`.
+
+    Args:
+        model: A model without LoRA layers (quantize first, then inject).
+        quantization: ``"nf4"`` (NormalFloat, QLoRA's) or ``"fp4"``.
+        double_quant: Quantize the per-block absmaxes too (about 0.4 bit per weight saved).
+        compute_dtype: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` (or a torch dtype);
+            see :func:`resolve_compute_dtype`.
+        skip_modules: More module names (or name suffixes) to keep in full precision.
+        modules: Quantize exactly these modules (names or suffixes) instead of every Linear.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ModelLoadError: bitsandbytes is not installed.
+        ConfigError: unknown quantization or compute dtype; a model that already has LoRA layers.
+        UnsupportedModuleError: a module named in ``modules`` is not a Linear (or GPT-2 Conv1D).
+    """
+    q = check_quantization(quantization)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cd, _ = resolve_compute_dtype(compute_dtype, device)
+    require_bitsandbytes()
+    if any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError("the model already has LoRA layers; quantize the base first, then inject LoRA.")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if modules is not None:
+        chosen = [(n, m) for n, m in named if any(n == s or n.endswith(f".{s}") for s in modules)]
+        missing = [s for s in modules if not any(n == s or n.endswith(f".{s}") for n, _ in named)]
+        if missing:
+            raise ConfigError(f"modules to quantize not found in {type(model).__name__}: {', '.join(missing)}.")
+        for n, m in chosen:
+            if not _quantizable(m):
+                raise UnsupportedModuleError(
+                    f"cannot quantize {n} ({type(m).__module__}.{type(m).__name__}) to 4 bits: bitsandbytes' "
+                    "4-bit storage holds nn.Linear (and GPT-2 Conv1D) weights; leave it out of the modules to "
+                    "quantize (embeddings, norms and convolutions stay in full precision)."
+                )
+    else:
+        skip = _skip_names(model, skip_modules)
+        chosen = [(n, m) for n, m in named if _quantizable(m) and not _skipped(n, skip)]
+    if not chosen:
+        raise UnsupportedModuleError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize (besides the output head); "
+            "4-bit bases are for transformer models built from Linear layers."
+        )
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _to_linear4bit(module, q, double_quant, cd))
+        module.weight = None  # the full-precision copy goes now, not at the end
+    return prepare_quantized(model, cd)
+
+
+# ----------------------------------------------------------------------------- the LoRA op
+
+
+class _LoraQuantizedFn(torch.autograd.Function):
+    """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` over a quantized ``W``; see :func:`lora_linear_quantized`."""
+
+    @staticmethod
+    def forward(ctx, x, dropout_mask, seed, p, scaling, cd, out_dtype, compute_output, base, bias, lora_A, lora_B):
+        with no_autocast(x.device.type):
+            ctx.seed, ctx.p, ctx.s, ctx.cd, ctx.base, ctx.x_dtype = seed, p, scaling, cd, base, x.dtype
+            ctx.scale = 1.0 if seed is None else 1.0 / (1.0 - p)
+            xc = x.to(cd)
+            x2 = xc.reshape(-1, x.shape[-1])  # [N, in]
+            mask = dropout_multiplier(x2, dropout_mask, seed, p)
+            xa = apply_dropout(x2, mask, ctx.scale) @ lora_A.to(cd).t()  # [N, r]
+            if compute_output:
+                y = base.output(x2, cd)  # [N, out]: W dequantized, used, freed
+                if bias is not None:
+                    y.add_(bias.to(cd))
+                y.addmm_(xa, lora_B.to(cd).t(), alpha=scaling)  # += s·(x Aᵀ) Bᵀ
+            else:  # a checkpointing rerun whose output nothing reads
+                y = x2.new_empty((x2.shape[0], base.out_features))
+            ctx.save_for_backward(xc, xa, dropout_mask, bias, lora_A, lora_B)  # never W
+            return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, xa, dropout_mask, bias, A, B = ctx.saved_tensors
+        cd, s = ctx.cd, ctx.s
+        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[0], *ctx.needs_input_grad[9:12])
+        with no_autocast(xc.device.type):
+            x2 = xc.reshape(-1, xc.shape[-1])  # [N, in]
+            mask = dropout_multiplier(x2, dropout_mask, ctx.seed, ctx.p)
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)  # [N, out]
+            g = (dy2 @ B.to(cd)).mul_(s)  # s·dY B: [N, r], small side first
+            gB = (dy2.t() @ xa).mul_(s).to(B.dtype) if need_B else None  # [out, r]
+            gA = (g.t() @ apply_dropout(x2, mask, ctx.scale)).to(A.dtype) if need_A else None  # [r, in]
+            gb = dy2.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None  # [out]
+            gx = None
+            if need_x:
+                gx = ctx.base.grad_input(dy2, cd)  # dY W, W dequantized again
+                if mask is None:
+                    gx.addmm_(g, A.to(cd))  # += s·(dY B) A
+                else:
+                    gx.add_(apply_dropout(g @ A.to(cd), mask, ctx.scale))  # the mask gates the LoRA branch only
+                gx = gx.view(xc.shape).to(ctx.x_dtype)
+        return gx, None, None, None, None, None, None, None, None, gb, gA, gB
+
+
+def lora_linear_quantized(
+    x: Tensor,
+    base: QuantizedBase,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    dropout_mask: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    compute_output: bool = True,
+) -> Tensor:
+    """One adapted Linear over a quantized frozen base, as one autograd op.
+
+    Forward dequantizes the base weight into the compute dtype, multiplies and
+    frees it; backward dequantizes it again for ``grad_x``. Saved: ``x`` (compute
+    dtype), ``drop(x) Aᵀ`` ``[N, r]``, a dropout seed; never the weight. The base
+    bias (if any) gets a gradient when it requires one.
+
+    Args:
+        x: Input ``[..., in]``.
+        base: The frozen base (:func:`quantized_base`).
+        lora_A: ``[r, in]``, fp32 master.
+        lora_B: ``[out, r]``, fp32 master.
+        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
+        dropout_p: Dropout on the LoRA branch's input, in ``[0, 1)``.
+        training: Dropout applies only when True.
+        dropout_mask: Optional explicit multiplier of ``x``'s shape (tests).
+        compute_dtype: Matmul dtype; None means the base layer's compute dtype, else the
+            autocast dtype when autocast is on, else ``x.dtype``.
+        compute_output: False skips the output matmuls (a checkpointing rerun).
+
+    Returns:
+        ``[..., out]``: in the compute dtype under autocast, else in ``x.dtype`` (as
+        bitsandbytes' ``Linear4bit`` returns it).
+
+    Raises:
+        ConfigError: ``dropout_p`` outside ``[0, 1)``.
+        ModelMismatchError: the LoRA factors or ``x`` do not fit the base.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout_p}")
+    n_in, n_out = base.in_features, base.out_features
+    if x.shape[-1] != n_in or lora_A.shape[1] != n_in or lora_B.shape != (n_out, lora_A.shape[0]):
+        raise ModelMismatchError(
+            f"LoRA shapes do not fit the quantized base [{n_out}, {n_in}]: x [..., {x.shape[-1]}], "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}; expected lora_A [r, {n_in}], "
+            f"lora_B [{n_out}, r]"
+        )
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+    dev = x.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    cd = compute_dtype or base.compute_dtype or (torch.get_autocast_dtype(dev) if autocast else x.dtype)
+    out_dtype = cd if autocast else x.dtype
+    use_drop = training and dropout_p > 0.0
+    mask = dropout_mask if use_drop else None
+    seed = draw_seed() if use_drop and mask is None else None
+    return _LoraQuantizedFn.apply(x, mask, seed, dropout_p, float(scaling), cd, out_dtype, compute_output, base,
+                                  base.bias, lora_A, lora_B)
