@@ -9,7 +9,7 @@ module reads and writes; :mod:`lorakit.inject` does the module surgery.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

@@ -176,7 +176,7 @@ class LoraConfig:
         return dict(sorted(data.items()))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> LoraConfig:
         """Build a config from an adapter_config.json dict (PEFT's or ours).
 
         Keys written by a newer PEFT that lorakit does not know are ignored with
@@ -214,7 +214,7 @@ class LoraConfig:
                                  json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "LoraConfig":
+    def load(cls, directory: str | os.PathLike) -> LoraConfig:
         """Read ``adapter_config.json`` from an adapter directory.
 
         Raises:

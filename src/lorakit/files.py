@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 __all__ = ["write_file_atomic", "write_dir_atomic"]
 
