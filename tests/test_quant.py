@@ -17,7 +17,7 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from lorakit import quant  # noqa: E402
+from lorakit import quant, quant_model  # noqa: E402
 from lorakit.errors import ConfigError, ModelLoadError, ModelMismatchError, UnsupportedModuleError  # noqa: E402
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -55,7 +55,7 @@ def linear4bit(out_f: int, in_f: int, kind: str, dq: bool, bias: bool = True, se
     keep = nn.Linear(in_f, out_f, bias=bias)
     keep.load_state_dict(full.state_dict())
     model = nn.Sequential(full)
-    quant.quantize(model, kind, dq, compute_dtype=compute)
+    quant_model.quantize(model, kind, dq, compute_dtype=compute)
     return model[0], keep
 
 
@@ -93,7 +93,7 @@ def test_quantize_equals_transformers_bitsandbytes(tmp_path):
 
     path = make_tiny_model_dir(tmp_path / "m")
     for kind, dq in [("nf4", True), ("fp4", False)]:
-        ours = quant.quantize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), kind, dq, "bf16")
+        ours = quant_model.quantize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), kind, dq, "bf16")
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=dq,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
@@ -106,7 +106,7 @@ def test_quantize_equals_transformers_bitsandbytes(tmp_path):
         for name, p in ours.named_parameters():
             assert not p.requires_grad
             assert p.dtype == (torch.uint8 if p.__class__.__name__ == "Params4bit" else torch.float32), name
-        assert quant.quantization_info(ours) == {"quantization": kind, "double_quant": dq, "compute_dtype": "bf16",
+        assert quant_model.quantization_info(ours) == {"quantization": kind, "double_quant": dq, "compute_dtype": "bf16",
                                                  "layers": 14}
         assert type(ours.lm_head) is nn.Linear and ours.is_loaded_in_4bit
 
@@ -115,7 +115,7 @@ def test_quantize_frees_each_full_precision_weight():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
     refs = [weakref.ref(m.weight) for m in model]
-    quant.quantize(model, "nf4", compute_dtype="fp32")
+    quant_model.quantize(model, "nf4", compute_dtype="fp32")
     assert all(r() is None for r in refs)
     assert all(type(m).__name__ == "Linear4bit" for m in model)
 
@@ -263,23 +263,23 @@ def test_compute_dtype_resolution(monkeypatch, tmp_path):
 @pytest.mark.parametrize("bad", ["int3", "nf8", ""])
 def test_unknown_quantization(bad):
     with pytest.raises(ConfigError, match=r"unknown quantization .*use one of nf4, fp4"):
-        quant.quantize(nn.Sequential(nn.Linear(64, 64)), bad)
+        quant_model.quantize(nn.Sequential(nn.Linear(64, 64)), bad)
 
 
 @pytest.mark.parametrize("bad", ["fp8", "float64", torch.float64])
 def test_unknown_compute_dtype(bad):
     with pytest.raises(ConfigError, match=r"unknown compute_dtype .*use auto, fp32, bf16, fp16"):
-        quant.quantize(nn.Sequential(nn.Linear(64, 64)), "nf4", compute_dtype=bad)
+        quant_model.quantize(nn.Sequential(nn.Linear(64, 64)), "nf4", compute_dtype=bad)
 
 
 def test_layer_kind_that_cannot_be_quantized():
     model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64))
     with pytest.raises(UnsupportedModuleError, match=r"cannot quantize 0 \(torch.nn.modules.sparse.Embedding\)"):
-        quant.quantize(model, "nf4", modules=["0"])
+        quant_model.quantize(model, "nf4", modules=["0"])
     with pytest.raises(UnsupportedModuleError, match="no nn.Linear layer to quantize"):
-        quant.quantize(nn.Sequential(nn.Conv1d(4, 4, 3)), "nf4")
+        quant_model.quantize(nn.Sequential(nn.Conv1d(4, 4, 3)), "nf4")
     with pytest.raises(ConfigError, match="not found"):
-        quant.quantize(model, "nf4", modules=["proj"])
+        quant_model.quantize(model, "nf4", modules=["proj"])
 
 
 def test_quantize_after_lora_is_an_error():
@@ -288,11 +288,11 @@ def test_quantize_after_lora_is_an_error():
     model = nn.Sequential(nn.Linear(64, 64))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ConfigError, match="quantize the base first, then inject LoRA"):
-        quant.quantize(model, "nf4")
+        quant_model.quantize(model, "nf4")
 
 
 def test_bitsandbytes_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     with pytest.raises(ModelLoadError, match=r"pip install bitsandbytes==0\.50\.2"):
-        quant.quantize(nn.Sequential(nn.Linear(64, 64)), "nf4")
+        quant_model.quantize(nn.Sequential(nn.Linear(64, 64)), "nf4")
     assert quant.quantized_base(nn.Linear(4, 4)) is None
