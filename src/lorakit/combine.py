@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import get_configs, inject
+from .adapters import delete_adapter, get_configs, inject
 from .errors import AdapterNotFoundError, ConfigError
 from .inject import lora_layers
 from .layers import LoraConv, LoraLayer
@@ -225,8 +225,6 @@ def add_weighted_adapter(
             err2, ref2 = err2 + err, ref2 + ref
             worst = max(worst, math.sqrt(err / ref) if ref > 0 else 0.0)
     except BaseException:
-        from .adapters import delete_adapter
-
         delete_adapter(model, adapter_name)
         raise
     residual = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0

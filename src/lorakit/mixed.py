@@ -1,0 +1,204 @@
+"""Mixed-adapter batches: each row of one batch runs its own adapter, grouped per adapter.
+
+Inside ``with lorakit.adapter_batch(model, ["a", "b", "__base__", "a"]):`` every LoRA
+layer computes::
+
+    y = base(x)                                   # one matmul for the whole batch   (B, ..., out)
+    for each adapter n in the batch:              # a loop over adapters, never over rows
+        rows = the rows that run n                # gathered once per layer: x[rows] (Bₙ, ..., in)
+        y[rows] += sₙ · Bₙ(Aₙ(dropout(x[rows])))  # index_add: autograd sees exactly these rows
+
+so row ``i`` gets exactly what running it alone with its adapter gives, adapters of
+different ranks share a batch, and in training each adapter's gradient is the one from
+its own rows (the other rows never touch its weights). ``"__base__"`` rows (and rows of
+an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
+routed per row the same way (``index_copy`` of each copy's rows).
+
+The route is a :mod:`lorakit.routing` override on each LoRA layer, owned by
+``lorakit.mixed`` for the duration of the ``with`` block; fused SwiGLU MLPs
+(:func:`lorakit.fusion.fuse_swiglu_mlps`) are unfused inside it and fused again on
+exit, because their single-adapter op cannot split rows. Rows are the first dimension
+of every adapted layer's input (``(batch, seq, features)``), which holds for
+transformers' decoder models, with or without a KV cache, left padding included.
+
+In training, make the adapters trainable first (``lorakit.set_adapter(model, names)``);
+outside the block the model composes the active adapters as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fusion, routing
+from .adapters import get_configs
+from .errors import AdapterNotFoundError, ConfigError
+from .inject import lora_layers
+from .layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
+
+__all__ = ["BASE", "AdapterRows", "adapter_batch"]
+
+BASE = "__base__"  # the row runs no adapter
+_OWNER = "lorakit.mixed"
+_SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
+_FUSION_OWNER = "lorakit.fusion"
+
+
+class AdapterRows:
+    """Which rows of a batch run which adapter, as index tensors built once per batch.
+
+    Attributes:
+        names: one adapter name per row (``"__base__"`` for none).
+        groups: ``(adapter name, row indices or None)`` per adapter in the batch, in order of
+            first appearance; None when the adapter has every row (no gather needed).
+    """
+
+    def __init__(self, names: Sequence[str], device: torch.device) -> None:
+        self.names = list(names)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            rows.setdefault(name, []).append(i)
+        self.groups: list[tuple[str, torch.Tensor | None]] = [
+            (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
+            for name, idx in rows.items() if name != BASE
+        ]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _check_rows(self, x: torch.Tensor, module: nn.Module) -> None:
+        if x.dim() == 0 or x.shape[0] != len(self.names):
+            raise ConfigError(
+                f"adapter_batch was given {len(self.names)} adapter name(s), one per row, but a "
+                f"{type(module).__name__} received input of shape {tuple(x.shape)}: its first dimension must be "
+                f"the batch. Pass one name per row of the batch."
+            )
+
+    def lora_forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A LoRA layer's output with each row's adapter: the base once, each adapter on its rows."""
+        self._check_rows(x, layer)
+        y = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        if layer.disabled:
+            return y
+        inplace = not torch.is_grad_enabled()
+        for name, idx in self.groups:
+            if name not in layer.r:
+                continue
+            xs = x if idx is None else x.index_select(0, idx)  # (Bₙ, ..., in)
+            d = _lora_delta(layer, name, xs).to(y.dtype)  # (Bₙ, ..., out)
+            if idx is None:
+                y = y.add_(d) if inplace else y + d
+            else:
+                y = y.index_add_(0, idx, d) if inplace else y.index_add(0, idx, d)
+        return y
+
+    def saved_forward(self, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """A ``modules_to_save`` wrapper's output: each row from its adapter's copy (the original for others)."""
+        self._check_rows(x, wrapper)
+        y = wrapper.original_module(x, *args, **kwargs)
+        if wrapper.disabled:
+            return y
+        for name, idx in self.groups:
+            if name not in wrapper.modules_to_save:
+                continue
+            copy_ = wrapper.modules_to_save[name]
+            if idx is None:
+                y = copy_(x, *args, **kwargs)
+            else:
+                y = y.index_copy(0, idx, copy_(x.index_select(0, idx), *args, **kwargs).to(y.dtype))
+        return y
+
+
+def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``scaling · B(A(dropout(x)))`` of one adapter on the rows ``x``, in the adapter's dtype."""
+    if isinstance(layer, LoraEmbedding):
+        A, B = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+        base = layer.base_layer
+        after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse)  # (Bₙ, ..., r)
+        return (after_a @ B.T) * layer.scaling[name]
+    A, B = layer.lora_A[name], layer.lora_B[name]  # nn.Linear (r, in) / (out, r), or convolutions
+    return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
+
+
+# module-level functions bound with functools.partial: routing overrides must pickle
+def _route_lora(rows: AdapterRows, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return rows.lora_forward(layer, x, *args, **kwargs)
+
+
+def _route_saved(rows: AdapterRows, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    return rows.saved_forward(wrapper, x, *args, **kwargs)
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    have = list(get_configs(model))
+    if not names:
+        raise ConfigError("adapter_names is empty; give one adapter name per row of the batch.")
+    unknown = sorted({n for n in names if n != BASE and n not in have}, key=names.index)
+    if unknown:
+        raise AdapterNotFoundError(
+            f"no adapter named {', '.join(map(repr, unknown))} on this model; adapters: {', '.join(have) or 'none'} "
+            f"(or {BASE!r} for a row without adapter)."
+        )
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[AdapterRows]:
+    """Context manager: row ``i`` of every batch run inside it uses adapter ``adapter_names[i]``.
+
+    The base matmul of each layer runs once for the whole batch and each adapter's LoRA
+    matmuls once on its own rows (see the module docstring). Works under ``model.generate``
+    (the batch keeps its rows; KV cache and left padding included) and in training
+    (each adapter's gradient comes from its rows alone). The model is back as it was on exit,
+    also when the body raises.
+
+    Args:
+        model: a model with adapters (unmerged).
+        adapter_names: one adapter name per row; ``"__base__"`` for a row without adapter.
+
+    Yields:
+        The :class:`AdapterRows` in use.
+
+    Raises:
+        AdapterNotFoundError: a name is not on the model.
+        ConfigError: no names, merged adapters, a model already inside ``adapter_batch``, or
+            modules whose forward another part of lorakit has replaced (e.g. CUDA-graph replay).
+    """
+    names = list(adapter_names)
+    _check_names(model, names)
+    layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    merged = [layer for layer in layers if layer.merged_adapters]
+    if merged:
+        raise ConfigError(f"adapter_batch needs unmerged adapters, but {merged[0].merged_adapters} are merged into "
+                          f"the base weights; call lorakit.unmerge(model) (or lorakit.for_training) first.")
+    owners = {routing.forward_owner(m) for m in model.modules()} - {None, _SHORTCUT_OWNER, _FUSION_OWNER}
+    if owners:
+        raise ConfigError(f"adapter_batch cannot route this model: {', '.join(sorted(map(str, owners)))} replaced "
+                          f"module forwards (nested adapter_batch, CUDA-graph replay); undo that first.")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rows = AdapterRows(names, device)
+    was_fused = any(routing.forward_owner(m) == _FUSION_OWNER for m in model.modules())
+    if was_fused:
+        fusion.unfuse_mlps(model)
+    routed: list[nn.Module] = []
+    try:
+        for layer in layers:
+            routing.remove_forward(layer, _SHORTCUT_OWNER)
+            routing.set_forward(layer, functools.partial(_route_lora, rows, layer), _OWNER)
+            routed.append(layer)
+        for wrapper in wrappers:
+            routing.set_forward(wrapper, functools.partial(_route_saved, rows, wrapper), _OWNER)
+            routed.append(wrapper)
+        yield rows
+    finally:
+        for module in routed:
+            routing.remove_forward(module, _OWNER)
+        if was_fused:
+            fusion.fuse_swiglu_mlps(model)

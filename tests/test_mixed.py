@@ -1,0 +1,151 @@
+"""adapter_batch: every row equals running it alone with its adapter; grouped, not per row."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_llama
+
+import lorakit
+from lorakit import fusion, routing
+from lorakit.inject import lora_layers
+from lorakit.mixed import adapter_batch
+
+ROWS = ["a", "b", "__base__", "a", "b"]
+
+
+def _model(embed: bool = True, saved: bool = False):
+    """Llama with adapter a (r=4) and b (r=2, other targets): different ranks and modules in one batch."""
+    model = make_llama()
+    targets_a = ["q_proj", "v_proj", "gate_proj", "down_proj"] + (["embed_tokens"] if embed else [])
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets_a, init_lora_weights=False,
+                                             modules_to_save=["lm_head"] if saved else None), "a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"],
+                                                       init_lora_weights=False))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _alone(model, name, **inputs):
+    """Logits of ``inputs`` with only adapter ``name`` (or none) active."""
+    with torch.no_grad():
+        if name == "__base__":
+            with lorakit.disable_adapters(model):
+                return model(**inputs).logits
+        lorakit.set_adapter(model, name)
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_rows_equal_alone(saved):
+    model = _model(saved=saved)
+    ids = torch.randint(0, 96, (len(ROWS), 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), adapter_batch(model, ROWS):
+        mixed = model(input_ids=ids).logits
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the test can fail
+    assert all(routing.forward_owner(layer) is None for _, layer in lora_layers(model))  # routes removed on exit
+
+
+def test_grouped_not_per_row():
+    """Each adapter's A runs once per layer per forward, on all of its rows at once."""
+    model = _model()
+    calls: dict[str, list[int]] = {"a": [], "b": []}
+    for _, layer in lora_layers(model):
+        if "a" in layer.r and hasattr(layer, "lora_A"):
+            layer.lora_A["a"].register_forward_hook(lambda m, i, o: calls["a"].append(i[0].shape[0]))
+        if "b" in layer.r:
+            layer.lora_A["b"].register_forward_hook(lambda m, i, o: calls["b"].append(i[0].shape[0]))
+    ids = torch.zeros(len(ROWS), 4, dtype=torch.long)
+    with torch.no_grad(), adapter_batch(model, ROWS):
+        model(input_ids=ids)
+    n_a = sum(1 for _, layer in lora_layers(model) if "a" in layer.r and hasattr(layer, "lora_A"))
+    n_b = sum(1 for _, layer in lora_layers(model) if "b" in layer.r)
+    assert calls["a"] == [2] * n_a and calls["b"] == [2] * n_b
+
+
+def test_generate_kv_cache_left_padding():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 7, 5, 6, 2)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)
+    with adapter_batch(model, ROWS):
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    for i, (name, p) in enumerate(zip(ROWS, prompts)):
+        if name == "__base__":
+            with lorakit.disable_adapters(model):
+                alone = model.generate(input_ids=torch.tensor([p]), **kwargs)
+        else:
+            lorakit.set_adapter(model, name)
+            alone = model.generate(input_ids=torch.tensor([p]), **kwargs)
+        assert out.sequences[i, width:].tolist() == alone.sequences[0, len(p):].tolist()
+        for step_mixed, step_alone in zip(out.logits, alone.logits):
+            torch.testing.assert_close(step_mixed[i], step_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_training_alone():
+    model = _model().train()
+    lorakit.set_adapter(model, ["a", "b"])  # both trainable
+    ids = torch.randint(0, 96, (len(ROWS), 8), generator=torch.Generator().manual_seed(4))
+
+    def loss_of(batch_ids):  # summed over rows, so each row's gradient is its own
+        logits = model(input_ids=batch_ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch_ids[:, 1:].reshape(-1),
+                               reduction="sum")
+
+    with adapter_batch(model, ROWS):
+        loss_of(ids).backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(".a." in n for n in mixed) and any(".b." in n for n in mixed)
+    for name in ("a", "b"):
+        model.zero_grad(set_to_none=True)
+        lorakit.set_adapter(model, name)
+        rows = [i for i, n in enumerate(ROWS) if n == name]
+        loss_of(ids[rows]).backward()
+        for pname, p in model.named_parameters():
+            if f".{name}." in pname or pname.endswith(f".{name}"):
+                torch.testing.assert_close(mixed[pname], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_mlps_are_routed_per_row_and_restored():
+    model = make_llama()
+    cfg = dict(target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, **cfg), "a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=2, **cfg))
+    assert fusion.fuse_swiglu_mlps(model) == 2
+    ids = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), adapter_batch(model, ["b", "a", "__base__"]):
+        mixed = model(input_ids=ids).logits
+    fused_owners = [routing.forward_owner(m) for m in model.modules() if hasattr(m, "gate_proj")]
+    assert fused_owners == ["lorakit.fusion"] * 2  # fused again after the block
+    fusion.unfuse_mlps(model)
+    for i, name in enumerate(["b", "a", "__base__"]):
+        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_errors():
+    model = _model()
+    with pytest.raises(lorakit.AdapterNotFoundError, match="'zzz'.*adapters: a, b"):
+        with adapter_batch(model, ["a", "zzz"]):
+            pass
+    with pytest.raises(lorakit.ConfigError, match="one per row"):
+        with torch.no_grad(), adapter_batch(model, ["a", "b"]):
+            model(input_ids=torch.zeros(3, 4, dtype=torch.long))
+    assert all(routing.forward_owner(layer) is None for _, layer in lora_layers(model))  # undone after the error
+    merged = copy.deepcopy(model)
+    lorakit.merge(merged, ["a"])
+    with pytest.raises(lorakit.ConfigError, match="unmerge"):
+        with adapter_batch(merged, ["a"]):
+            pass
