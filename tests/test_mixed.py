@@ -44,9 +44,10 @@ def _alone(model, name, **inputs):
 
 
 @pytest.mark.parametrize("saved", [False, True])
-def test_rows_equal_alone(saved):
+@pytest.mark.parametrize("tokens", [9, 1])  # a prompt (gathered rows) and a decoding step (stacked adapters)
+def test_rows_equal_alone(saved, tokens):
     model = _model(saved=saved)
-    ids = torch.randint(0, 96, (len(ROWS), 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (len(ROWS), tokens), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), adapter_batch(model, ROWS):
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(ROWS):

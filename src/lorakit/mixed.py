@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,14 +41,16 @@ from . import fusion, routing
 from .adapters import get_configs
 from .errors import AdapterNotFoundError, ConfigError
 from .inject import lora_layers
-from .layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
 
-__all__ = ["BASE", "AdapterRows", "adapter_batch"]
+__all__ = ["BASE", "AdapterRows", "adapter_batch", "forget_stacks"]
 
 BASE = "__base__"  # the row runs no adapter
 _OWNER = "lorakit.mixed"
 _SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
 _FUSION_OWNER = "lorakit.fusion"
+_STACK_TOKENS = 1  # at most this many tokens per row (decoding steps): the stacked path
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, A stack, B stack, spans)
 
 
 class AdapterRows:
@@ -64,6 +67,7 @@ class AdapterRows:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
+        self._masks: dict[tuple, torch.Tensor] = {}  # per-row column masks of the stacked path, by layout
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items() if name != BASE
@@ -87,9 +91,12 @@ class AdapterRows:
         if layer.disabled:
             return y
         inplace = not torch.is_grad_enabled()
-        for name, idx in self.groups:
-            if name not in layer.r:
-                continue
+        present = [(name, idx) for name, idx in self.groups if name in layer.r]
+        if (inplace and len(present) > 1 and isinstance(layer, LoraLinear) and x.numel() <= _STACK_TOKENS * x.shape[0]
+                * x.shape[-1] and not any(isinstance(layer.lora_dropout[n], nn.Dropout) and layer.training
+                                          for n, _ in present)):
+            return self._stacked(layer, x, y, [n for n, _ in present])
+        for name, idx in present:
             xs = x if idx is None else x.index_select(0, idx)  # (Bₙ, ..., in)
             d = _lora_delta(layer, name, xs).to(y.dtype)  # (Bₙ, ..., out)
             if idx is None:
@@ -97,6 +104,30 @@ class AdapterRows:
             else:
                 y = y.index_add_(0, idx, d) if inplace else y.index_add(0, idx, d)
         return y
+
+    def _stacked(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Decoding steps: every adapter's LoRA as one matmul pair over all rows, each row masked to its own.
+
+        ``x·[A₁; A₂; …]ᵀ`` gives every row every adapter's down-projection (B, ..., Σr); a per-row mask
+        keeps its own adapter's columns (times its scaling) and zeros the rest, so ``·[B₁ B₂ …]ᵀ`` adds
+        exactly ``sₙ·Bₙ·Aₙ·x`` to each row. Two matmuls per layer instead of four small ops per adapter:
+        what a launch-bound decoding step wants; prompts (many tokens per row) take the gathered path,
+        which does no work for other adapters' columns.
+        """
+        A, B, spans = _stack(layer, names)  # (K, in), (out, K)
+        key = tuple((n, spans[n][0], spans[n][1], layer.scaling[n]) for n in names)
+        mask = self._masks.get(key)
+        if mask is None:
+            rows = torch.zeros(len(self.names), A.shape[0], dtype=A.dtype)
+            for i, name in enumerate(self.names):
+                if name in spans:
+                    start, stop = spans[name]
+                    rows[i, start:stop] = layer.scaling[name]
+            mask = self._masks[key] = rows.to(A.device)
+        xa = F.linear(x.to(A.dtype), A)  # (B, ..., K)
+        xa.mul_(mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1]))
+        d = F.linear(xa, B)  # (B, ..., out)
+        return y.add_(d.to(y.dtype))
 
     def saved_forward(self, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """A ``modules_to_save`` wrapper's output: each row from its adapter's copy (the original for others)."""
@@ -125,6 +156,33 @@ def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
         return (after_a @ B.T) * layer.scaling[name]
     A, B = layer.lora_A[name], layer.lora_B[name]  # nn.Linear (r, in) / (out, r), or convolutions
     return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
+
+
+def _stack(layer: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int]]]:
+    """``[A₁; A₂; …]`` (K, in), ``[B₁ B₂ …]`` (out, K) and each adapter's column span, cached per layer.
+
+    The cache holds one stack per layer, rebuilt when the set of adapters or any of their weights
+    change (tensor identity and version counter), so steady decoding builds nothing.
+    """
+    weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    key = tuple((n, id(a), a._version, id(b), b._version) for n, (a, b) in zip(names, weights))
+    cached = _STACKS.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    spans, start = {}, 0
+    for n, (a, _) in zip(names, weights):
+        spans[n] = (start, start + a.shape[0])
+        start += a.shape[0]
+    A = torch.cat([a.detach() for a, _ in weights], 0)
+    B = torch.cat([b.detach() for _, b in weights], 1)
+    _STACKS[layer] = (key, A, B, spans)
+    return A, B, spans
+
+
+def forget_stacks(model: nn.Module) -> None:
+    """Drop the cached adapter stacks of ``model``'s layers (after unloading adapters: frees their copies)."""
+    for _, layer in lora_layers(model):
+        _STACKS.pop(layer, None)
 
 
 # module-level functions bound with functools.partial: routing overrides must pickle

@@ -26,7 +26,7 @@ from ..adapters import delete_adapter, get_configs
 from ..config import WEIGHTS_NAME
 from ..errors import AdapterNotFoundError, ConfigError
 from ..io import load_adapter
-from ..mixed import BASE
+from ..mixed import BASE, forget_stacks
 
 __all__ = ["AdapterInfo", "AdapterRegistry"]
 
@@ -180,6 +180,7 @@ class AdapterRegistry:
         for name in idle:
             delete_adapter(self.model, name)
         if idle:
+            forget_stacks(self.model)  # the decoding path's concatenated copies of the adapters' weights
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
