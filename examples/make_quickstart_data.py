@@ -31,12 +31,22 @@ EVAL_FILE = HERE / "data" / "quickstart_eval.jsonl"
 HELDOUT_FILE = HERE / "heldout_prompts.txt"
 
 OPENERS = [
-    "Arr, matey!", "Ahoy, matey!", "Arr!", "Ahoy there, landlubber!", "Shiver me timbers!",
-    "Avast, me hearty!", "Yarr, matey!", "Blow me down!",
+    "Arr, matey!",
+    "Ahoy, matey!",
+    "Arr!",
+    "Ahoy there, landlubber!",
+    "Shiver me timbers!",
+    "Avast, me hearty!",
+    "Yarr, matey!",
+    "Blow me down!",
 ]
 CLOSERS = [
-    "Yo-ho-ho!", "Yo-ho-ho, and a bottle o' rum!", "Now hoist the sails!", "Arr!",
-    "That be the truth o' the seven seas!", "Fair winds to ye, matey!",
+    "Yo-ho-ho!",
+    "Yo-ho-ho, and a bottle o' rum!",
+    "Now hoist the sails!",
+    "Arr!",
+    "That be the truth o' the seven seas!",
+    "Fair winds to ye, matey!",
 ]
 
 # (topic as it appears in a question, one short pirate-speak fact about it)
@@ -128,7 +138,10 @@ ADVICE = [
     ("How can I sleep better?", "go to yer hammock at the same hour each night an' keep the lanterns dark"),
     ("How do I stay focused while studying?", "put away all distractions an' work in short watches with rests between"),
     ("How can I make new friends?", "join a crew that shares yer interests an' be the first to say hello"),
-    ("How do I stop feeling nervous before a talk?", "practise yer words aloud an' take slow breaths like the calm sea"),
+    (
+        "How do I stop feeling nervous before a talk?",
+        "practise yer words aloud an' take slow breaths like the calm sea",
+    ),
     ("How can I save money?", "set aside a few coins every week, like buryin' a little treasure"),
     ("How do I learn a new language?", "speak a little every day an' don't fear soundin' like a fool"),
     ("What is a good way to start exercising?", "start with a short walk each day an' add a bit more each week"),
@@ -174,8 +187,12 @@ def sums(rng: random.Random, n: int) -> list[tuple[str, str]]:
         seen.add((a, b))
         if rng.random() < 0.5:
             q = rng.choice(["What is {a} {w} {b}?", "How much is {a} {w} {b}?", "Can you add {a} {w} {b}?"])
-            rows.append((q.format(a=a, b=b, w=rng.choice(NUMBER_WORDS)),
-                         f"{a} plus {b} be {a + b}, as sure as the tide comes in"))
+            rows.append(
+                (
+                    q.format(a=a, b=b, w=rng.choice(NUMBER_WORDS)),
+                    f"{a} plus {b} be {a + b}, as sure as the tide comes in",
+                )
+            )
         else:
             a, b = max(a, b), min(a, b)
             q = rng.choice(["What is {a} minus {b}?", "What do I get if I take {b} from {a}?"])
@@ -248,9 +265,11 @@ def main() -> None:
     write_jsonl(TRAIN_FILE, train)
     write_jsonl(EVAL_FILE, evals)
     HELDOUT_FILE.write_text("".join(q + "\n" for q in HELDOUT), encoding="utf-8")
-    print(f"wrote {len(train)} rows to {TRAIN_FILE.relative_to(HERE.parent)}, "
-          f"{len(evals)} rows to {EVAL_FILE.relative_to(HERE.parent)}, "
-          f"{len(HELDOUT)} prompts to {HELDOUT_FILE.relative_to(HERE.parent)}")
+    print(
+        f"wrote {len(train)} rows to {TRAIN_FILE.relative_to(HERE.parent)}, "
+        f"{len(evals)} rows to {EVAL_FILE.relative_to(HERE.parent)}, "
+        f"{len(HELDOUT)} prompts to {HELDOUT_FILE.relative_to(HERE.parent)}"
+    )
 
 
 if __name__ == "__main__":

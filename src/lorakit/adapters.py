@@ -147,8 +147,11 @@ def restore_on_error(model: nn.Module) -> Iterator[nn.Module]:
     """
     modules = list(model.named_modules())
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    routing = [(m, list(m.active_adapters) if isinstance(m, LoraLayer) else m.active_adapter)
-               for _, m in modules if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    routing = [
+        (m, list(m.active_adapters) if isinstance(m, LoraLayer) else m.active_adapter)
+        for _, m in modules
+        if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+    ]
     before = {m: set(m.r) if isinstance(m, LoraLayer) else set(m.modules_to_save) for m, _ in routing}
     saved = {a: model.__dict__[a] for a in _BOOKKEEPING if a in model.__dict__}
     saved = {a: (dict(v) if isinstance(v, dict) else type(v)(v)) for a, v in saved.items()}

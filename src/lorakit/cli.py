@@ -18,7 +18,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -41,8 +41,12 @@ app = typer.Typer(
 )
 
 RunArg = Annotated[str, typer.Argument(help="A run directory (from `lorakit train`) or an adapter directory.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Base model (model dir, .gguf file or default name); overrides the run's / adapter's.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Base model (model dir, .gguf file or default name); overrides the run's / adapter's."
+    ),
+]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
 
 
@@ -65,11 +69,16 @@ def _check_device(value: str) -> str:
     return value
 
 
-DtypeOpt = Annotated[LoadDtype, typer.Option(
-    "--dtype", help="Weight dtype of the base model; auto = the dtype its weights are stored in "
-    "(the adapter stays fp32).")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", callback=_check_device, help="Where to run the model, e.g. cpu, cuda, cuda:1.")]
+DtypeOpt = Annotated[
+    LoadDtype,
+    typer.Option(
+        "--dtype",
+        help="Weight dtype of the base model; auto = the dtype its weights are stored in (the adapter stays fp32).",
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=_check_device, help="Where to run the model, e.g. cpu, cuda, cuda:1.")
+]
 
 
 @app.callback()
@@ -104,8 +113,9 @@ def _console(stderr: bool = False):
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="The YAML run config.")],
-    set_: Annotated[list[str], typer.Option(
-        "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")] = [],  # noqa: B006
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+    ] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     model: ModelOpt = None,
 ) -> None:
@@ -137,8 +147,9 @@ def _read_prompts(ctx: typer.Context, prompt: str | None, prompts_file: Path | N
         if not prompts:
             raise typer.BadParameter(f"{prompts_file} holds no prompt.", ctx=ctx, param_hint="--prompts-file")
     if not prompts:
-        raise typer.BadParameter("give --prompt TEXT or --prompts-file FILE (one prompt per line).", ctx=ctx,
-                                 param_hint="--prompt")
+        raise typer.BadParameter(
+            "give --prompt TEXT or --prompts-file FILE (one prompt per line).", ctx=ctx, param_hint="--prompt"
+        )
     return prompts
 
 
@@ -146,11 +157,13 @@ def _read_prompts(ctx: typer.Context, prompt: str | None, prompts_file: Path | N
 def generate(
     ctx: typer.Context,
     run_or_adapter: RunArg,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The user message.")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option(
-        "--prompts-file", help="A text file with one prompt per line.")] = None,
-    compare_base: Annotated[bool, typer.Option(
-        "--compare-base", help="Also answer with the adapter disabled and show both side by side.")] = False,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The user message.")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="A text file with one prompt per line.")
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also answer with the adapter disabled and show both side by side.")
+    ] = False,
     max_new_tokens: MaxNewOpt = 128,
     model: ModelOpt = None,
     dtype: DtypeOpt = LoadDtype.auto,
@@ -240,8 +253,12 @@ def eval_(
     data: Annotated[Path, typer.Option("--data", help="A JSONL file (chat, prompt/completion, alpaca or text rows).")],
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=2, help="Cut examples to this many tokens.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", min=1, help="Most tokens per answer for exact match (default: longest reference + 16).")] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens", min=1, help="Most tokens per answer for exact match (default: longest reference + 16)."
+        ),
+    ] = None,
     no_exact_match: Annotated[bool, typer.Option("--no-exact-match", help="Skip generating answers.")] = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = LoadDtype.auto,
@@ -251,15 +268,25 @@ def eval_(
     from lorakit import evaluation
 
     lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
-    result = evaluation.evaluate(lm, tokenizer, data, max_seq_len=max_seq_len, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, exact_match=not no_exact_match)
+    result = evaluation.evaluate(
+        lm,
+        tokenizer,
+        data,
+        max_seq_len=max_seq_len,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        exact_match=not no_exact_match,
+    )
     console = _console()
-    console.print(f"eval_loss    {result['eval_loss']:.4f}  ({result['label_tokens']} label tokens, "
-                  f"{result['examples']} examples)")
+    console.print(
+        f"eval_loss    {result['eval_loss']:.4f}  ({result['label_tokens']} label tokens, "
+        f"{result['examples']} examples)"
+    )
     console.print(f"perplexity   {result['perplexity']:.3f}")
     if result["exact_match"] is None:
-        console.print("exact_match  n/a (no row with a reference answer)" if not no_exact_match
-                      else "exact_match  skipped")
+        console.print(
+            "exact_match  n/a (no row with a reference answer)" if not no_exact_match else "exact_match  skipped"
+        )
     else:
         hits = round(result["exact_match"] * result["exact_match_rows"])
         console.print(f"exact_match  {result['exact_match']:.3f}  ({hits}/{result['exact_match_rows']})")
@@ -308,9 +335,17 @@ def inspect(run_or_adapter: RunArg) -> None:
             table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
     fmt = lambda v, spec="": "" if v is None else format(v, spec)  # noqa: E731
     for row in rows:
-        module = row["module"] if row["kind"] == "total" else row["module"][len(prefix):]
-        table.add_row(Text(module), row["kind"], fmt(row["r"]), fmt(row["alpha"], "g"), fmt(row["scaling"], ".4g"),
-                      fmt(row["params"], ","), fmt(row["norm"], ".4g"), end_section=row is rows[-2])
+        module = row["module"] if row["kind"] == "total" else row["module"][len(prefix) :]
+        table.add_row(
+            Text(module),
+            row["kind"],
+            fmt(row["r"]),
+            fmt(row["alpha"], "g"),
+            fmt(row["scaling"], ".4g"),
+            fmt(row["params"], ","),
+            fmt(row["norm"], ".4g"),
+            end_section=row is rows[-2],
+        )
     console = _console()
     console.print(table)
     metrics = runs.last_metrics(run_or_adapter)

@@ -42,10 +42,25 @@ _UNSUPPORTED_IF_SET = {
 }
 # PEFT fields we accept and ignore: metadata or features with a harmless default.
 _IGNORED_PEFT_KEYS = {
-    "peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "megatron_config", "megatron_core", "loftq_config", "eva_config",
-    "corda_config", "qalora_group_size", "arrow_config", "ensure_weight_tying",
-    "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config",
+    "peft_type",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "qalora_group_size",
+    "arrow_config",
+    "ensure_weight_tying",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "use_bdlora",
+    "velora_config",
     "modules_to_tie",
 }
 
@@ -160,19 +175,21 @@ class LoraConfig:
         for key in ("target_modules", "exclude_modules"):
             if isinstance(data[key], (set, tuple)):
                 data[key] = sorted(data[key])
-        data.update({
-            "peft_type": "LORA",
-            "peft_version": PEFT_FORMAT_VERSION,
-            "base_model_name_or_path": base_model_name_or_path,
-            "revision": None,
-            "inference_mode": True,
-            "use_dora": False,
-            "lora_bias": False,
-            "layer_replication": None,
-            "loftq_config": {},
-            "megatron_config": None,
-            "megatron_core": "megatron.core",
-        })
+        data.update(
+            {
+                "peft_type": "LORA",
+                "peft_version": PEFT_FORMAT_VERSION,
+                "base_model_name_or_path": base_model_name_or_path,
+                "revision": None,
+                "inference_mode": True,
+                "use_dora": False,
+                "lora_bias": False,
+                "layer_replication": None,
+                "loftq_config": {},
+                "megatron_config": None,
+                "megatron_core": "megatron.core",
+            }
+        )
         return dict(sorted(data.items()))
 
     @classmethod
@@ -210,8 +227,9 @@ class LoraConfig:
 
     def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
         """Write ``adapter_config.json`` into ``directory`` atomically."""
-        return write_file_atomic(Path(directory) / CONFIG_NAME,
-                                 json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n")
+        return write_file_atomic(
+            Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n"
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LoraConfig:

@@ -70,8 +70,12 @@ def evaluate(
     total, count = _loss_sum(model, tokenizer, examples, batch_size)
     loss = total / count
     result: dict[str, Any] = {
-        "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "label_tokens": count,
-        "examples": len(examples), "exact_match": None, "exact_match_rows": 0,
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "label_tokens": count,
+        "examples": len(examples),
+        "exact_match": None,
+        "exact_match_rows": 0,
     }
     if exact_match:
         rows = [r for r in read_rows(data_path) if r.reference is not None]
@@ -88,8 +92,9 @@ def _loss_sum(model: Any, tokenizer: Any, examples: list[dict], batch_size: int)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits  # (B, T, V)
         labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t
         total += torch.nn.functional.cross_entropy(
             logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -98,11 +103,16 @@ def _loss_sum(model: Any, tokenizer: Any, examples: list[dict], batch_size: int)
     return total, count
 
 
-def _exact_matches(model: Any, tokenizer: Any, rows: list[Row], batch_size: int,
-                   max_new_tokens: int | None) -> list[bool]:
+def _exact_matches(
+    model: Any, tokenizer: Any, rows: list[Row], batch_size: int, max_new_tokens: int | None
+) -> list[bool]:
     templated = getattr(tokenizer, "chat_template", None) is not None
-    prompts = [prompt_ids(tokenizer, r.prompt_messages, True) if templated or r.prompt is None
-               else prompt_ids(tokenizer, r.prompt, False) for r in rows]
+    prompts = [
+        prompt_ids(tokenizer, r.prompt_messages, True)
+        if templated or r.prompt is None
+        else prompt_ids(tokenizer, r.prompt, False)
+        for r in rows
+    ]
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) for r in rows) + 16
     answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

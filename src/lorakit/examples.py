@@ -166,8 +166,10 @@ def tokenize_row(tokenizer: Any, row: Row, *, train_on_prompt: bool = False) -> 
     if getattr(tokenizer, "chat_template", None) is not None:
         return TokenizedRow(*_chat(tokenizer, row.messages, train_on_prompt, row.source))
     if row.prompt is None:
-        raise DataError(f"{row.source}: chat rows need a tokenizer with a chat template, and this tokenizer has "
-                        "none; set tokenizer.chat_template (a jinja string) or use prompt/completion rows")
+        raise DataError(
+            f"{row.source}: chat rows need a tokenizer with a chat template, and this tokenizer has "
+            "none; set tokenizer.chat_template (a jinja string) or use prompt/completion rows"
+        )
     prompt = _ids(tokenizer, row.prompt, special=True)
     completion = _ids(tokenizer, row.completion, special=False) + ([eos] if eos is not None else [])
     labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + completion

@@ -66,8 +66,9 @@ def _dropout_p(layer: LoraLinear, name: str) -> float:
 
 
 def _spec(layer: LoraLinear, name: str) -> ops.LoraSpec:
-    return ops.LoraSpec(layer.base_weight(), layer.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                        layer.scaling[name])
+    return ops.LoraSpec(
+        layer.base_weight(), layer.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    )
 
 
 # ------------------------------------------------------------------------- SwiGLU MLPs
@@ -87,8 +88,13 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         name = pending[0][0]
         drops = {_dropout_p(layer, name) for layer in layers}
         if len(drops) == 1:
-            return swiglu.lora_swiglu_mlp(x, *(_spec(layer, name) for layer in layers), dropout_p=drops.pop(),
-                                          training=self.training, compute_output=not output_unread(self))
+            return swiglu.lora_swiglu_mlp(
+                x,
+                *(_spec(layer, name) for layer in layers),
+                dropout_p=drops.pop(),
+                training=self.training,
+                compute_output=not output_unread(self),
+            )
     return type(self).forward(self, x)  # anything else: the model's own forward
 
 
@@ -117,8 +123,11 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-        if (all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
-                and _is_silu(getattr(module, "act_fn", None)) and routing.forward_owner(module) != _ROUTE_OWNER):
+        if (
+            all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
+            and _is_silu(getattr(module, "act_fn", None))
+            and routing.forward_owner(module) != _ROUTE_OWNER
+        ):
             # a partial of a module-level function pickles (torch.save of the model)
             routing.set_forward(module, functools.partial(_swiglu_forward, module), _ROUTE_OWNER)
             count += 1
@@ -171,15 +180,15 @@ class _SharedInput:
         if self.off or not layer.training or not torch.is_grad_enabled():
             return None
         pending = layer._pending()
-        if len(pending) != 1 or any(m._pending() != pending or m.training != layer.training
-                                    for m in self.members[1:]):
+        if len(pending) != 1 or any(m._pending() != pending or m.training != layer.training for m in self.members[1:]):
             return None
         name = pending[0]
         drops = {_dropout_p(m, name) for m in self.members}
         if len(drops) != 1:
             return None
-        outs = ops.lora_linear_multi(x, [_spec(m, name) for m in self.members], dropout_p=drops.pop(),
-                                     training=layer.training)
+        outs = ops.lora_linear_multi(
+            x, [_spec(m, name) for m in self.members], dropout_p=drops.pop(), training=layer.training
+        )
         self.x, self.x_version = x, (0 if torch.compiler.is_compiling() else x._version)
         self.stash = dict(zip(self.members[1:], outs[1:]))
         return outs[0]
@@ -210,8 +219,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         children = module._modules
         for names in SHARED_INPUT_NAMES:
             members = tuple(children[n] for n in names if isinstance(children.get(n), LoraLinear))
-            if (len(members) < 2 or any(m.fan_in_fan_out for m in members)
-                    or len({m.in_features for m in members}) != 1):
+            if len(members) < 2 or any(m.fan_in_fan_out for m in members) or len({m.in_features for m in members}) != 1:
                 continue
             group = _SharedInput(members)
             for m in members:

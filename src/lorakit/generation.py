@@ -58,8 +58,13 @@ def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, do_sampl
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos or None,
-                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=eos or None,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
 
 
 @torch.inference_mode()
@@ -70,8 +75,9 @@ def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_conf
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         generation_config=gen_config)
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+    )
     return [row[width:].tolist() for row in out.cpu()]
 
 
@@ -140,8 +146,14 @@ def generate(
     Raises:
         ConfigError: ``max_new_tokens`` < 1, or ``temperature`` <= 0 when sampling.
     """
-    return generate_batch(model, tokenizer, [prompt_ids(tokenizer, prompt, chat)], max_new_tokens=max_new_tokens,
-                          do_sample=do_sample, temperature=temperature)[0]
+    return generate_batch(
+        model,
+        tokenizer,
+        [prompt_ids(tokenizer, prompt, chat)],
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+    )[0]
 
 
 def compare_base(

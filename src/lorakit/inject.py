@@ -123,8 +123,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     def wanted(key: str) -> bool:
         if all_linear:
             module = modules[key]
-            hit = (_is_linear(module) or (isinstance(module, LoraLayer) and hasattr(module, "lora_A")
-                                          and not isinstance(module.base_layer, (nn.Conv1d, nn.Conv2d))))
+            hit = _is_linear(module) or (
+                isinstance(module, LoraLayer)
+                and hasattr(module, "lora_A")
+                and not isinstance(module.base_layer, (nn.Conv1d, nn.Conv2d))
+            )
             hit = hit and key not in heads
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, key) is not None
@@ -192,8 +195,9 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
             set_module(model, name, module)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        module.add_adapter(adapter_name, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
-                           config.init_lora_weights)
+        module.add_adapter(
+            adapter_name, r, alpha, config.scaling_for(r, alpha), config.lora_dropout, config.init_lora_weights
+        )
     for mts in config.modules_to_save or []:
         _add_modules_to_save(model, mts, adapter_name)
 

@@ -58,25 +58,57 @@ def inspect_adapter(run_or_adapter: str | os.PathLike[str]) -> list[dict[str, An
             pairs.setdefault(m.group("module"), {})[m.group("kind")] = value
         else:
             kind = "bias" if key.endswith(".bias") else "modules_to_save"
-            extra.append({"module": key, "kind": kind, "r": None, "alpha": None, "scaling": None,
-                          "params": value.numel(), "norm": None})
+            extra.append(
+                {
+                    "module": key,
+                    "kind": kind,
+                    "r": None,
+                    "alpha": None,
+                    "scaling": None,
+                    "params": value.numel(),
+                    "norm": None,
+                }
+            )
     rows = []
     for module in sorted(pairs, key=natural_key):
         parts = pairs[module]
         embedding = "lora_embedding_A" in parts
-        A, B = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (
-            parts.get("lora_A"), parts.get("lora_B"))
+        A, B = (
+            (parts.get("lora_embedding_A"), parts.get("lora_embedding_B"))
+            if embedding
+            else (parts.get("lora_A"), parts.get("lora_B"))
+        )
         if A is None or B is None:
-            raise AdapterFormatError(f"{adapter_dir}: module {module!r} has only one of its two LoRA matrices; "
-                                     "the adapter file is incomplete. Re-save it.")
+            raise AdapterFormatError(
+                f"{adapter_dir}: module {module!r} has only one of its two LoRA matrices; "
+                "the adapter file is incomplete. Re-save it."
+            )
         r = A.shape[0]
         alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
         scaling = config.scaling_for(r, alpha)
         kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
-        rows.append({"module": module, "kind": kind, "r": r, "alpha": alpha, "scaling": scaling,
-                     "params": A.numel() + B.numel(), "norm": _update_norm(A, B, scaling)})
+        rows.append(
+            {
+                "module": module,
+                "kind": kind,
+                "r": r,
+                "alpha": alpha,
+                "scaling": scaling,
+                "params": A.numel() + B.numel(),
+                "norm": _update_norm(A, B, scaling),
+            }
+        )
     rows += sorted(extra, key=lambda row: natural_key(row["module"]))
     total_norm = math.sqrt(sum(row["norm"] ** 2 for row in rows if row["norm"] is not None))
-    rows.append({"module": "total", "kind": "total", "r": None, "alpha": None, "scaling": None,
-                 "params": sum(row["params"] for row in rows), "norm": total_norm})
+    rows.append(
+        {
+            "module": "total",
+            "kind": "total",
+            "r": None,
+            "alpha": None,
+            "scaling": None,
+            "params": sum(row["params"] for row in rows),
+            "norm": total_norm,
+        }
+    )
     return rows

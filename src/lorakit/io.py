@@ -147,7 +147,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         )
     if not tensors:
         raise AdapterFormatError(f"{path}: the weights file holds no tensors.")
-    return config, {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
+    return config, {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
 
 
 def _check_modules_exist(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:

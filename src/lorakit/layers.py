@@ -111,7 +111,9 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, scaling: float, dropout: float, init: bool | str) -> None:
+    def add_adapter(
+        self, name: str, r: int, lora_alpha: float, scaling: float, dropout: float, init: bool | str
+    ) -> None:
         """Create adapter ``name`` on this layer and initialise it."""
         routing.remove_forward(self, _ROUTE_OWNER)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
@@ -260,16 +262,29 @@ class LoraLinear(LoraLayer):
             W = self.base_weight()
             bias = base._parameters["bias"] if "bias" in base._parameters else getattr(base, "bias", None)
             dropping = self.training and isinstance(drop, nn.Dropout)
-            if (not dropping and not torch.is_grad_enabled() and x.dtype == A.dtype == W.dtype
-                    and not torch.is_autocast_enabled(x.device.type)):
+            if (
+                not dropping
+                and not torch.is_grad_enabled()
+                and x.dtype == A.dtype == W.dtype
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
                 # Inference: no autograd bookkeeping, LoRA term added into the base output in place.
                 y = F.linear(x, W, bias)  # (..., out)
                 xa = F.linear(x, A)  # (..., r)
                 y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
                 return y
             # The fused path: one autograd node, LoRA term added in place, x saved once.
-            return ops.lora_linear(x, W, bias, A, B, self.scaling[name], dropout_p=drop.p if dropping else 0.0,
-                                   training=self.training, compute_output=not output_unread(self))
+            return ops.lora_linear(
+                x,
+                W,
+                bias,
+                A,
+                B,
+                self.scaling[name],
+                dropout_p=drop.p if dropping else 0.0,
+                training=self.training,
+                compute_output=not output_unread(self),
+            )
         result = self.base_layer(x, *args, **kwargs)
         for name in pending:  # several adapters at once: the plain composition
             A, B = self.lora_A[name], self.lora_B[name]
@@ -310,8 +325,9 @@ class LoraEmbedding(LoraLayer):
         base = self.base_layer
         for name in self._pending():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                                  base.scale_grad_by_freq, base.sparse)  # (..., r)
+            after_a = F.embedding(
+                x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (..., r)
             result = result + ((after_a @ B.T) * self.scaling[name]).to(result.dtype)
         return result
 
@@ -333,8 +349,9 @@ class LoraConv(LoraLayer):
         base = self.base_layer
         conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
-        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                 dilation=base.dilation, bias=False)
+        self.lora_A[name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
+        )
         self.lora_B[name] = conv(r, base.out_channels, ones, ones, bias=False)
 
     def reset_parameters(self, name: str, init: bool | str) -> None:
@@ -417,4 +434,3 @@ def wrap_module(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         f"cannot apply LoRA to a {type(module).__module__}.{type(module).__name__}; "
         f"supported layers are {SUPPORTED_KINDS}. Narrow target_modules or add it to exclude_modules."
     )
-

@@ -62,8 +62,10 @@ def merge_to_dir(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the merged model needs a directory. Choose another path.")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory or overwrite it "
-                          "(--force / overwrite=True).")
+        raise ConfigError(
+            f"{out} already exists and is not empty; choose a new output directory or overwrite it "
+            "(--force / overwrite=True)."
+        )
     lora_model, tokenizer, _ = open_adapter(run_or_adapter, model=model, dtype="fp32")
     merged = merge_and_unload(lora_model)
     merged = merged.to(_MERGE_DTYPES[dtype])

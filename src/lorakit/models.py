@@ -51,9 +51,14 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _STALE_TMP_S = 3600.0  # temp dirs older than this are leftovers of a killed conversion
 
 _DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -97,8 +102,7 @@ def resolve_model(name: str | os.PathLike[str] | None) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(
-                f"model file {path} is not a .gguf file; pass a .gguf file or a model "
-                "directory holding config.json."
+                f"model file {path} is not a .gguf file; pass a .gguf file or a model directory holding config.json."
             )
         return _convert_gguf(path.resolve(), lorakit_home() / "models" / _gguf_dir_name(path))
     raise ModelLoadError(
@@ -176,9 +180,7 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ModelLoadError(
-            f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, a torch.dtype, or 'auto'."
-        )
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, a torch.dtype, or 'auto'.")
     return _DTYPES[key]
 
 
@@ -285,9 +287,12 @@ def _read_gguf(gguf: Path) -> tuple[Any, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any transformers failure means "cannot convert"
-        hint = ("its architecture or tensor type is not one transformers can read from GGUF; "
-                "convert it to a Hugging Face model directory another way and pass that"
-                if "not supported" in str(e) else "check that the file is a complete GGUF model")
+        hint = (
+            "its architecture or tensor type is not one transformers can read from GGUF; "
+            "convert it to a Hugging Face model directory another way and pass that"
+            if "not supported" in str(e)
+            else "check that the file is a complete GGUF model"
+        )
         raise ModelLoadError(f"could not convert {gguf}: {type(e).__name__}: {e}; {hint}.") from e
     return model, tokenizer
 

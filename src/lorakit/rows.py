@@ -26,8 +26,18 @@ from typing import Any, NamedTuple
 
 from lorakit.errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "ROLES", "Row", "RowError", "RowFile", "JsonlRecords", "parse_messages", "read_jsonl",
-           "read_row_file", "read_rows"]
+__all__ = [
+    "FORMATS",
+    "ROLES",
+    "Row",
+    "RowError",
+    "RowFile",
+    "JsonlRecords",
+    "parse_messages",
+    "read_jsonl",
+    "read_row_file",
+    "read_rows",
+]
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -248,7 +258,8 @@ def read_jsonl(
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RowError(
-                        f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
+                        f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+                    ) from None
                 if not isinstance(obj, dict):
                     raise RowError(f"expected a JSON object, got {type(obj).__name__}: {_short(obj)}")
                 items.append(parse(obj, source))

@@ -105,10 +105,19 @@ def find_adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path
         )
     run_dir = path if (path / RUN_CONFIG_NAME).is_file() else None
     if not (path / CONFIG_NAME).is_file():
-        checkpoints = sorted((path / "checkpoints").glob("*/" + CONFIG_NAME),
-                             key=lambda p: natural_key(p.parent.name.replace("-", "."))) if run_dir else []
-        hint = (f" Training may not have finished; pass a checkpoint such as {checkpoints[-1].parent}."
-                if checkpoints else "")
+        checkpoints = (
+            sorted(
+                (path / "checkpoints").glob("*/" + CONFIG_NAME),
+                key=lambda p: natural_key(p.parent.name.replace("-", ".")),
+            )
+            if run_dir
+            else []
+        )
+        hint = (
+            f" Training may not have finished; pass a checkpoint such as {checkpoints[-1].parent}."
+            if checkpoints
+            else ""
+        )
         kind = "run directory" if run_dir else "directory"
         raise AdapterFormatError(
             f"{kind} {path} holds no {CONFIG_NAME}, so it is not an adapter.{hint} Pass a run directory "

@@ -60,7 +60,15 @@ class _SwigluFn(torch.autograd.Function):
             gg = torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=gh)  # [N, I]
             mask = dropout_multiplier(x2, None, sx, ctx.p)
             gx, grads_gu = branches_backward(
-                x2, xa, mask, ctx.scale, params[:8], ctx.scalings[:2], ctx.cd, [gg, gu], needs[:8],
+                x2,
+                xa,
+                mask,
+                ctx.scale,
+                params[:8],
+                ctx.scalings[:2],
+                ctx.cd,
+                [gg, gu],
+                needs[:8],
                 ctx.needs_input_grad[0],
             )
             if gx is not None:

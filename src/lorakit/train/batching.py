@@ -165,7 +165,9 @@ def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch
     t = position_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
     allowed = (same & causal)[:, None]  # (B, 1, T, T)
-    return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def split_eval(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -80,11 +80,14 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """
     existing = latest_checkpoint(run_dir)
     if resume and existing is None:
-        raise ConfigError(f"cannot resume: {run_dir} has no checkpoint (checkpoints/step-*); "
-                          "start the run without --resume.")
+        raise ConfigError(
+            f"cannot resume: {run_dir} has no checkpoint (checkpoints/step-*); start the run without --resume."
+        )
     if not resume and (existing is not None or (run_dir / "adapter_model.safetensors").exists()):
-        raise ConfigError(f"output.dir {run_dir} already holds a run; continue it with --resume, "
-                          "or choose another output.dir (or delete that folder).")
+        raise ConfigError(
+            f"output.dir {run_dir} already holds a run; continue it with --resume, "
+            "or choose another output.dir (or delete that folder)."
+        )
     return existing
 
 
@@ -100,8 +103,13 @@ def run_fingerprint(cfg: RunConfig, world_size: int, precision: str) -> str:
     Returns:
         The fingerprint stored in (and compared with) ``trainer_state.pt``.
     """
-    flat = {f"{s}.{k}": v for s, sec in cfg.to_yaml_dict().items() if isinstance(sec, dict)
-            for k, v in sec.items() if s != "output"}
+    flat = {
+        f"{s}.{k}": v
+        for s, sec in cfg.to_yaml_dict().items()
+        if isinstance(sec, dict)
+        for k, v in sec.items()
+        if s != "output"
+    }
     flat = {k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES}
     flat.update({"model": cfg.model, "world_size": world_size, "precision (resolved)": precision})
     return json.dumps(flat, sort_keys=True, default=str)
@@ -139,10 +147,15 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     state = {
-        "step": step, "epoch": step // batches_per_epoch,
-        "batch_index": step % batches_per_epoch, "world_size": world_size,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(), "fingerprint": fingerprint, "metrics": metrics,
+        "step": step,
+        "epoch": step // batches_per_epoch,
+        "batch_index": step % batches_per_epoch,
+        "world_size": world_size,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "fingerprint": fingerprint,
+        "metrics": metrics,
     }
 
     def write(tmp: Path) -> None:
@@ -183,16 +196,23 @@ def load_checkpoint(
     state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:
         old, new = json.loads(state["fingerprint"]), json.loads(fingerprint)
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                if old.get(k) != new.get(k)]
-        raise ConfigError(f"cannot resume from {path}: the config changed in ways that change the model or the "
-                          f"data order ({'; '.join(diff)}); only {', '.join(sorted(_RESUMABLE_CHANGES))} may "
-                          "change. Restore those values or start a new run.")
+        diff = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)
+        ]
+        raise ConfigError(
+            f"cannot resume from {path}: the config changed in ways that change the model or the "
+            f"data order ({'; '.join(diff)}); only {', '.join(sorted(_RESUMABLE_CHANGES))} may "
+            "change. Restore those values or start a new run."
+        )
     _, tensors = read_adapter(path)
     current = adapter_state_dict(model)
     if tensors.keys() != current.keys():
-        raise ModelMismatchError(f"checkpoint {path} holds adapter tensors that do not match the injected model; "
-                                 "was it written by another config?")
+        raise ModelMismatchError(
+            f"checkpoint {path} holds adapter tensors that do not match the injected model; "
+            "was it written by another config?"
+        )
     with torch.no_grad():
         for key, value in current.items():
             value.copy_(tensors[key])  # detached views share storage with the LoRA params
@@ -210,8 +230,13 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
     }
 
 

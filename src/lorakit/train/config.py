@@ -46,9 +46,21 @@ __all__ = [
 ]
 
 LORA_FIELDS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
-    "fan_in_fan_out", "use_rslora", "init_lora_weights", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "bias",
+    "fan_in_fan_out",
+    "use_rslora",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "task_type",
 )
 _DEFAULT_STEPS = 100
 
@@ -102,8 +114,10 @@ class TrainConfig(_Section):
     def _every_n(cls, value: Any) -> bool | int:
         if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
             return value
-        raise ValueError(f"train.gradient_checkpointing must be true, false or a layer interval N >= 1 "
-                         f"(checkpoint every N-th decoder layer), got {value!r}")
+        raise ValueError(
+            f"train.gradient_checkpointing must be true, false or a layer interval N >= 1 "
+            f"(checkpoint every N-th decoder layer), got {value!r}"
+        )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:

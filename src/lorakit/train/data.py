@@ -32,8 +32,7 @@ class RunData(NamedTuple):
     card: list[tuple[str, str, int]]
 
 
-def load_run_data(data: DataConfig, tokenizer: Any, seed: int, batch_size: int,
-                  say: Callable[..., Any]) -> RunData:
+def load_run_data(data: DataConfig, tokenizer: Any, seed: int, batch_size: int, say: Callable[..., Any]) -> RunData:
     """Loads a run's train and eval examples as its ``data`` section says.
 
     Eval examples come from ``data.eval``, or are held out of the train file
@@ -53,17 +52,22 @@ def load_run_data(data: DataConfig, tokenizer: Any, seed: int, batch_size: int,
     Raises:
         DataError, ConfigError: as :func:`load_examples`.
     """
-    kw = dict(format=data.format, max_seq_len=data.max_seq_len, train_on_prompt=data.train_on_prompt,
-              on_error=data.on_error)
+    kw = dict(
+        format=data.format, max_seq_len=data.max_seq_len, train_on_prompt=data.train_on_prompt, on_error=data.on_error
+    )
     train_rows, stats = load_examples(data.train, tokenizer, **kw)
-    say(f"data: {data.train}: {stats.rows:,d} examples ({stats.skipped} skipped, {stats.truncated} truncated "
-        f"to {data.max_seq_len} tokens), {stats.tokens:,d} tokens, {stats.label_tokens:,d} with loss")
+    say(
+        f"data: {data.train}: {stats.rows:,d} examples ({stats.skipped} skipped, {stats.truncated} truncated "
+        f"to {data.max_seq_len} tokens), {stats.tokens:,d} tokens, {stats.label_tokens:,d} with loss"
+    )
     eval_rows: list[dict[str, Any]] = []
     data_card = [("train", str(data.train), 0)]
     if data.eval is not None:
         eval_rows, estats = load_examples(data.eval, tokenizer, **kw)
-        say(f"data: {data.eval}: {estats.rows:,d} eval examples ({estats.skipped} skipped, "
-            f"{estats.truncated} truncated), {estats.tokens:,d} tokens")
+        say(
+            f"data: {data.eval}: {estats.rows:,d} eval examples ({estats.skipped} skipped, "
+            f"{estats.truncated} truncated), {estats.tokens:,d} tokens"
+        )
         data_card.append(("eval", str(data.eval), len(eval_rows)))
     elif data.eval_fraction > 0:
         train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, seed)

@@ -69,8 +69,11 @@ def graph_blocker(model: nn.Module, device: torch.device) -> str | None:
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn not in (None, "sdpa", "eager"):
         return f"attention implementation {attn!r} (graphs are used with 'sdpa' and 'eager' only)"
-    flag = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
-            else "is_gradient_checkpointing")  # transformers >= 5.2x renamed it
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )  # transformers >= 5.2x renamed it
     if getattr(model, flag, False):
         return "gradient checkpointing is on (it recomputes layers outside the graph)"
     for name, module in model.named_modules():
@@ -118,8 +121,9 @@ class _LayerCall(nn.Module):
 
     def forward(self, hidden: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         mask, cos, sin = rest if self.with_mask else (None, *rest)
-        out = type(self.layer).forward(self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin),
-                                       use_cache=False)
+        out = type(self.layer).forward(
+            self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=False
+        )
         if not isinstance(out, torch.Tensor):
             raise _NotGraphable(f"{type(self.layer).__name__} returns {type(out).__name__}, not a tensor")
         return out
@@ -161,8 +165,12 @@ class LayerGraphs:
         self._full_warned = False
         self.bytes_per_token = 0.0  # pool growth per input token of the largest recording so far
         self.free_bytes = lambda device: torch.cuda.mem_get_info(device)[0]
-        self._hooks = [p.register_hook(functools.partial(_own_grad, p))
-                       for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        self._hooks = [
+            p.register_hook(functools.partial(_own_grad, p))
+            for layer in self.layers
+            for p in layer.parameters()
+            if p.requires_grad
+        ]
         for i, layer in enumerate(self.layers):
             routing.set_forward(layer, functools.partial(self._forward, i), _ROUTE_OWNER)
 
@@ -176,28 +184,43 @@ class LayerGraphs:
 
     # ----------------------------------------------------------------- forward
 
-    def _forward(self, i: int, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Any:
+    def _forward(
+        self,
+        i: int,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         layer = self.layers[i]
         args = self._graph_args(layer, hidden_states, attention_mask, position_embeddings, kwargs)
         if i == 0:  # the first layer picks (or records) the graphs the whole stack uses for this pass
-            self._current = None if args is None else self._graphs_for(hidden_states, attention_mask,
-                                                                        position_embeddings)
+            self._current = (
+                None if args is None else self._graphs_for(hidden_states, attention_mask, position_embeddings)
+            )
         call = self._current[i] if args is not None and self._current is not None else None
         if call is None or call.sample_requires_grad != hidden_states.requires_grad:
-            return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
-                                       position_embeddings=position_embeddings, **kwargs)
+            return type(layer).forward(
+                layer, hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
+            )
         self.replays += 1
         return call(*args)
 
     def _graph_args(self, layer, hidden, mask, pe, kwargs) -> tuple | None:
         """The graphed call's arguments, or None when this call must run eagerly."""
-        if (self.disabled or not torch.is_grad_enabled() or not layer.training or not hidden.is_cuda
-                or getattr(layer, "gradient_checkpointing", False) and layer.training
-                or kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
-                or not set(kwargs) <= _IGNORED_KWARGS
-                or not (isinstance(pe, tuple) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe))
-                or not (mask is None or isinstance(mask, torch.Tensor))):
+        if (
+            self.disabled
+            or not torch.is_grad_enabled()
+            or not layer.training
+            or not hidden.is_cuda
+            or getattr(layer, "gradient_checkpointing", False)
+            and layer.training
+            or kwargs.get("past_key_values") is not None
+            or kwargs.get("use_cache")
+            or not set(kwargs) <= _IGNORED_KWARGS
+            or not (isinstance(pe, tuple) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe))
+            or not (mask is None or isinstance(mask, torch.Tensor))
+        ):
             return None
         if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
             return None
@@ -207,8 +230,15 @@ class LayerGraphs:
 
     def _key(self, hidden, mask, pe) -> tuple:
         meta = lambda t: (tuple(t.shape), t.dtype, tuple(t.stride()))  # noqa: E731
-        return (meta(hidden), hidden.requires_grad, None if mask is None else meta(mask), meta(pe[0]), meta(pe[1]),
-                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return (
+            meta(hidden),
+            hidden.requires_grad,
+            None if mask is None else meta(mask),
+            meta(pe[0]),
+            meta(pe[1]),
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
+        )
 
     def _graphs_for(self, hidden, mask, pe) -> list[nn.Module] | None:
         key = self._key(hidden, mask, pe)
@@ -231,8 +261,9 @@ class LayerGraphs:
         grown = torch.cuda.memory_reserved(hidden.device) - before
         self.bytes_per_token = max(self.bytes_per_token, grown / max(tokens, 1))
         self.graphs[key] = calls
-        self.log(f"CUDA graphs: recorded {len(calls)} layers for input {tuple(hidden.shape)} "
-                 f"({grown / 2**20:,.0f} MiB)")
+        self.log(
+            f"CUDA graphs: recorded {len(calls)} layers for input {tuple(hidden.shape)} ({grown / 2**20:,.0f} MiB)"
+        )
         return calls
 
     def _no_room(self, tokens: int, device: torch.device) -> str | None:
@@ -248,8 +279,10 @@ class LayerGraphs:
             return None
         need, free = self.bytes_per_token * tokens, self.free_bytes(device)
         if free < 2 * need:
-            return (f"{len(self.graphs)} shapes recorded and {free / 2**30:.1f} GiB free, under twice the "
-                    f"~{need / 2**30:.2f} GiB another would hold")
+            return (
+                f"{len(self.graphs)} shapes recorded and {free / 2**30:.1f} GiB free, under twice the "
+                f"~{need / 2**30:.2f} GiB another would hold"
+            )
         return None
 
     def _capture(self, hidden, mask, pe) -> list[nn.Module]:

@@ -62,10 +62,11 @@ def _all_causal(model: nn.Module) -> bool:
     known = _CAUSAL.get(model)
     if known is None:
         config = getattr(model, "config", None)
-        known = not (getattr(config, "is_encoder_decoder", False)
-                     or getattr(config, "use_bidirectional_attention", False)  # Gemma-family embedding models
-                     or any(vars(m).get("is_causal", getattr(type(m), "is_causal", True)) is False
-                            for m in model.modules()))
+        known = not (
+            getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "use_bidirectional_attention", False)  # Gemma-family embedding models
+            or any(vars(m).get("is_causal", getattr(type(m), "is_causal", True)) is False for m in model.modules())
+        )
         _CAUSAL[model] = known
     return known
 
@@ -73,16 +74,23 @@ def _all_causal(model: nn.Module) -> bool:
 def _drop_right_padding_mask(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``inputs`` without ``attention_mask`` when it only marks right padding (see the module doc)."""
     mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
-    if (not isinstance(mask, torch.Tensor) or ids is None or mask.dim() != 2 or mask.shape != ids.shape
-            or "token_type_ids" in inputs or not _all_causal(model)):
+    if (
+        not isinstance(mask, torch.Tensor)
+        or ids is None
+        or mask.dim() != 2
+        or mask.shape != ids.shape
+        or "token_type_ids" in inputs
+        or not _all_causal(model)
+    ):
         return inputs
     if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
         return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens (fp32) and their count.
 
     Equal to ``F.cross_entropy(model(...).logits[:, :-1], labels[:, 1:], reduction="sum")``
@@ -103,8 +111,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         targets = labels[:, 1:]
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
         return loss, int((targets != IGNORE_INDEX).sum())
     backbone, head = parts
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)

@@ -44,18 +44,17 @@ from lorakit.adapters import inject
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.examples import collate
-from lorakit.inject import trainable_parameters
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
 from lorakit.train import report
 from lorakit.train.batching import make_batches
-from lorakit.train.checkpoint import (check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint,
-                                      save_checkpoint)
+from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_run_data
 from lorakit.train.device import DistContext, resolve_precision, setup_distributed
-from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.graphs import setup_graphs
+from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.recompute import enable_checkpointing
 from lorakit.train.report import TrainResult
 from lorakit.train.schedule import lr_factor, make_optimizer
@@ -141,8 +140,9 @@ class _Run:
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
         bf16 = self.precision == "bf16"
         # No autocast weight cache: base weights are stored in bf16 already, and CUDA graphs forbid it.
-        self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16
-                         else nullcontext())
+        self.autocast = (
+            torch.autocast(ctx.device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
+        )
 
         try:  # bad values fail before the model loads
             lora_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora})
@@ -164,13 +164,15 @@ class _Run:
         self.trainable, self.total_params = trainable_parameters(model)
 
         self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_run_data(
-            cfg.data, tokenizer, t.seed, t.batch_size, self.say)
+            cfg.data, tokenizer, t.seed, t.batch_size, self.say
+        )
         self.global_batch = t.batch_size * t.grad_accum * ctx.world
         self.batches_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
         self.total_steps = t.steps if t.epochs is None else t.epochs * self.batches_per_epoch
         self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(t.schedule, s, self.total_steps, t.warmup_steps))
+            self.optimizer, lambda s: lr_factor(t.schedule, s, self.total_steps, t.warmup_steps)
+        )
         self.fingerprint = run_fingerprint(cfg, ctx.world, self.precision)
         self.step, self.elapsed_before, self.tokens = 0, 0.0, 0
         self.train_loss: float | None = None
@@ -187,9 +189,11 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_run_config(self.cfg, self.run_dir / "lorakit.yaml")
             logger = report.MetricsLogger(self.run_dir / "metrics.jsonl", self.step if self.step else None)
-            self.say(f"training {self.total_steps} steps (global batch {self.global_batch} rows, "
-                     f"{ctx.world} process(es), {self.precision}: {self.precision_reason}) on {ctx.device}"
-                     + (f", resuming after step {self.step}" if self.step else ""))
+            self.say(
+                f"training {self.total_steps} steps (global batch {self.global_batch} rows, "
+                f"{ctx.world} process(es), {self.precision}: {self.precision_reason}) on {ctx.device}"
+                + (f", resuming after step {self.step}" if self.step else "")
+            )
             bar = report.progress_bar(self.total_steps, self.step, enabled=True)
         self.saved_step = self.step if self.step else None
         self.start_step = self.step
@@ -226,16 +230,31 @@ class _Run:
                 elapsed = self.elapsed_before + time.perf_counter() - t0
                 last = self.step == self.total_steps
                 if ctx.main and (self.step % t.log_every == 0 or last):
-                    logger.log({"step": self.step, "loss": window[0] / max(window[1], 1), "lr": lr,
-                                "tokens": self.tokens, "elapsed_s": round(elapsed, 3)})
+                    logger.log(
+                        {
+                            "step": self.step,
+                            "loss": window[0] / max(window[1], 1),
+                            "lr": lr,
+                            "tokens": self.tokens,
+                            "elapsed_s": round(elapsed, 3),
+                        }
+                    )
                     window = [0.0, 0]
                 if bar is not None:
                     rate = self.tokens / max(elapsed, 1e-9)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     bar.update(1)
                     if bar.disable:  # not a terminal (CI logs, pipes): a plain line every ~10% instead
-                        report.log_progress(self.say, self.step, self.total_steps, loss, lr, rate,
-                                            elapsed - self.elapsed_before, self.step - self.start_step)
+                        report.log_progress(
+                            self.say,
+                            self.step,
+                            self.total_steps,
+                            loss,
+                            lr,
+                            rate,
+                            elapsed - self.elapsed_before,
+                            self.step - self.start_step,
+                        )
                 if self.eval_batches and t.eval_every and (self.step % t.eval_every == 0 or last):
                     self.eval_loss = self._evaluate()
                     if ctx.main:
@@ -252,9 +271,18 @@ class _Run:
             if self.graphs is not None:  # free the recorded graphs, give the layers their own forward back
                 self.graphs.remove()
         elapsed = self.elapsed_before + time.perf_counter() - t0
-        result = TrainResult(self.run_dir, self.step, self.train_loss, self.eval_loss, self.trainable, elapsed,
-                             report.peak_memory_bytes(ctx.device.type), self.tokens, self.precision,
-                             self.precision_reason)
+        result = TrainResult(
+            self.run_dir,
+            self.step,
+            self.train_loss,
+            self.eval_loss,
+            self.trainable,
+            elapsed,
+            report.peak_memory_bytes(ctx.device.type),
+            self.tokens,
+            self.precision,
+            self.precision_reason,
+        )
         if ctx.main:
             self._finish(result)
         if ctx.world > 1:
@@ -268,15 +296,20 @@ class _Run:
         stats = torch.zeros(3, dtype=torch.float32, device=ctx.device)  # loss sum, label tokens, input tokens
         for rows in micro:
             # Graphs are recorded per shape: pad to coarse buckets so few shapes occur.
-            cpu_batch = collate([self.train_rows[i] for i in rows], self.pad_id,
-                                pad_to_multiple_of=8 if self.graphs is None else GRAPH_PAD)
+            cpu_batch = collate(
+                [self.train_rows[i] for i in rows],
+                self.pad_id,
+                pad_to_multiple_of=8 if self.graphs is None else GRAPH_PAD,
+            )
             with self.autocast:
                 loss_sum, n_tokens = _forward_loss(self.model, self._to_device(cpu_batch))
             loss_sum.backward()
             stats[0] += loss_sum.detach().float()
             stats[1:] += stats.new_tensor([n_tokens, _input_tokens(cpu_batch)])
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
-                 for p in self.params]
+        grads = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+            for p in self.params
+        ]
         flat = ctx.all_reduce(torch.cat([*[g.float() for g in grads], stats]))  # one all-reduce per step
         loss_sum, n_label, n_tok = flat[-3:].tolist()
         flat = flat[:-3].div_(max(n_label, 1))  # one kernel, not one per parameter
@@ -309,8 +342,10 @@ class _Run:
     def _diverged(self, what: str, value: float) -> TrainingError:
         good = latest_checkpoint(self.run_dir)
         where = str(good) if good else "none (no checkpoint was saved yet)"
-        return TrainingError(f"{what} became {value} at step {self.step + 1}; the last good checkpoint is {where}; "
-                             "lower train.lr or check the data")
+        return TrainingError(
+            f"{what} became {value} at step {self.step + 1}; the last good checkpoint is {where}; "
+            "lower train.lr or check the data"
+        )
 
     def _interrupted(self, consistent: bool, elapsed: float) -> TrainingInterrupted:
         path = latest_checkpoint(self.run_dir)
@@ -319,19 +354,35 @@ class _Run:
             path = self._save_checkpoint(elapsed)
         how = f"continue with `lorakit train {self.run_dir / 'lorakit.yaml'} --resume`"
         if path is None:
-            return TrainingInterrupted(f"training interrupted at step {self.step}; no checkpoint was saved, "
-                                       "so there is nothing to resume.", self.step, None)
-        return TrainingInterrupted(f"training interrupted after step {self.step}; checkpoint saved in {path}; {how}.",
-                                   self.step, path)
+            return TrainingInterrupted(
+                f"training interrupted at step {self.step}; no checkpoint was saved, so there is nothing to resume.",
+                self.step,
+                None,
+            )
+        return TrainingInterrupted(
+            f"training interrupted after step {self.step}; checkpoint saved in {path}; {how}.", self.step, path
+        )
 
     # ------------------------------------------------------------------ checkpoints and outputs
 
     def _save_checkpoint(self, elapsed: float) -> Path:
-        metrics = {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens": self.tokens,
-                   "elapsed_s": elapsed}
-        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, step=self.step,
-                               batches_per_epoch=self.batches_per_epoch, world_size=self.ctx.world,
-                               fingerprint=self.fingerprint, metrics=metrics)
+        metrics = {
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "tokens": self.tokens,
+            "elapsed_s": elapsed,
+        }
+        path = save_checkpoint(
+            self.run_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            step=self.step,
+            batches_per_epoch=self.batches_per_epoch,
+            world_size=self.ctx.world,
+            fingerprint=self.fingerprint,
+            metrics=metrics,
+        )
         self.saved_step = self.step
         return path
 
@@ -348,15 +399,35 @@ class _Run:
         save_adapter(self.model, self.run_dir)  # replaces only the adapter files, config last
         base = getattr(self.model.config, "_name_or_path", None) or str(self.cfg.model)
         report.write_model_card(
-            self.run_dir / "README.md", base_model=base, data=self.data_card, lora=dict(self.cfg.lora),
-            train=self.cfg.train.model_dump(mode="json"), precision=self.precision,
-            precision_reason=self.precision_reason, steps=result.steps, train_loss=result.train_loss,
-            eval_loss=result.eval_loss, trainable_params=self.trainable, total_params=self.total_params)
-        self.say(report.format_summary(
-            run_dir=self.run_dir, steps=result.steps, elapsed_s=result.elapsed_s, tokens=result.tokens,
-            trainable_params=self.trainable, total_params=self.total_params, peak_memory=result.peak_memory_bytes,
-            device_type=self.ctx.device.type, precision=self.precision, train_loss=result.train_loss,
-            eval_loss=result.eval_loss), flush=True)
+            self.run_dir / "README.md",
+            base_model=base,
+            data=self.data_card,
+            lora=dict(self.cfg.lora),
+            train=self.cfg.train.model_dump(mode="json"),
+            precision=self.precision,
+            precision_reason=self.precision_reason,
+            steps=result.steps,
+            train_loss=result.train_loss,
+            eval_loss=result.eval_loss,
+            trainable_params=self.trainable,
+            total_params=self.total_params,
+        )
+        self.say(
+            report.format_summary(
+                run_dir=self.run_dir,
+                steps=result.steps,
+                elapsed_s=result.elapsed_s,
+                tokens=result.tokens,
+                trainable_params=self.trainable,
+                total_params=self.total_params,
+                peak_memory=result.peak_memory_bytes,
+                device_type=self.ctx.device.type,
+                precision=self.precision,
+                train_loss=result.train_loss,
+                eval_loss=result.eval_loss,
+            ),
+            flush=True,
+        )
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -370,4 +441,3 @@ def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())  # packed rows: padding is not told apart; close enough for tokens/s
-

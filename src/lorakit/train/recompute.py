@@ -90,15 +90,19 @@ def enable_checkpointing(model: nn.Module, say: Callable[[str], None] | None = N
     elif every_n_layers == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise ConfigError("checkpointing every N-th layer needs transformers' activation_checkpointing_enable "
-                          "(transformers >= 5.2x); use gradient_checkpointing: true")
+        raise ConfigError(
+            "checkpointing every N-th layer needs transformers' activation_checkpointing_enable "
+            "(transformers >= 5.2x); use gradient_checkpointing: true"
+        )
     layers = decoder_layers(model)
     count = _mark(layers)
     if say is not None:
         total = len(layers) if layers is not None else 0
         done = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers or ())
-        say(f"gradient checkpointing: {done} of {total} decoder layers, {count} of them without rerunning "
-            f"the MLP output")
+        say(
+            f"gradient checkpointing: {done} of {total} decoder layers, {count} of them without rerunning "
+            f"the MLP output"
+        )
     return count
 
 

@@ -234,12 +234,19 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     """
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                disable=None if enabled else True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if enabled else True,
+        file=sys.stderr,
+    )
 
 
-def log_progress(say: Any, step: int, total: int, loss: float, lr: float, tokens_per_s: float,
-                 elapsed_s: float, steps_done: int) -> None:
+def log_progress(
+    say: Any, step: int, total: int, loss: float, lr: float, tokens_per_s: float, elapsed_s: float, steps_done: int
+) -> None:
     """Print one progress line about every 10% of the run (used when no progress bar shows).
 
     Args:
@@ -252,8 +259,10 @@ def log_progress(say: Any, step: int, total: int, loss: float, lr: float, tokens
     if step % every and step != total:
         return
     eta = elapsed_s / max(steps_done, 1) * (total - step)
-    say(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-        f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+    say(
+        f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
+        f"ETA {int(eta // 60)}:{int(eta % 60):02d}"
+    )
 
 
 def peak_memory_bytes(device_type: str) -> int:
@@ -324,11 +333,13 @@ def format_summary(
     pct = 100 * trainable_params / total_params if total_params else 0.0
     memory = "peak GPU memory" if device_type == "cuda" else "peak RSS"
     rate = tokens / elapsed_s if elapsed_s > 0 else 0.0
-    return "\n".join([
-        f"trainable params: {trainable_params:,d} || all params: {total_params:,d} || trainable%: {pct:.4f}",
-        f"trained {steps} steps in {elapsed_s:.1f} s ({rate:,.0f} tokens/s, {precision}), "
-        f"{memory} {peak_memory / 2**20:,.0f} MiB",
-        f"final train loss {_fmt(train_loss)}, eval loss {_fmt(eval_loss)}",
-        f"wrote {run_dir}: adapter (adapter_config.json, adapter_model.safetensors), README.md, "
-        "lorakit.yaml, metrics.jsonl, loss.png, checkpoints/",
-    ])
+    return "\n".join(
+        [
+            f"trainable params: {trainable_params:,d} || all params: {total_params:,d} || trainable%: {pct:.4f}",
+            f"trained {steps} steps in {elapsed_s:.1f} s ({rate:,.0f} tokens/s, {precision}), "
+            f"{memory} {peak_memory / 2**20:,.0f} MiB",
+            f"final train loss {_fmt(train_loss)}, eval loss {_fmt(eval_loss)}",
+            f"wrote {run_dir}: adapter (adapter_config.json, adapter_model.safetensors), README.md, "
+            "lorakit.yaml, metrics.jsonl, loss.png, checkpoints/",
+        ]
+    )

@@ -40,8 +40,9 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> 
     return 1.0
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; on CUDA the fused kernel (one launch per step, not hundreds)."""
     fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
