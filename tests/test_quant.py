@@ -20,9 +20,24 @@ pytest.importorskip("bitsandbytes")
 from lorakit import quant, quant_model  # noqa: E402
 from lorakit.errors import ConfigError, ModelLoadError, ModelMismatchError, UnsupportedModuleError  # noqa: E402
 
-NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 FP4 = [v / 12 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)]
 KINDS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
 
@@ -47,8 +62,9 @@ def reference_dequant(packed: torch.Tensor, state) -> torch.Tensor:
     return w.reshape(state.shape)
 
 
-def linear4bit(out_f: int, in_f: int, kind: str, dq: bool, bias: bool = True, seed: int = 0,
-              compute: str = "fp32") -> tuple[nn.Module, nn.Linear]:
+def linear4bit(
+    out_f: int, in_f: int, kind: str, dq: bool, bias: bool = True, seed: int = 0, compute: str = "fp32"
+) -> tuple[nn.Module, nn.Linear]:
     """A 4-bit Linear made by lorakit.quantize, and the full-precision Linear it came from."""
     torch.manual_seed(seed)
     full = nn.Linear(in_f, out_f, bias=bias)
@@ -70,8 +86,9 @@ def test_dequantize_matches_float64_decoding(kind, dq):
     packed, state = quant.quantize_weight_4bit(W, kind, dq)
     assert packed.dtype == torch.uint8 and packed.numel() == W.numel() // 2  # 4 bits per weight
     ref = reference_dequant(packed, state)
-    weight = sys.modules["bitsandbytes"].nn.Params4bit(packed, requires_grad=False, quant_state=state,
-                                                       quant_type=kind, bnb_quantized=True)
+    weight = sys.modules["bitsandbytes"].nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, quant_type=kind, bnb_quantized=True
+    )
     got32 = quant.dequantize_4bit(weight, torch.float32)
     torch.testing.assert_close(got32.double(), ref, rtol=2e-7, atol=1e-9)
     # bf16 / fp16 come straight from the kernel, equal to the fp32 values rounded.
@@ -94,8 +111,12 @@ def test_quantize_equals_transformers_bitsandbytes(tmp_path):
     path = make_tiny_model_dir(tmp_path / "m")
     for kind, dq in [("nf4", True), ("fp4", False)]:
         ours = quant_model.quantize(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), kind, dq, "bf16")
-        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=dq,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=kind,
+            bnb_4bit_use_double_quant=dq,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
         a, b = ours.state_dict(), theirs.state_dict()
         assert sorted(a) == sorted(b)  # same modules 4-bit (lm_head and embeddings not), same quant-state keys
@@ -106,8 +127,12 @@ def test_quantize_equals_transformers_bitsandbytes(tmp_path):
         for name, p in ours.named_parameters():
             assert not p.requires_grad
             assert p.dtype == (torch.uint8 if p.__class__.__name__ == "Params4bit" else torch.float32), name
-        assert quant_model.quantization_info(ours) == {"quantization": kind, "double_quant": dq, "compute_dtype": "bf16",
-                                                 "layers": 14}
+        assert quant_model.quantization_info(ours) == {
+            "quantization": kind,
+            "double_quant": dq,
+            "compute_dtype": "bf16",
+            "layers": 14,
+        }
         assert type(ours.lm_head) is nn.Linear and ours.is_loaded_in_4bit
 
 
@@ -212,8 +237,9 @@ def test_lora_op_shape_errors():
     with pytest.raises(ModelMismatchError, match=r"quantized base \[40, 64\]"):
         quant.lora_linear_quantized(torch.randn(3, 64), base, torch.zeros(4, 64), torch.zeros(41, 4), 1.0)
     with pytest.raises(ConfigError, match="lora_dropout"):
-        quant.lora_linear_quantized(torch.randn(3, 64), base, torch.zeros(4, 64), torch.zeros(40, 4), 1.0,
-                                    dropout_p=1.0)
+        quant.lora_linear_quantized(
+            torch.randn(3, 64), base, torch.zeros(4, 64), torch.zeros(40, 4), 1.0, dropout_p=1.0
+        )
 
 
 def test_matches_peft_bitsandbytes_lora_layer(tmp_path):
@@ -223,11 +249,16 @@ def test_matches_peft_bitsandbytes_lora_layer(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = make_tiny_model_dir(tmp_path / "m")
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     peft_model.train()  # bitsandbytes repacks weights for an inference kernel in eval mode; train mode keeps them
     torch.manual_seed(0)
     checked = 0
@@ -251,7 +282,10 @@ def test_matches_peft_bitsandbytes_lora_layer(tmp_path):
 def test_compute_dtype_resolution(monkeypatch, tmp_path):
     assert quant.resolve_compute_dtype("bf16")[0] == torch.bfloat16
     assert quant.resolve_compute_dtype(torch.float16)[0] == torch.float16
-    assert quant.resolve_compute_dtype("auto", precision="fp32") == (torch.float32, "auto: follows train.precision (fp32)")
+    assert quant.resolve_compute_dtype("auto", precision="fp32") == (
+        torch.float32,
+        "auto: follows train.precision (fp32)",
+    )
     info = tmp_path / "cpuinfo"
     info.write_text("flags\t: fpu sse avx2 avx512f avx512_bf16\n")
     monkeypatch.setattr(quant, "_CPUINFO", info)

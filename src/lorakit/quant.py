@@ -54,6 +54,7 @@ __all__ = [
     "resolve_compute_dtype",
     "quantized_base",
     "dequantize_4bit",
+    "dequantize_packed",
     "quantize_weight_4bit",
     "lora_linear_quantized",
 ]
@@ -187,6 +188,31 @@ def _plain_state(weight: Any) -> Any:
     return state
 
 
+def dequantize_packed(packed: Tensor, state: Any, dtype: torch.dtype) -> Tensor:
+    """``W`` from bitsandbytes' packed 4-bit codes and quant state, dequantized straight into ``dtype``.
+
+    Args:
+        packed: The uint8 codes (two per byte), as :func:`quantize_weight_4bit` returns them.
+        state: Their ``bitsandbytes.functional.QuantState`` (standard layout).
+        dtype: fp32, bf16 or fp16.
+
+    Returns:
+        A new tensor of ``state.shape`` (``[out, in]``).
+    """
+    bnb = require_bitsandbytes()
+    target = bnb.functional.QuantState(  # the same state, asking for another output dtype
+        absmax=state.absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=dtype,
+        offset=state.offset,
+        state2=state.state2,
+    )
+    return bnb.functional.dequantize_4bit(packed, target)
+
+
 def dequantize_4bit(weight: Any, dtype: torch.dtype) -> Tensor:
     """``W [out, in]`` of a ``Params4bit``, dequantized by bitsandbytes straight into ``dtype``.
 
@@ -197,13 +223,8 @@ def dequantize_4bit(weight: Any, dtype: torch.dtype) -> Tensor:
     Returns:
         A new tensor ``[out, in]`` (the caller owns it; nothing keeps a reference).
     """
-    bnb = require_bitsandbytes()
     state = _plain_state(weight)
-    target = bnb.functional.QuantState(  # the same state, asking for another output dtype
-        absmax=state.absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
-        quant_type=state.quant_type, dtype=dtype, offset=state.offset, state2=state.state2,
-    )
-    return bnb.functional.dequantize_4bit(weight.data, target)
+    return dequantize_packed(weight.data, state, dtype)
 
 
 def quantize_weight_4bit(weight: Tensor, quantization: str = "nf4", double_quant: bool = True) -> tuple[Tensor, Any]:
@@ -225,8 +246,9 @@ def quantize_weight_4bit(weight: Tensor, quantization: str = "nf4", double_quant
     w = weight.detach()
     if w.dtype not in COMPUTE_DTYPES.values():
         w = w.float()
-    return bnb.functional.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
-                                        quant_type=q)
+    return bnb.functional.quantize_4bit(
+        w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=q
+    )
 
 
 class QuantizedBase(Protocol):
@@ -410,5 +432,6 @@ def lora_linear_quantized(
     use_drop = training and dropout_p > 0.0
     mask = dropout_mask if use_drop else None
     seed = draw_seed() if use_drop and mask is None else None
-    return _LoraQuantizedFn.apply(x, mask, seed, dropout_p, float(scaling), cd, out_dtype, compute_output, base,
-                                  base.bias, lora_A, lora_B)
+    return _LoraQuantizedFn.apply(
+        x, mask, seed, dropout_p, float(scaling), cd, out_dtype, compute_output, base, base.bias, lora_A, lora_B
+    )

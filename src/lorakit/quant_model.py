@@ -50,8 +50,12 @@ def quantization_info(model: nn.Module) -> dict[str, Any] | None:
     first = layers[0]
     names = {v: k for k, v in COMPUTE_DTYPES.items()}
     cd = getattr(first, "compute_dtype", None)
-    return {"quantization": first.weight.quant_type, "double_quant": bool(first.weight.compress_statistics),
-            "compute_dtype": names.get(cd, str(cd)), "layers": len(layers)}
+    return {
+        "quantization": first.weight.quant_type,
+        "double_quant": bool(first.weight.compress_statistics),
+        "compute_dtype": names.get(cd, str(cd)),
+        "layers": len(layers),
+    }
 
 
 # ----------------------------------------------------------------------------- quantizing a model
@@ -114,12 +118,26 @@ def _to_linear4bit(module: nn.Module, quantization: str, double_quant: bool, cd:
         weight = weight.t()
     out_f, in_f = weight.shape
     with torch.device("meta"):
-        new = bnb.nn.Linear4bit(in_f, out_f, bias=module.bias is not None, compute_dtype=cd,
-                                compress_statistics=double_quant, quant_type=quantization)
+        new = bnb.nn.Linear4bit(
+            in_f,
+            out_f,
+            bias=module.bias is not None,
+            compute_dtype=cd,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+        )
     packed, state = quantize_weight_4bit(weight, quantization, double_quant)
-    new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
-                                   compress_statistics=double_quant, quant_type=quantization,
-                                   quant_storage=packed.dtype, module=new, bnb_quantized=True)
+    new.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=state.blocksize,
+        compress_statistics=double_quant,
+        quant_type=quantization,
+        quant_storage=packed.dtype,
+        module=new,
+        bnb_quantized=True,
+    )
     new.quant_state = state
     if module.bias is not None:
         new.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
