@@ -47,13 +47,25 @@ def _trainer(model, tok, out: Path, pairs: int):
     from datasets import Dataset
 
     rows = Dataset.from_list([json.loads(line) for line in DATA.read_text().splitlines()])
-    args = trl.DPOConfig(output_dir=str(out), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
-                         max_length=None, per_device_train_batch_size=pairs, beta=BETA)
+    args = trl.DPOConfig(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        per_device_train_batch_size=pairs,
+        beta=BETA,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return trl.DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
-                              peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                                          lora_dropout=0.0))
+        return trl.DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0),
+        )
 
 
 def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
@@ -85,20 +97,34 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
         fuse_swiglu_mlps(model)
         fuse_shared_inputs(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        to_pairs = [[{"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
-                     for r in b] for b in batches]
+        to_pairs = [
+            [
+                {"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
+                for r in b
+            ]
+            for b in batches
+        ]
         if variant == "lorakit":
             objective = DpoObjective(tok.pad_token_id, BETA, "sigmoid", 0.0, None)
             batches = [objective.collate(b, 8) for b in to_pairs]
         else:
             objective = CausalLmObjective(tok.pad_token_id)
-            batches = [objective.collate([{"input_ids": p["prompt_ids"] + p[k], "labels": [-100] * len(p["prompt_ids"])
-                                           + p[k]} for k in ("chosen_ids", "rejected_ids") for p in b], 8)
-                       for b in to_pairs]
+            batches = [
+                objective.collate(
+                    [
+                        {"input_ids": p["prompt_ids"] + p[k], "labels": [-100] * len(p["prompt_ids"]) + p[k]}
+                        for k in ("chosen_ids", "rejected_ids")
+                        for p in b
+                    ],
+                    8,
+                )
+                for b in to_pairs
+            ]
 
         def loss_fn(batch):
             loss_sum, n, _ = objective.loss(model, batch)
             return loss_sum / max(n, 1)
+
     model.train()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     times, losses = [], []
@@ -114,8 +140,12 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
 
 
 def _run(variant: str, steps: int, pairs: int, tmp: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, str(steps), str(pairs), str(tmp)],
-                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, str(steps), str(pairs), str(tmp)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
@@ -146,25 +176,32 @@ def main() -> None:
             for variant in args.variants[k:] + args.variants[:k]:
                 res = _run(variant, args.steps, args.pairs, Path(tmp) / f"{variant}{rep}")
                 runs.append(res)
-                print(f"[#{rep + 1}] {variant}: {median(res['times'][args.skip:]):.3f} s/step, "
-                      f"peak {res['peak_gib']:.2f} GiB, loss@{res['steps']} {res['losses'][-1]:.4f}", flush=True)
+                print(
+                    f"[#{rep + 1}] {variant}: {median(res['times'][args.skip :]):.3f} s/step, "
+                    f"peak {res['peak_gib']:.2f} GiB, loss@{res['steps']} {res['losses'][-1]:.4f}",
+                    flush=True,
+                )
     agg = {v: [r for r in runs if r["variant"] == v] for v in args.variants}
 
     def med(v, f):
         return median([f(r) for r in agg[v]]) if agg.get(v) else float("nan")
 
     def step_s(r):
-        return median(r["times"][args.skip:])
+        return median(r["times"][args.skip :])
 
-    lines = [f"Machine: {machine()}; commit {git_rev()}; `python benchmarks/dpo_step.py --steps {args.steps} "
-             f"--pairs {args.pairs} --repeats {args.repeats}`.", "",
-             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, no dropout, fp32, AdamW "
-             f"lr {LR} wd 0, β {BETA}, sigmoid loss, reference = base (adapters disabled), {args.pairs} pairs a step "
-             f"from examples/data/dpo_train.jsonl, same batches and same starting LoRA for every variant. Each "
-             "variant in a fresh process; s/step = median of steps after the first "
-             f"{args.skip}; peak RSS = VmHWM of that process (model and data included).", "",
-             "| variant | s/step | x trl | peak RSS GiB | x trl | x lorakit-sft | loss after N steps | loss vs trl |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {machine()}; commit {git_rev()}; `python benchmarks/dpo_step.py --steps {args.steps} "
+        f"--pairs {args.pairs} --repeats {args.repeats}`.",
+        "",
+        f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, no dropout, fp32, AdamW "
+        f"lr {LR} wd 0, β {BETA}, sigmoid loss, reference = base (adapters disabled), {args.pairs} pairs a step "
+        f"from examples/data/dpo_train.jsonl, same batches and same starting LoRA for every variant. Each "
+        "variant in a fresh process; s/step = median of steps after the first "
+        f"{args.skip}; peak RSS = VmHWM of that process (model and data included).",
+        "",
+        "| variant | s/step | x trl | peak RSS GiB | x trl | x lorakit-sft | loss after N steps | loss vs trl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v in args.variants:
         if not agg.get(v):
             continue
@@ -174,8 +211,10 @@ def main() -> None:
         ratio_sft = f"{peak / med('lorakit-sft', lambda r: r['peak_gib']):.2f}" if "lorakit-sft" in agg else "n/a"
         trl_loss = med("trl", lambda r: r["losses"][-1]) if "trl" in agg else None
         loss_vs = f"{(loss / trl_loss - 1) * 100:+.2f}%" if trl_loss and v != "lorakit-sft" else ""
-        lines.append(f"| {v} | {s:.3f} | {ratio_t} | {peak:.2f} | {ratio_m} | {ratio_sft} | {loss:.4f} (N={args.steps})"
-                     f" | {loss_vs} |")
+        lines.append(
+            f"| {v} | {s:.3f} | {ratio_t} | {peak:.2f} | {ratio_m} | {ratio_sft} | {loss:.4f} (N={args.steps})"
+            f" | {loss_vs} |"
+        )
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

@@ -72,8 +72,10 @@ def main() -> None:
     train, evals = build(random.Random(SEED))
     write_jsonl(TRAIN_FILE, train)
     write_jsonl(EVAL_FILE, evals)
-    print(f"wrote {len(train)} pairs to {TRAIN_FILE.relative_to(HERE.parent)}, "
-          f"{len(evals)} pairs to {EVAL_FILE.relative_to(HERE.parent)}")
+    print(
+        f"wrote {len(train)} pairs to {TRAIN_FILE.relative_to(HERE.parent)}, "
+        f"{len(evals)} pairs to {EVAL_FILE.relative_to(HERE.parent)}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,21 @@ from lorakit.pairs import collate_pairs, load_pairs
 from lorakit.preference import dpo_loss, pair_logps, pair_metrics, reference_mode
 
 ROWS = [
-    {"prompt": [{"role": "user", "content": "say abc"}], "chosen": [{"role": "assistant", "content": "abc abc"}],
-     "rejected": [{"role": "assistant", "content": "no"}]},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name a colour"}],
-     "chosen": [{"role": "assistant", "content": "blue"}],
-     "rejected": [{"role": "assistant", "content": "I would rather not say"}]},
-    {"prompt": [{"role": "user", "content": "count to three"}], "chosen": [{"role": "assistant", "content": "1 2 3"}],
-     "rejected": [{"role": "assistant", "content": "one, two"}]},
+    {
+        "prompt": [{"role": "user", "content": "say abc"}],
+        "chosen": [{"role": "assistant", "content": "abc abc"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    },
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name a colour"}],
+        "chosen": [{"role": "assistant", "content": "blue"}],
+        "rejected": [{"role": "assistant", "content": "I would rather not say"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "count to three"}],
+        "chosen": [{"role": "assistant", "content": "1 2 3"}],
+        "rejected": [{"role": "assistant", "content": "one, two"}],
+    },
 ]
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 DTYPE = torch.float32  # TRL's fused head computes log-probs in fp32 whatever the model dtype
@@ -55,14 +63,23 @@ def _trl_trainer(model_dir, data, out, start_adapter=None, **dpo_args):
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    args = trl.DPOConfig(output_dir=str(out), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
-                         max_length=None, per_device_train_batch_size=len(ROWS), **dpo_args)
+    args = trl.DPOConfig(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        per_device_train_batch_size=len(ROWS),
+        **dpo_args,
+    )
     rows = Dataset.from_list([json.loads(line) for line in data.read_text().splitlines()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if start_adapter is None:
-            trainer = trl.DPOTrainer(model=base, args=args, train_dataset=rows, processing_class=tok,
-                                     peft_config=peft.LoraConfig(**LORA))
+            trainer = trl.DPOTrainer(
+                model=base, args=args, train_dataset=rows, processing_class=tok, peft_config=peft.LoraConfig(**LORA)
+            )
         else:
             model = peft.PeftModel.from_pretrained(base, str(start_adapter), is_trainable=True)
             trainer = trl.DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
@@ -79,8 +96,7 @@ def _trl_step(trainer, loss_type, beta, eps):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     loss = trainer._compute_loss(model, batch, False)
     loss.backward()
-    grads = {n.replace("base_model.model.", ""): p.grad.clone() for n, p in model.named_parameters()
-             if p.requires_grad}
+    grads = {n.replace("base_model.model.", ""): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads
 
 
@@ -90,8 +106,9 @@ def _lorakit_step(model, batch, loss_type, beta, eps, reference=None):
     with reference_mode(model, reference):
         ref_c, ref_r, _, _ = pair_logps(model, batch)
     c, r, nc, nr = pair_logps(model, batch)
-    terms = dpo_loss(c, r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps,
-                     chosen_tokens=nc, rejected_tokens=nr)
+    terms = dpo_loss(
+        c, r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_tokens=nc, rejected_tokens=nr
+    )
     loss = terms.losses.mean()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -104,8 +121,14 @@ def _check_equal(ours, theirs, rel=1e-5):
     t_loss, t_metrics, t_grads = theirs
     assert loss == pytest.approx(t_loss, rel=rel, abs=1e-6)
     # Rewards are β times a difference of two fp32 sums of ~50 log-probs: equal to ~1e-6 absolute.
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                 "logps/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert metrics[name] == pytest.approx(t_metrics[name], rel=1e-5, abs=1e-5), name
     assert set(grads) == set(t_grads)
     for name, g in grads.items():
@@ -120,7 +143,10 @@ def test_tokenization_matches_trl(tiny, tmp_path):
     assert stats.rows == len(theirs) == len(ROWS)
     for ours, t in zip(pairs, theirs):
         assert (ours["prompt_ids"], ours["chosen_ids"], ours["rejected_ids"]) == (
-            t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])
+            t["prompt_ids"],
+            t["chosen_ids"],
+            t["rejected_ids"],
+        )
     ours_batch = collate_pairs(pairs, tok.pad_token_id)
     t_batch = trainer.data_collator([theirs[i] for i in range(len(theirs))])
     assert torch.equal(ours_batch["input_ids"], t_batch["input_ids"])
@@ -199,8 +225,9 @@ def test_reference_is_the_starting_adapter_and_no_second_model(tiny, tmp_path):
     """From an SFT adapter: reference log-probs equal the SFT adapter's; the reference adds no base parameters."""
     model_dir, data, _ = tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
-    sft = lorakit.inject(AutoModelForCausalLM.from_pretrained(model_dir), lorakit.LoraConfig(init_lora_weights=False,
-                                                                                            **LORA))
+    sft = lorakit.inject(
+        AutoModelForCausalLM.from_pretrained(model_dir), lorakit.LoraConfig(init_lora_weights=False, **LORA)
+    )
     lorakit.save_adapter(sft, tmp_path / "sft")
     pairs, _ = load_pairs(data, tok)
     batch = collate_pairs(pairs, tok.pad_token_id)
@@ -245,8 +272,9 @@ def test_token_logprobs_match_float64_autograd():
     (ref * upstream).sum().backward()
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_ours, hidden.grad, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda h: token_logprobs(h, weight, targets, chunk_size=5), (hidden.detach()
-                                    .requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda h: token_logprobs(h, weight, targets, chunk_size=5), (hidden.detach().requires_grad_(),)
+    )
 
 
 def test_completion_logps_equal_full_logits(tiny):

@@ -40,8 +40,9 @@ def tiny(tmp_path_factory):
 
 def _moved_model(model_dir, tmp_path):
     """A model with a trained-looking 'default' adapter and its starting point as the frozen reference."""
-    start = lorakit.inject(AutoModelForCausalLM.from_pretrained(model_dir),
-                           lorakit.LoraConfig(init_lora_weights=False, **LORA))
+    start = lorakit.inject(
+        AutoModelForCausalLM.from_pretrained(model_dir), lorakit.LoraConfig(init_lora_weights=False, **LORA)
+    )
     lorakit.save_adapter(start, tmp_path / "start")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ref = setup_dpo_model(model, {}, tmp_path / "start")
@@ -68,8 +69,9 @@ def test_setup_errors(tiny, tmp_path):
     with pytest.raises(AdapterFormatError, match="does not exist"):
         setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), {}, tmp_path / "nowhere")
     other = make_tiny_model_dir(root / "wider", hidden=48)
-    lorakit.save_adapter(lorakit.inject(AutoModelForCausalLM.from_pretrained(other), lorakit.LoraConfig(**LORA)),
-                         tmp_path / "other")
+    lorakit.save_adapter(
+        lorakit.inject(AutoModelForCausalLM.from_pretrained(other), lorakit.LoraConfig(**LORA)), tmp_path / "other"
+    )
     with pytest.raises(ModelMismatchError, match="does not fit the base model"):
         setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), {}, tmp_path / "other")
     with pytest.raises(ConfigError, match="lora section"):

@@ -18,18 +18,29 @@ def write(path, rows):
     return path
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"prompt": "p", "rejected": "b"}, "missing key(s) 'chosen'"),
-    ({"prompt": "p", "chosen": "a"}, "missing key(s) 'rejected'"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "supervised (SFT) row"),
-    ({"prompt": "p", "completion": "c"}, "train it with method: sft"),
-    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string or a list of chat messages"),
-    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
-     "'chosen' is a message list but 'prompt' is a string"),
-    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
-     "must hold assistant messages only"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "p", "rejected": "b"}, "missing key(s) 'chosen'"),
+        ({"prompt": "p", "chosen": "a"}, "missing key(s) 'rejected'"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "supervised (SFT) row"),
+        ({"prompt": "p", "completion": "c"}, "train it with method: sft"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string or a list of chat messages"),
+        (
+            {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+            "'chosen' is a message list but 'prompt' is a string",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "p"}],
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": "b",
+            },
+            "must hold assistant messages only",
+        ),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, row, message):
     path = write(tmp_path / "pairs.jsonl", [PAIR, row])
     with pytest.raises(DataError) as err:
@@ -50,23 +61,27 @@ def test_string_rows_use_the_chat_template_and_mask_the_prompt(tmp_path):
     tok = make_tokenizer()
     path = write(tmp_path / "pairs.jsonl", [PAIR])
     (pair,), stats = load_pairs(path, tok)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "say abc"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "say abc"}], tokenize=False, add_generation_prompt=True
+    )
     assert tok.decode(pair["prompt_ids"]) == prompt
     assert tok.decode(pair["chosen_ids"]) == "abc abc<|im_end|>\n"
     assert tok.decode(pair["rejected_ids"]) == "no<|im_end|>\n"
     assert stats.completion_tokens == len(pair["chosen_ids"]) + len(pair["rejected_ids"])
     # The conversational form of the same row tokenizes the same.
-    conv = {"prompt": [{"role": "user", "content": "say abc"}], "chosen": "abc abc",
-            "rejected": [{"role": "assistant", "content": "no"}]}
+    conv = {
+        "prompt": [{"role": "user", "content": "say abc"}],
+        "chosen": "abc abc",
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
     (same,), _ = load_pairs(write(tmp_path / "conv.jsonl", [conv]), tok)
     assert same == pair
     batch = collate_pairs([pair, same], tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 4
     n_prompt = len(pair["prompt_ids"])
     assert (batch["labels"][:, :n_prompt] == -100).all()
-    assert batch["labels"][0, n_prompt:n_prompt + len(pair["chosen_ids"])].tolist() == pair["chosen_ids"]
-    assert batch["labels"][2, n_prompt:n_prompt + len(pair["rejected_ids"])].tolist() == pair["rejected_ids"]
+    assert batch["labels"][0, n_prompt : n_prompt + len(pair["chosen_ids"])].tolist() == pair["chosen_ids"]
+    assert batch["labels"][2, n_prompt : n_prompt + len(pair["rejected_ids"])].tolist() == pair["rejected_ids"]
 
 
 def test_without_template_answers_end_with_eos(tmp_path):

@@ -36,8 +36,9 @@ IGNORE_INDEX = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
 
 
-def _chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, cd: torch.dtype,
-                      need_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _chunked_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, cd: torch.dtype, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
     """``(logp [M] fp32, ∂logp_i/∂h_i [M, H] or None)``, one chunk of logits at a time."""
     acc = torch.promote_types(cd, torch.float32)  # fp32 (fp64 under gradcheck)
     m, dev = targets.numel(), hidden.device
@@ -83,8 +84,13 @@ class _TokenLogprobsFn(torch.autograd.Function):
         return (gh * grad_logp[:, None].to(gh.dtype)), None, None, None, None
 
 
-def token_logprobs(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   dtype: torch.dtype | None = None) -> Tensor:
+def token_logprobs(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """``log softmax(hidden @ head_weightᵀ)[targets]`` per row, without the full logits.
 
     Memory is one chunk's fp32 logits (``4 · chunk_size · V`` bytes) plus, when a
@@ -105,18 +111,26 @@ def token_logprobs(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_s
         ValueError: shapes disagree, ``chunk_size`` < 1, a target is outside the
             vocabulary, or ``head_weight`` requires a gradient while grad mode is on.
     """
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or head_weight.dim() != 2 \
-            or head_weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)} and "
-                         f"head_weight {tuple(head_weight.shape)} must be [M, H], [M] and [V, H]")
+    if (
+        hidden.dim() != 2
+        or targets.shape != hidden.shape[:1]
+        or head_weight.dim() != 2
+        or head_weight.shape[1] != hidden.shape[1]
+    ):
+        raise ValueError(
+            f"token_logprobs: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)} and "
+            f"head_weight {tuple(head_weight.shape)} must be [M, H], [M] and [V, H]"
+        )
     if int(chunk_size) < 1:
         raise ValueError(f"token_logprobs: chunk_size must be at least 1, got {chunk_size}")
     vocab = head_weight.shape[0]
     if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
         raise ValueError(f"token_logprobs: a target id is outside the vocabulary [0, {vocab})")
     if torch.is_grad_enabled() and head_weight.requires_grad:
-        raise ValueError("token_logprobs: the head weight requires a gradient; score a trained head with "
-                         "completion_logps, which takes the generic path for it")
+        raise ValueError(
+            "token_logprobs: the head weight requires a gradient; score a trained head with "
+            "completion_logps, which takes the generic path for it"
+        )
     cd = compute_dtype(hidden, dtype)
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _TokenLogprobsFn.apply(hidden, head_weight, targets, int(chunk_size), cd)
@@ -147,8 +161,9 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def completion_logps(model: nn.Module, batch: dict[str, Tensor],
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
+def completion_logps(
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[Tensor, Tensor]:
     """Per row, the summed log-probability of the labelled tokens and their count.
 
     Equal to ``log_softmax(model(...).logits[:, :-1]).gather(labels[:, 1:])`` summed

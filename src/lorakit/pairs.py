@@ -43,12 +43,23 @@ from .errors import ConfigError, DataError
 from .examples import IGNORE_INDEX, collate, render_chat
 from .rows import RowError, parse_messages, read_jsonl
 
-__all__ = ["PAIR_KEYS", "PairRow", "PairStats", "parse_pair", "read_pairs", "tokenize_pair", "load_pairs", "collate_pairs",
-           "is_pairs_file"]
+__all__ = [
+    "PAIR_KEYS",
+    "PairRow",
+    "PairStats",
+    "parse_pair",
+    "read_pairs",
+    "tokenize_pair",
+    "load_pairs",
+    "collate_pairs",
+    "is_pairs_file",
+]
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
-_EXPECTED = ('{"prompt": ..., "chosen": ..., "rejected": ...} with strings, or prompt a list of chat messages '
-             "and chosen / rejected assistant messages or strings")
+_EXPECTED = (
+    '{"prompt": ..., "chosen": ..., "rejected": ...} with strings, or prompt a list of chat messages '
+    "and chosen / rejected assistant messages or strings"
+)
 _SFT_KEYS = ("messages", "completion", "instruction", "output", "text")
 
 
@@ -107,8 +118,10 @@ def _answer(obj: dict[str, Any], key: str, conversational: bool) -> list[dict[st
     if not isinstance(value, list):
         raise RowError(f"{key!r} must be a string or a list of assistant messages, got {_short(value)}")
     if not conversational:
-        raise RowError(f"{key!r} is a message list but 'prompt' is a string; give the prompt as messages too, "
-                       "or both answers as strings")
+        raise RowError(
+            f"{key!r} is a message list but 'prompt' is a string; give the prompt as messages too, "
+            "or both answers as strings"
+        )
     messages = parse_messages(value)
     if any(m["role"] != "assistant" for m in messages):
         raise RowError(f"{key!r} must hold assistant messages only, got roles {[m['role'] for m in messages]}")
@@ -133,8 +146,10 @@ def parse_pair(obj: dict[str, Any], source: str) -> PairRow:
     if missing:
         sft = [k for k in _SFT_KEYS if k in obj]
         if sft:
-            raise RowError(f"this is a supervised (SFT) row with keys {sorted(obj)}, but method: dpo needs "
-                           f"{_EXPECTED}; train it with method: sft, or convert it to pairs")
+            raise RowError(
+                f"this is a supervised (SFT) row with keys {sorted(obj)}, but method: dpo needs "
+                f"{_EXPECTED}; train it with method: sft, or convert it to pairs"
+            )
         raise RowError(f"missing key(s) {', '.join(map(repr, missing))}; a preference row needs {_EXPECTED}")
     prompt = obj["prompt"]
     if isinstance(prompt, list):
@@ -219,8 +234,10 @@ def tokenize_pair(tokenizer: Any, row: PairRow) -> tuple[list[int], list[int], l
     templated = getattr(tokenizer, "chat_template", None) is not None
     if row.conversational or templated:
         if not templated:
-            raise DataError(f"{row.source}: conversational rows need a tokenizer with a chat template, and this "
-                            "tokenizer has none; set tokenizer.chat_template or give prompt and answers as strings")
+            raise DataError(
+                f"{row.source}: conversational rows need a tokenizer with a chat template, and this "
+                "tokenizer has none; set tokenizer.chat_template or give prompt and answers as strings"
+            )
         prompt = _as_messages(row.prompt, "user")
         prompt_ids = render_chat(tokenizer, prompt, True)
         full_c = render_chat(tokenizer, prompt + _as_messages(row.chosen, "assistant"), False)
@@ -272,8 +289,7 @@ def load_pairs(
         prompt_ids, chosen, rejected = tokenize_pair(tokenizer, row)
         for name, ids in (("chosen", chosen), ("rejected", rejected)):
             if not ids:
-                raise DataError(f"{row.source}: the {name} answer has no tokens after the prompt; "
-                                "give it some text")
+                raise DataError(f"{row.source}: the {name} answer has no tokens after the prompt; give it some text")
         if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
             prompt_ids = prompt_ids[:max_prompt_len]
             stats.prompt_truncated += 1
@@ -282,21 +298,24 @@ def load_pairs(
             limit = f"max_prompt_len={max_prompt_len}" if max_prompt_len is not None else "no max_prompt_len"
             raise DataError(
                 f"{row.source}: the prompt is {len(prompt_ids)} tokens ({limit}), so nothing of the answers fits in "
-                f"max_seq_len={max_seq_len}; raise data.max_seq_len or set data.max_prompt_len below it")
+                f"max_seq_len={max_seq_len}; raise data.max_seq_len or set data.max_prompt_len below it"
+            )
         for ids in (chosen, rejected):
             stats.truncated += len(ids) > room
         chosen, rejected = chosen[:room], rejected[:room]
         longer = chosen if len(chosen) >= len(rejected) else rejected
-        pairs.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected,
-                      "input_ids": prompt_ids + longer})
+        pairs.append(
+            {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "input_ids": prompt_ids + longer}
+        )
         stats.tokens += 2 * len(prompt_ids) + len(chosen) + len(rejected)
         stats.completion_tokens += len(chosen) + len(rejected)
     stats.rows = len(pairs)
     return pairs, stats
 
 
-def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    pairs: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """One right-padded batch of ``2B`` rows: the chosen sequences, then the rejected ones.
 
     Args:
@@ -313,6 +332,9 @@ def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int,
     """
     if not pairs:
         raise ConfigError("collate_pairs needs at least one pair, got an empty list")
-    rows = [{"input_ids": p["prompt_ids"] + p[key], "labels": [IGNORE_INDEX] * len(p["prompt_ids"]) + p[key]}
-            for key in ("chosen_ids", "rejected_ids") for p in pairs]
+    rows = [
+        {"input_ids": p["prompt_ids"] + p[key], "labels": [IGNORE_INDEX] * len(p["prompt_ids"]) + p[key]}
+        for key in ("chosen_ids", "rejected_ids")
+        for p in pairs
+    ]
     return collate(rows, pad_token_id, pad_to_multiple_of)

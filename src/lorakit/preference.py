@@ -38,12 +38,27 @@ from .errors import ConfigError
 from .logprobs import completion_logps
 from .pairs import collate_pairs, load_pairs
 
-__all__ = ["LOSS_TYPES", "DpoTerms", "check_dpo_args", "dpo_loss", "pair_logps", "reference_mode", "pair_metrics",
-           "METRIC_NAMES", "evaluate_pairs"]
+__all__ = [
+    "LOSS_TYPES",
+    "DpoTerms",
+    "check_dpo_args",
+    "dpo_loss",
+    "pair_logps",
+    "reference_mode",
+    "pair_metrics",
+    "METRIC_NAMES",
+    "evaluate_pairs",
+]
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected")
+METRIC_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 class DpoTerms(NamedTuple):
@@ -78,8 +93,10 @@ def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
     if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and loss_type in ("hinge", "ipo"):
-        raise ConfigError(f"dpo.label_smoothing applies to loss_type sigmoid (cDPO) and robust, not {loss_type}; "
-                          "set it to 0 or change the loss type")
+        raise ConfigError(
+            f"dpo.label_smoothing applies to loss_type sigmoid (cDPO) and robust, not {loss_type}; "
+            "set it to 0 or change the loss type"
+        )
 
 
 def dpo_loss(
@@ -127,8 +144,9 @@ def dpo_loss(
     else:  # ipo
         if chosen_tokens is None or rejected_tokens is None:
             raise ConfigError("dpo_loss: loss_type 'ipo' needs chosen_tokens and rejected_tokens")
-        per_token = (chosen_ratio / chosen_tokens.clamp(min=1).to(chosen_ratio.dtype)
-                     - rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype))
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1).to(
+            chosen_ratio.dtype
+        ) - rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype)
         losses = (per_token - 1 / (2 * beta)) ** 2
     return DpoTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
@@ -145,8 +163,16 @@ def pair_metrics(terms: DpoTerms, chosen_logps: Tensor, rejected_logps: Tensor) 
         ``{name: sum over pairs}`` for each of :data:`METRIC_NAMES`.
     """
     c, r = terms.chosen_rewards.double(), terms.rejected_rewards.double()
-    sums = torch.stack([c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
-                        chosen_logps.detach().double().sum(), rejected_logps.detach().double().sum()])
+    sums = torch.stack(
+        [
+            c.sum(),
+            r.sum(),
+            (c > r).double().sum(),
+            (c - r).sum(),
+            chosen_logps.detach().double().sum(),
+            rejected_logps.detach().double().sum(),
+        ]
+    )
     return dict(zip(METRIC_NAMES, sums.tolist()))
 
 
@@ -250,13 +276,23 @@ def evaluate_pairs(
     try:
         with torch.no_grad():
             for i in range(0, len(pairs), batch_size):
-                batch = {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size],
-                                                                   tokenizer.pad_token_id).items()}
+                batch = {
+                    k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], tokenizer.pad_token_id).items()
+                }
                 with reference_mode(model, reference_adapter):
                     ref_c, ref_r, _, _ = pair_logps(model, batch)
                 c, r, nc, nr = pair_logps(model, batch)
-                terms = dpo_loss(c, r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                                 label_smoothing=label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+                terms = dpo_loss(
+                    c,
+                    r,
+                    ref_c,
+                    ref_r,
+                    beta=beta,
+                    loss_type=loss_type,
+                    label_smoothing=label_smoothing,
+                    chosen_tokens=nc,
+                    rejected_tokens=nr,
+                )
                 sums["eval_loss"] += float(terms.losses.double().sum())
                 for name, value in pair_metrics(terms, c, r).items():
                     sums[name] += value

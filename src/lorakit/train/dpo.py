@@ -41,8 +41,14 @@ from lorakit.preference import METRIC_NAMES, check_dpo_args, dpo_loss, pair_logp
 from lorakit.train.batching import make_batches, split_eval
 from lorakit.train.data import RunData
 
-__all__ = ["REFERENCE_ADAPTER", "REFERENCE_CACHE", "DpoObjective", "setup_dpo_model", "load_pair_data",
-           "precomputed_reference"]
+__all__ = [
+    "REFERENCE_ADAPTER",
+    "REFERENCE_CACHE",
+    "DpoObjective",
+    "setup_dpo_model",
+    "load_pair_data",
+    "precomputed_reference",
+]
 
 REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference_logps.safetensors"
@@ -70,8 +76,9 @@ class DpoObjective:
     metric_names = METRIC_NAMES
     unit = "pairs"
 
-    def __init__(self, pad_token_id: int, beta: float, loss_type: str, label_smoothing: float,
-                 reference_adapter: str | None) -> None:
+    def __init__(
+        self, pad_token_id: int, beta: float, loss_type: str, label_smoothing: float, reference_adapter: str | None
+    ) -> None:
         check_dpo_args(beta, loss_type, label_smoothing)
         self.pad_token_id, self.beta, self.loss_type = pad_token_id, beta, loss_type
         self.label_smoothing, self.reference_adapter = label_smoothing, reference_adapter
@@ -109,14 +116,28 @@ class DpoObjective:
             with reference_mode(model, self.reference_adapter):
                 ref_c, ref_r, _, _ = pair_logps(model, inputs)
         c, r, nc, nr = pair_logps(model, inputs)
-        terms = dpo_loss(c, r, ref_c.to(c.dtype), ref_r.to(r.dtype), beta=self.beta, loss_type=self.loss_type,
-                         label_smoothing=self.label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+        terms = dpo_loss(
+            c,
+            r,
+            ref_c.to(c.dtype),
+            ref_r.to(r.dtype),
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            chosen_tokens=nc,
+            rejected_tokens=nr,
+        )
         metrics = pair_metrics(terms, c, r)
         return terms.losses.sum(), len(c), [metrics[name] for name in self.metric_names]
 
-    def reference_logps(self, model: torch.nn.Module, pairs: list[dict[str, Any]], batch_size: int,
-                        to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                        autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(
+        self,
+        model: torch.nn.Module,
+        pairs: list[dict[str, Any]],
+        batch_size: int,
+        to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        autocast: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of every pair, ``batch_size`` pairs per forward, in order.
 
         Args:
@@ -167,8 +188,10 @@ def setup_dpo_model(model: torch.nn.Module, lora: dict[str, Any], adapter: str |
         load_adapter(model, adapter, is_trainable=True)
     except ModelMismatchError as exc:
         base = getattr(model.config, "_name_or_path", None) or type(model).__name__
-        raise ModelMismatchError(f"adapter {adapter} does not fit the base model {base}: {exc} Point `adapter` "
-                                 "at an adapter trained on this model, or set `model` to its base.") from None
+        raise ModelMismatchError(
+            f"adapter {adapter} does not fit the base model {base}: {exc} Point `adapter` "
+            "at an adapter trained on this model, or set `model` to its base."
+        ) from None
     load_adapter(model, adapter, adapter_name=REFERENCE_ADAPTER)  # frozen, inactive: a few MB
     return REFERENCE_ADAPTER
 
@@ -192,13 +215,16 @@ def load_pair_data(data: Any, tokenizer: Any, seed: int, batch_size: int, say: C
         ConfigError: ``data.packing`` (pairs are not packed).
     """
     if data.packing:
-        raise ConfigError("data.packing is not supported with method: dpo (pairs are batched whole); "
-                          "set data.packing to false")
+        raise ConfigError(
+            "data.packing is not supported with method: dpo (pairs are batched whole); set data.packing to false"
+        )
     kw = dict(max_seq_len=data.max_seq_len, max_prompt_len=data.max_prompt_len, on_error=data.on_error)
     train, stats = load_pairs(data.train, tokenizer, **kw)
-    say(f"data: {data.train}: {stats.rows:,d} pairs ({stats.skipped} skipped, {stats.prompt_truncated} prompts cut "
+    say(
+        f"data: {data.train}: {stats.rows:,d} pairs ({stats.skipped} skipped, {stats.prompt_truncated} prompts cut "
         f"to max_prompt_len={data.max_prompt_len}, {stats.truncated} sequences cut to {data.max_seq_len} tokens), "
-        f"{stats.tokens:,d} tokens, {stats.completion_tokens:,d} scored")
+        f"{stats.tokens:,d} tokens, {stats.completion_tokens:,d} scored"
+    )
     evals: list[dict[str, Any]] = []
     card = [("train", str(data.train), 0)]
     if data.eval is not None:
@@ -222,8 +248,9 @@ def _hash_tensors(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def reference_key(model: torch.nn.Module, pairs: list[list[dict[str, Any]]], adapter: str | Path | None,
-                  precision: str) -> str:
+def reference_key(
+    model: torch.nn.Module, pairs: list[list[dict[str, Any]]], adapter: str | Path | None, precision: str
+) -> str:
     """The cache key of precomputed reference log-probs: what they are a function of.
 
     Args:
@@ -236,16 +263,22 @@ def reference_key(model: torch.nn.Module, pairs: list[list[dict[str, Any]]], ada
         A hex digest.
     """
     base = _hash_tensors([p for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n])
-    data = hashlib.sha256(json.dumps([[(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in split]
-                                      for split in pairs]).encode()).hexdigest()
+    data = hashlib.sha256(
+        json.dumps([[(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in split] for split in pairs]).encode()
+    ).hexdigest()
     files = sorted(Path(adapter).glob("adapter_*")) if adapter is not None else []
     adapter_hash = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else "base"
     return hashlib.sha256(f"{base}|{data}|{adapter_hash}|{precision}".encode()).hexdigest()
 
 
-def precomputed_reference(run_dir: Path, key: str, splits: dict[str, list[dict[str, Any]]],
-                          compute: Callable[[list[dict[str, Any]]], tuple[torch.Tensor, torch.Tensor]],
-                          write: bool, say: Callable[..., Any]) -> None:
+def precomputed_reference(
+    run_dir: Path,
+    key: str,
+    splits: dict[str, list[dict[str, Any]]],
+    compute: Callable[[list[dict[str, Any]]], tuple[torch.Tensor, torch.Tensor]],
+    write: bool,
+    say: Callable[..., Any],
+) -> None:
     """Attaches reference log-probs to every pair (``ref_chosen`` / ``ref_rejected``), from the cache or computed.
 
     Args:
@@ -278,8 +311,10 @@ def precomputed_reference(run_dir: Path, key: str, splits: dict[str, list[dict[s
     if cached is not None:
         say(f"reference log-probs: read from {path}")
         return
-    say(f"reference log-probs: computed for {sum(len(p) for p in splits.values()):,d} pairs"
-        + (f", cached in {path}" if write else ""))
+    say(
+        f"reference log-probs: computed for {sum(len(p) for p in splits.values()):,d} pairs"
+        + (f", cached in {path}" if write else "")
+    )
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_file_atomic(path, save(tensors, metadata={"key": key}))
