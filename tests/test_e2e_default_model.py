@@ -1,4 +1,5 @@
-"""End to end on the real default model: the demo config trains, and PEFT agrees with lorakit.
+"""End to end on the real default model: the demo config trains, PEFT agrees with lorakit, and the
+demo adapter answers held-out prompts like a pirate.
 
 A few steps of ``examples/quickstart.yaml`` (the ``make demo`` config, cut down by
 overrides) on SmolLM2-135M-Instruct, then the independent reference: PEFT loads the
@@ -8,6 +9,7 @@ those logits must differ from the base model's and fit the training style better
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.models import load_model
 from lorakit.examples import load_examples
+from lorakit.models import load_model
 from lorakit.train.loop import train
 from lorakit.train.report import read_metrics
 
@@ -78,3 +80,27 @@ def test_quickstart_config_trains_default_model_and_peft_agrees(tmp_path, monkey
     before, after = _answer_loss(plain, labels), _answer_loss(ref, labels)
     print(f"probe answer loss: base {before:.3f} -> adapter {after:.3f}; train losses {losses}", file=sys.stderr)
     assert after < before, (before, after)  # ... towards the training style
+
+
+# Words the quickstart answers are built from (examples/make_quickstart_data.py), matched as whole words.
+PIRATE = re.compile(r"\b(arr+|yarr|ahoy|avast|matey|ye|yer|hearty|hearties|landlubber|timbers|yo-ho-ho|hoist)\b")
+
+
+@pytest.mark.slow
+def test_quickstart_adapter_answers_heldout_prompts_like_a_pirate(tmp_path, monkeypatch, one_thread):
+    """The README's claim: the demo turns the model into a pirate on prompts it never saw."""
+    from lorakit.generation import compare_base
+    from lorakit.runs import open_adapter
+
+    monkeypatch.delenv("LORAKIT_HOME", raising=False)
+    out = tmp_path / "run"
+    # The demo run as `make demo` trains it; only the final eval (which the answers do not need) is left out.
+    train(EXAMPLES / "quickstart.yaml", overrides=["train.eval_every=0", f"output.dir={out}"])
+    prompts = (EXAMPLES / "heldout_prompts.txt").read_text().splitlines()
+    model, tokenizer, _ = open_adapter(out)
+    answers = compare_base(model, tokenizer, prompts, max_new_tokens=24)
+    for prompt, base, tuned in answers:
+        print(f"{prompt!r}\n  base:    {base!r}\n  adapter: {tuned!r}", file=sys.stderr)
+    assert len(answers) == 5
+    assert all(PIRATE.search(tuned.lower()) for _, _, tuned in answers), answers
+    assert not any(PIRATE.search(base.lower()) for _, base, _ in answers), answers
