@@ -56,8 +56,15 @@ def _adapters(base, n: int, tmp: Path):
 
 
 def _generate(model, ids, mask, new_tokens: int, **kwargs) -> None:
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=0, **kwargs)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **kwargs,
+    )
 
 
 def main() -> None:
@@ -91,6 +98,7 @@ def main() -> None:
         def run():
             with adapter_batch(ours, spread(k)):
                 _generate(ours, ids, mask, args.new_tokens)
+
         return run
 
     def peft_mixed(k):
@@ -103,6 +111,7 @@ def main() -> None:
                 rows = [i for i, n in enumerate(names) if n == name]
                 lorakit.set_adapter(ours, name)
                 _generate(ours, ids[rows], mask[rows], args.new_tokens)
+
         return run
 
     def single():
@@ -136,18 +145,21 @@ def main() -> None:
         "",
         f"Single adapter (whole batch on a0, lorakit's usual path): **{rate['single adapter']:.1f} tokens/s**.",
         "",
-        "| adapters in the batch | lorakit grouped (tok/s) | PEFT mixed `adapter_names=` (tok/s) | one adapter at a time "
-        "(tok/s) | grouped / single | grouped / PEFT |",
+        "| adapters in the batch | lorakit grouped (tok/s) | PEFT mixed `adapter_names=` (tok/s) "
+        "| one adapter at a time (tok/s) | grouped / single | grouped / PEFT |",
         "|---|---|---|---|---|---|",
     ]
     for k in COUNTS:
         g_, p_, o_ = rate[f"lorakit grouped/{k}"], rate[f"PEFT mixed/{k}"], rate[f"one at a time/{k}"]
         lines.append(f"| {k} | {g_:.1f} | {p_:.1f} | {o_:.1f} | {g_ / rate['single adapter']:.2f}x | {g_ / p_:.2f}x |")
     g8 = rate[f"lorakit grouped/{max(COUNTS)}"]
-    lines += ["", f"Targets: 8 adapters >= 0.8x single ({g8 / rate['single adapter']:.2f}x: "
-                  f"{'met' if g8 >= 0.8 * rate['single adapter'] else 'not met'}); >= 2x PEFT's mixed batch "
-                  f"({g8 / rate[f'PEFT mixed/{max(COUNTS)}']:.2f}x: "
-                  f"{'met' if g8 >= 2 * rate[f'PEFT mixed/{max(COUNTS)}'] else 'not met'})."]
+    lines += [
+        "",
+        f"Targets: 8 adapters >= 0.8x single ({g8 / rate['single adapter']:.2f}x: "
+        f"{'met' if g8 >= 0.8 * rate['single adapter'] else 'not met'}); >= 2x PEFT's mixed batch "
+        f"({g8 / rate[f'PEFT mixed/{max(COUNTS)}']:.2f}x: "
+        f"{'met' if g8 >= 2 * rate[f'PEFT mixed/{max(COUNTS)}'] else 'not met'}).",
+    ]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -7,10 +7,10 @@ import copy
 import peft
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
 from peft.utils import merge_utils
 
 import lorakit
-from conftest import make_gpt2, make_llama
 from lorakit.combine import _merge_tasks, add_weighted_adapter
 from lorakit.inject import lora_layers
 
@@ -21,10 +21,16 @@ def _two_adapters(tmp_path, factory=make_llama, r=(4, 4), targets=("q_proj", "v_
     """Save adapters a and b (random, different) for ``factory()``; return (base, dir_a, dir_b)."""
     base = factory()
     model = copy.deepcopy(base)
-    lorakit.inject(model, lorakit.LoraConfig(r=r[0], lora_alpha=8, target_modules=list(targets),
-                                             init_lora_weights=False, **extra), "a")
-    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=r[1], lora_alpha=4, target_modules=list(targets),
-                                                       init_lora_weights=False, **extra))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=r[0], lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **extra),
+        "a",
+    )
+    lorakit.add_adapter(
+        model,
+        "b",
+        lorakit.LoraConfig(r=r[1], lora_alpha=4, target_modules=list(targets), init_lora_weights=False, **extra),
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -21,10 +21,22 @@ def _model(embed: bool = True, saved: bool = False):
     """Llama with adapter a (r=4) and b (r=2, other targets): different ranks and modules in one batch."""
     model = make_llama()
     targets_a = ["q_proj", "v_proj", "gate_proj", "down_proj"] + (["embed_tokens"] if embed else [])
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets_a, init_lora_weights=False,
-                                             modules_to_save=["lm_head"] if saved else None), "a")
-    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"],
-                                                       init_lora_weights=False))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets_a,
+            init_lora_weights=False,
+            modules_to_save=["lm_head"] if saved else None,
+        ),
+        "a",
+    )
+    lorakit.add_adapter(
+        model,
+        "b",
+        lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"], init_lora_weights=False),
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -51,7 +63,7 @@ def test_rows_equal_alone(saved, tokens):
     with torch.no_grad(), adapter_batch(model, ROWS):
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(ROWS):
-        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the test can fail
     assert all(routing.forward_owner(layer) is None for _, layer in lora_layers(model))  # routes removed on exit
 
@@ -80,8 +92,14 @@ def test_generate_kv_cache_left_padding():
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with adapter_batch(model, ROWS):
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     for i, (name, p) in enumerate(zip(ROWS, prompts)):
@@ -91,7 +109,7 @@ def test_generate_kv_cache_left_padding():
         else:
             lorakit.set_adapter(model, name)
             alone = model.generate(input_ids=torch.tensor([p]), **kwargs)
-        assert out.sequences[i, width:].tolist() == alone.sequences[0, len(p):].tolist()
+        assert out.sequences[i, width:].tolist() == alone.sequences[0, len(p) :].tolist()
         for step_mixed, step_alone in zip(out.logits, alone.logits):
             torch.testing.assert_close(step_mixed[i], step_alone[0], atol=1e-5, rtol=1e-5)
 
@@ -103,8 +121,9 @@ def test_gradients_equal_training_alone():
 
     def loss_of(batch_ids):  # summed over rows, so each row's gradient is its own
         logits = model(input_ids=batch_ids).logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch_ids[:, 1:].reshape(-1),
-                               reduction="sum")
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch_ids[:, 1:].reshape(-1), reduction="sum"
+        )
 
     with adapter_batch(model, ROWS):
         loss_of(ids).backward()
@@ -133,7 +152,7 @@ def test_fused_mlps_are_routed_per_row_and_restored():
     assert fused_owners == ["lorakit.fusion"] * 2  # fused again after the block
     fusion.unfuse_mlps(model)
     for i, name in enumerate(["b", "a", "__base__"]):
-        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_errors():

@@ -77,8 +77,9 @@ class Server:
     def raw(self, path, body, headers=None, method="POST"):
         """(status, parsed JSON) of a raw HTTP request: for bodies the openai client will not send."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, json.loads(resp.read())
@@ -93,8 +94,7 @@ def stack(files):
     registry.load("a", files["a"])
     registry.load("b", files["b"])
     engine = Engine(model, tokenizer, registry, max_batch=8)
-    server = Server(create_app(engine, admin_token=TOKEN, limits=ServeLimits(max_request_bytes=20_000,
-                                                                              max_tokens=400)))
+    server = Server(create_app(engine, admin_token=TOKEN, limits=ServeLimits(max_request_bytes=20_000, max_tokens=400)))
     yield server, engine, registry, model, tokenizer
     server.stop()
 
@@ -111,9 +111,14 @@ def reference(files):
                 lorakit.load_adapter(model, files[adapter])
             cache[adapter] = (model, tok)
         model, tok = cache[adapter]
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        new = out[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[0, len(ids) :].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
         return tok.decode(new, skip_special_tokens=True)
@@ -142,14 +147,18 @@ def test_completion_equals_generate(stack, reference, adapter):
         resp = server.client.completions.create(model=adapter, prompt=prompt, max_tokens=12, temperature=0)
         ids = tok(prompt)["input_ids"]
         assert resp.choices[0].text == reference(adapter, ids, 12)
-        assert resp.usage.prompt_tokens == len(ids) and resp.usage.total_tokens == len(ids) + resp.usage.completion_tokens
+        assert (
+            resp.usage.prompt_tokens == len(ids) and resp.usage.total_tokens == len(ids) + resp.usage.completion_tokens
+        )
         assert resp.choices[0].finish_reason in ("stop", "length") and resp.model == adapter
 
 
 def test_adapters_answer_differently(stack):
     server, *_ = stack
-    texts = {m: server.client.completions.create(model=m, prompt="hello", max_tokens=10, temperature=0)
-             .choices[0].text for m in (BASE_ID, "a", "b")}
+    texts = {
+        m: server.client.completions.create(model=m, prompt="hello", max_tokens=10, temperature=0).choices[0].text
+        for m in (BASE_ID, "a", "b")
+    }
     assert len(set(texts.values())) == 3, texts  # an adapter is never silently the base
 
 
@@ -157,8 +166,16 @@ def test_chat_stream_equals_non_stream(stack):
     server, *_ = stack
     messages = [{"role": "user", "content": "say abc"}]
     whole = server.client.chat.completions.create(model="a", messages=messages, max_tokens=15, temperature=0)
-    chunks = list(server.client.chat.completions.create(model="a", messages=messages, max_tokens=15, temperature=0,
-                                                        stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        server.client.chat.completions.create(
+            model="a",
+            messages=messages,
+            max_tokens=15,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -170,9 +187,12 @@ def test_chat_stream_equals_non_stream(stack):
 
 def test_sse_ends_with_done(stack):
     server, *_ = stack
-    req = urllib.request.Request(server.url + "/v1/completions", method="POST",
-                                 data=json.dumps({"model": "a", "prompt": "hi", "max_tokens": 3, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        method="POST",
+        data=json.dumps({"model": "a", "prompt": "hi", "max_tokens": 3, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.read().decode().split("\n\n") if line]
@@ -181,8 +201,10 @@ def test_sse_ends_with_done(stack):
 
 def test_concurrent_requests_equal_one_at_a_time(stack):
     server, *_ = stack
-    jobs = [(m, p, n) for m, p, n in zip([BASE_ID, "a", "b", "a", "b", BASE_ID, "a", "b"], PROMPTS * 2,
-                                         [5, 17, 9, 30, 3, 12, 8, 21])]
+    jobs = [
+        (m, p, n)
+        for m, p, n in zip([BASE_ID, "a", "b", "a", "b", BASE_ID, "a", "b"], PROMPTS * 2, [5, 17, 9, 30, 3, 12, 8, 21])
+    ]
 
     def run(job):
         m, p, n = job
@@ -198,8 +220,13 @@ def test_seeded_sampling_is_per_request(stack):
     server, *_ = stack
 
     def run(seed, model="a"):
-        return server.client.completions.create(model=model, prompt="hello", max_tokens=12, temperature=1.0,
-                                                top_p=0.9, seed=seed).choices[0].text
+        return (
+            server.client.completions.create(
+                model=model, prompt="hello", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     alone = run(7)
     assert run(7) == alone and run(8) != alone
@@ -215,8 +242,9 @@ def test_stop_strings(stack):
     assert len(stop) == 2 and stop in full.text
     cut = server.client.completions.create(model="a", prompt="hello", max_tokens=20, temperature=0, stop=[stop])
     assert cut.choices[0].text == full.text[: full.text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = server.client.completions.create(model="a", prompt="hello", max_tokens=20, temperature=0, stop=stop,
-                                                stream=True)
+    streamed = server.client.completions.create(
+        model="a", prompt="hello", max_tokens=20, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
@@ -225,8 +253,9 @@ def test_short_request_does_not_wait_for_long_one(stack):
     done, started = {}, threading.Event()
 
     def long():
-        for _ in server.client.completions.create(model="a", prompt="x", max_tokens=400, temperature=0.8, seed=1,
-                                                  stream=True, extra_body={"ignore_eos": True}):
+        for _ in server.client.completions.create(
+            model="a", prompt="x", max_tokens=400, temperature=0.8, seed=1, stream=True, extra_body={"ignore_eos": True}
+        ):
             started.set()
         done["long"] = time.monotonic()
 
@@ -276,10 +305,17 @@ def _mismatched(files, tmp_path):
     out = tmp_path / "wrong"
     out.mkdir()
     tensors = load_file(files["a"] / "adapter_model.safetensors")
-    save_file({k.replace(".model.layers.", ".model.decoder.layers."): v for k, v in tensors.items()},
-              out / "adapter_model.safetensors")
+    save_file(
+        {k.replace(".model.layers.", ".model.decoder.layers."): v for k, v in tensors.items()},
+        out / "adapter_model.safetensors",
+    )
     (out / "adapter_config.json").write_text((files["a"] / "adapter_config.json").read_text())
     return out
+
+
+def layer_c_is_inference(model):
+    """Weights loaded on the engine thread must be ordinary tensors (usable outside inference mode)."""
+    return any(p.is_inference() for n, p in model.named_parameters() if ".c." in n)
 
 
 def test_admin_load_unload_and_errors(stack, files, tmp_path):
@@ -291,14 +327,23 @@ def test_admin_load_unload_and_errors(stack, files, tmp_path):
     status, body = server.raw("/v1/load_lora_adapter", load, {"Authorization": "Bearer wrong"})
     assert status == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    status, body = server.raw("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(_mismatched(files, tmp_path))},
-                              auth)
+    status, body = server.raw(
+        "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(_mismatched(files, tmp_path))}, auth
+    )
     assert status == 422 and "model.decoder.layers" in body["error"]["message"], body
     assert "bad" not in [m.id for m in client.models.list().data]
     status, body = server.raw("/v1/load_lora_adapter", load, auth)
     assert status == 200, body
     assert [m.id for m in client.models.list().data] == [BASE_ID, "a", "b", "c"]
-    assert client.completions.create(model="c", prompt="hi", max_tokens=3, temperature=0).choices[0].text is not None
+    jobs = [("c", 9), ("a", 5), ("b", 7), ("c", 4)]  # the loaded adapter in mixed decoding steps
+
+    def run(job):
+        return client.completions.create(model=job[0], prompt="hi", max_tokens=job[1], temperature=0).choices[0].text
+
+    alone = [run(job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(run, jobs)) == alone
+    assert not layer_c_is_inference(model)
     status, _ = server.raw("/v1/load_lora_adapter", load, auth)
     assert status == 400  # the name is taken
 
@@ -335,8 +380,11 @@ def test_admin_off_without_token(files):
     model, tokenizer = load_model(files["model"])
     server = Server(create_app(Engine(model, tokenizer, AdapterRegistry(model, BASE_ID))))
     try:
-        status, body = server.raw("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(files["c"])},
-                                  {"Authorization": f"Bearer {TOKEN}"})
+        status, body = server.raw(
+            "/v1/load_lora_adapter",
+            {"lora_name": "c", "lora_path": str(files["c"])},
+            {"Authorization": f"Bearer {TOKEN}"},
+        )
         assert status == 404 and "--admin-token" in body["error"]["message"]
     finally:
         server.stop()
@@ -345,7 +393,9 @@ def test_admin_off_without_token(files):
 def test_log_line_per_request(stack, caplog):
     server, *_ = stack
     with caplog.at_level("INFO", logger="lorakit.serve"):
-        server.client.completions.create(model="b", prompt="hi", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        server.client.completions.create(
+            model="b", prompt="hi", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
         deadline = time.monotonic() + 5
         while not any("adapter=b" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -363,10 +413,14 @@ def test_sigterm_finishes_running_requests(files):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"from lorakit.serve import serve; serve({str(files['model'])!r}, {{'a': {str(files['a'])!r}}}, "
-            f"port={port})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    code = f"from lorakit.serve import serve; serve({str(files['model'])!r}, {{'a': {str(files['a'])!r}}}, port={port})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         deadline = time.monotonic() + 90
@@ -377,8 +431,9 @@ def test_sigterm_finishes_running_requests(files):
                 break
             except openai.APIConnectionError:
                 time.sleep(0.2)
-        stream = client.completions.create(model="a", prompt="x", max_tokens=300, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="a", prompt="x", max_tokens=300, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = [next(iter(stream))]
         proc.send_signal(signal.SIGTERM)
         chunks += list(stream)

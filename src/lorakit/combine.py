@@ -43,8 +43,16 @@ __all__ = ["add_weighted_adapter", "CombineResult", "COMBINATION_TYPES"]
 _FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = (*_FACTOR_TYPES, "cat", *_SVD_TYPES)
-_NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune",
-                  "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"}
+_NEEDS_DENSITY = {
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +98,9 @@ def _prune(t: torch.Tensor, density: float, method: str) -> torch.Tensor:
     return t * torch.bernoulli(torch.full_like(t, density)) / density  # DARE: random drop, rescaled
 
 
-def _merge_tasks(kind: str, tensors: list[torch.Tensor], weights: list[float], density: float | None,
-                 sign_method: str) -> torch.Tensor:
+def _merge_tasks(
+    kind: str, tensors: list[torch.Tensor], weights: list[float], density: float | None, sign_method: str
+) -> torch.Tensor:
     """Σ wᵢ·tᵢ after the pruning / sign election that ``kind`` names (PEFT's merge_utils semantics)."""
     base = kind.removesuffix("_svd")
     if base in ("ties", "magnitude_prune"):
@@ -108,8 +117,15 @@ def _merge_tasks(kind: str, tensors: list[torch.Tensor], weights: list[float], d
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
-           density: float | None, majority_sign_method: str) -> None:
+def _check(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str,
+    density: float | None,
+    majority_sign_method: str,
+) -> None:
     configs = get_configs(model)
     if not configs:
         raise AdapterNotFoundError("this model has no LoRA adapters to combine; load some with lorakit.load_adapter.")
@@ -117,8 +133,9 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
         raise ConfigError("adapters is empty; name at least one adapter to combine.")
     missing = [a for a in adapters if a not in configs]
     if missing:
-        raise AdapterNotFoundError(f"no adapter named {', '.join(map(repr, missing))} on this model; "
-                                   f"adapters: {', '.join(configs)}.")
+        raise AdapterNotFoundError(
+            f"no adapter named {', '.join(map(repr, missing))} on this model; adapters: {', '.join(configs)}."
+        )
     if len(weights) != len(adapters):
         raise ConfigError(f"weights has {len(weights)} value(s) for {len(adapters)} adapter(s); give one per adapter.")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
@@ -126,20 +143,28 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
     if adapter_name in configs:
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; pick a new name or delete it first.")
     if combination_type not in COMBINATION_TYPES:
-        raise ConfigError(f"combination_type={combination_type!r} is not known; use one of {', '.join(COMBINATION_TYPES)}.")
+        raise ConfigError(
+            f"combination_type={combination_type!r} is not known; use one of {', '.join(COMBINATION_TYPES)}."
+        )
     if combination_type in _NEEDS_DENSITY and len(adapters) > 1 and (density is None or not 0 <= density <= 1):
-        raise ConfigError(f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of values "
-                          f"kept), got {density!r}.")
+        raise ConfigError(
+            f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of values "
+            f"kept), got {density!r}."
+        )
     if majority_sign_method not in ("total", "frequency"):
         raise ConfigError(f"majority_sign_method={majority_sign_method!r}; use 'total' or 'frequency'.")
     with_saved = [a for a in adapters if configs[a].modules_to_save]
     if with_saved:
-        raise ConfigError(f"adapter(s) {', '.join(map(repr, with_saved))} train whole modules (modules_to_save), "
-                          f"which cannot be combined; combine adapters without modules_to_save.")
+        raise ConfigError(
+            f"adapter(s) {', '.join(map(repr, with_saved))} train whole modules (modules_to_save), "
+            f"which cannot be combined; combine adapters without modules_to_save."
+        )
     merged = [n for n, layer in lora_layers(model) if any(a in layer.merged_adapters for a in adapters)]
     if merged:
-        raise ConfigError(f"adapters to combine are merged into the base weights (e.g. at {merged[0]!r}); "
-                          f"call lorakit.unmerge(model) first.")
+        raise ConfigError(
+            f"adapters to combine are merged into the base weights (e.g. at {merged[0]!r}); "
+            f"call lorakit.unmerge(model) first."
+        )
 
 
 def add_weighted_adapter(
@@ -147,8 +172,19 @@ def add_weighted_adapter(
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
-    combination_type: Literal["svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
-                              "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd"] = "svd",
+    combination_type: Literal[
+        "svd",
+        "linear",
+        "cat",
+        "ties",
+        "ties_svd",
+        "dare_ties",
+        "dare_linear",
+        "dare_ties_svd",
+        "dare_linear_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "svd",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
@@ -191,8 +227,10 @@ def add_weighted_adapter(
     ranks = [_max_rank(configs[a]) for a in adapters]
     if kind in _FACTOR_TYPES:
         if len(set(ranks)) != 1:
-            raise ConfigError(f"combination_type={kind!r} combines A and B factor-wise and needs equal ranks; got "
-                              f"{dict(zip(adapters, ranks))}. Use 'cat' (exact) or 'svd' instead.")
+            raise ConfigError(
+                f"combination_type={kind!r} combines A and B factor-wise and needs equal ranks; got "
+                f"{dict(zip(adapters, ranks))}. Use 'cat' (exact) or 'svd' instead."
+            )
         new_rank = ranks[0]
     elif kind == "cat":
         new_rank = sum(ranks)
@@ -202,9 +240,19 @@ def add_weighted_adapter(
             raise ConfigError(f"svd_rank={svd_rank!r} must be an int >= 1.")
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in adapters)]
     first = configs[adapters[0]]
-    config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, use_rslora=False, rank_pattern={},
-                                 alpha_pattern={}, target_modules=[n for n, _ in layers], exclude_modules=None,
-                                 layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    config = dataclasses.replace(
+        first,
+        r=new_rank,
+        lora_alpha=new_rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=[n for n, _ in layers],
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        modules_to_save=None,
+    )
     inject(model, config, adapter_name)
     err2 = ref2 = 0.0
     worst = 0.0
@@ -213,8 +261,9 @@ def add_weighted_adapter(
             present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
             new_A, new_B = _factors(layer, adapter_name)
             with torch.no_grad():
-                A, B = _combine_layer(layer, kind, present, new_rank, svd_clamp, svd_full_matrices, density,
-                                      majority_sign_method)
+                A, B = _combine_layer(
+                    layer, kind, present, new_rank, svd_clamp, svd_full_matrices, density, majority_sign_method
+                )
                 new_A.zero_()
                 new_B.zero_()
                 new_A[: A.shape[0]].copy_(A.reshape(A.shape[0], *new_A.shape[1:]))
@@ -231,9 +280,16 @@ def add_weighted_adapter(
     return CombineResult(adapter_name, kind, new_rank, residual, worst)
 
 
-def _combine_layer(layer: LoraLayer, kind: str, present: list[tuple[str, float]], new_rank: int,
-                   clamp: float | None, full_matrices: bool, density: float | None,
-                   sign_method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine_layer(
+    layer: LoraLayer,
+    kind: str,
+    present: list[tuple[str, float]],
+    new_rank: int,
+    clamp: float | None,
+    full_matrices: bool,
+    density: float | None,
+    sign_method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The new ``(A, B)`` of one layer, A (r', in...) and B (out, r'...) with r' <= new_rank."""
     if kind == "cat":
         As = [_factors(layer, a)[0] * (w * layer.scaling[a]) for a, w in present]

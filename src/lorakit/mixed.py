@@ -70,7 +70,8 @@ class AdapterRows:
         self._masks: dict[tuple, torch.Tensor] = {}  # per-row column masks of the stacked path, by layout
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
-            for name, idx in rows.items() if name != BASE
+            for name, idx in rows.items()
+            if name != BASE
         ]
 
     def __len__(self) -> int:
@@ -92,9 +93,13 @@ class AdapterRows:
             return y
         inplace = not torch.is_grad_enabled()
         present = [(name, idx) for name, idx in self.groups if name in layer.r]
-        if (inplace and len(present) > 1 and isinstance(layer, LoraLinear) and x.numel() <= _STACK_TOKENS * x.shape[0]
-                * x.shape[-1] and not any(isinstance(layer.lora_dropout[n], nn.Dropout) and layer.training
-                                          for n, _ in present)):
+        if (
+            inplace
+            and len(present) > 1
+            and isinstance(layer, LoraLinear)
+            and x.numel() <= _STACK_TOKENS * x.shape[0] * x.shape[-1]
+            and not any(isinstance(layer.lora_dropout[n], nn.Dropout) and layer.training for n, _ in present)
+        ):
             return self._stacked(layer, x, y, [n for n, _ in present])
         for name, idx in present:
             xs = x if idx is None else x.index_select(0, idx)  # (Bₙ, ..., in)
@@ -151,8 +156,9 @@ def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, LoraEmbedding):
         A, B = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
         base = layer.base_layer
-        after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                              base.sparse)  # (Bₙ, ..., r)
+        after_a = F.embedding(
+            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )  # (Bₙ, ..., r)
         return (after_a @ B.T) * layer.scaling[name]
     A, B = layer.lora_A[name], layer.lora_B[name]  # nn.Linear (r, in) / (out, r), or convolutions
     return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
@@ -165,7 +171,7 @@ def _stack(layer: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Ten
     change (tensor identity and version counter), so steady decoding builds nothing.
     """
     weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    key = tuple((n, id(a), a._version, id(b), b._version) for n, (a, b) in zip(names, weights))
+    key = tuple((n, id(a), _version(a), id(b), _version(b)) for n, (a, b) in zip(names, weights))
     cached = _STACKS.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1:]
@@ -177,6 +183,11 @@ def _stack(layer: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Ten
     B = torch.cat([b.detach() for _, b in weights], 1)
     _STACKS[layer] = (key, A, B, spans)
     return A, B, spans
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place changes seen so far (inference tensors cannot change in place: always 0)."""
+    return 0 if t.is_inference() else t._version
 
 
 def forget_stacks(model: nn.Module) -> None:
@@ -234,12 +245,16 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
     merged = [layer for layer in layers if layer.merged_adapters]
     if merged:
-        raise ConfigError(f"adapter_batch needs unmerged adapters, but {merged[0].merged_adapters} are merged into "
-                          f"the base weights; call lorakit.unmerge(model) (or lorakit.for_training) first.")
+        raise ConfigError(
+            f"adapter_batch needs unmerged adapters, but {merged[0].merged_adapters} are merged into "
+            f"the base weights; call lorakit.unmerge(model) (or lorakit.for_training) first."
+        )
     owners = {routing.forward_owner(m) for m in model.modules()} - {None, _SHORTCUT_OWNER, _FUSION_OWNER}
     if owners:
-        raise ConfigError(f"adapter_batch cannot route this model: {', '.join(sorted(map(str, owners)))} replaced "
-                          f"module forwards (nested adapter_batch, CUDA-graph replay); undo that first.")
+        raise ConfigError(
+            f"adapter_batch cannot route this model: {', '.join(sorted(map(str, owners)))} replaced "
+            f"module forwards (nested adapter_batch, CUDA-graph replay); undo that first."
+        )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = AdapterRows(names, device)
     was_fused = any(routing.forward_owner(m) == _FUSION_OWNER for m in model.modules())

@@ -21,8 +21,17 @@ from .app import APIError, ServeLimits, create_app
 from .engine import Engine, Request, SamplingParams
 from .registry import AdapterInfo, AdapterRegistry
 
-__all__ = ["serve", "build_app", "Engine", "Request", "SamplingParams", "AdapterRegistry", "AdapterInfo",
-           "APIError", "ServeLimits"]
+__all__ = [
+    "serve",
+    "build_app",
+    "Engine",
+    "Request",
+    "SamplingParams",
+    "AdapterRegistry",
+    "AdapterInfo",
+    "APIError",
+    "ServeLimits",
+]
 
 log = logging.getLogger("lorakit.serve")
 
@@ -109,8 +118,9 @@ def serve(
         raise ConfigError(f"port={port!r} must be in 0..65535.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("lorakit.serve").setLevel(logging.INFO)
-    app = build_app(model, adapters, max_batch=max_batch, admin_token=admin_token, limits=limits, dtype=dtype,
-                    device=device)
+    app = build_app(
+        model, adapters, max_batch=max_batch, admin_token=admin_token, limits=limits, dtype=dtype, device=device
+    )
     log.info("serving on http://%s:%d/v1 (admin API %s)", host, port, "on" if admin_token else "off")
     # uvicorn drains the running requests on SIGINT / SIGTERM, then raises the signal again with the handlers
     # that were there before it: these make that last step a clean exit instead of a traceback or a kill.

@@ -43,14 +43,22 @@ __all__ = ["APIError", "create_app", "ServeLimits"]
 class APIError(Exception):
     """An error answered in OpenAI's shape with ``status``."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
 
 
 class ServeLimits(BaseModel):
@@ -121,16 +129,23 @@ def _prompt_ids(tokenizer: Any, body: CompletionBody) -> list[int]:
         return list(prompt)
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise APIError(400, f"prompt holds {len(prompt)} strings; this server answers one prompt per request "
-                                f"(n=1).", param="prompt")
+            raise APIError(
+                400,
+                f"prompt holds {len(prompt)} strings; this server answers one prompt per request (n=1).",
+                param="prompt",
+            )
         prompt = prompt[0]
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
 def _chat_ids(tokenizer: Any, body: ChatBody) -> list[int]:
-    messages = [{"role": m.role if m.role != "developer" else "system",
-                 "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                for m in body.messages]
+    messages = [
+        {
+            "role": m.role if m.role != "developer" else "system",
+            "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+        }
+        for m in body.messages
+    ]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -138,27 +153,44 @@ def _chat_ids(tokenizer: Any, body: ChatBody) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def _params(body: _Body, max_tokens: int | None, prompt_len: int, context: int, limits: ServeLimits,
-            prompt_field: str) -> SamplingParams:
+def _params(
+    body: _Body, max_tokens: int | None, prompt_len: int, context: int, limits: ServeLimits, prompt_field: str
+) -> SamplingParams:
     if prompt_len == 0:
         raise APIError(400, f"{prompt_field} is empty; send at least one token.", param=prompt_field)
     if prompt_len >= context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens, but the {prompt_field} has "
-                            f"{prompt_len} tokens. Shorten it.", param=prompt_field, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens, but the {prompt_field} has "
+            f"{prompt_len} tokens. Shorten it.",
+            param=prompt_field,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = min(16 if prompt_field == "prompt" else limits.max_tokens, context - prompt_len)
     if max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.",
-                       param="max_tokens")
+        raise APIError(
+            400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.", param="max_tokens"
+        )
     if prompt_len + max_tokens > context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens; the {prompt_field} has "
-                            f"{prompt_len} tokens and max_tokens asks for {max_tokens} more. Lower max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens; the {prompt_field} has "
+            f"{prompt_len} tokens and max_tokens asks for {max_tokens} more. Lower max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or not all(stop):
         raise APIError(400, f"stop={body.stop!r}: give up to 4 non-empty strings.", param="stop")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=tuple(stop),
-                          seed=body.seed, ignore_eos=body.ignore_eos)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=tuple(stop),
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
 
 
 def _sse(payload: dict | str) -> str:
@@ -167,12 +199,19 @@ def _sse(payload: dict | str) -> str:
 
 def _check_admin(request: Request, token: str | None) -> None:
     if token is None:
-        raise APIError(404, "the admin API is off; start the server with --admin-token to load and unload adapters.",
-                       code="admin_disabled")
+        raise APIError(
+            404,
+            "the admin API is off; start the server with --admin-token to load and unload adapters.",
+            code="admin_disabled",
+        )
     given = request.headers.get("authorization", "")
     if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise APIError(401, "admin calls need the header 'Authorization: Bearer <admin token>'.",
-                       type_="authentication_error", code="invalid_api_key")
+        raise APIError(
+            401,
+            "admin calls need the header 'Authorization: Bearer <admin token>'.",
+            type_="authentication_error",
+            code="invalid_api_key",
+        )
 
 
 class _BodyLimit:
@@ -213,8 +252,9 @@ class _BodyLimit:
 # ------------------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeLimits | None = None,
-               created: int | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, *, admin_token: str | None = None, limits: ServeLimits | None = None, created: int | None = None
+) -> FastAPI:
     """The FastAPI app serving ``engine``'s model and adapters (the engine is started and stopped with it).
 
     Args:
@@ -251,15 +291,22 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')}).",
-                            code="invalid_json").response()
+            return APIError(
+                400,
+                f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')}).",
+                code="invalid_json",
+            ).response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) or None
         if first.get("type") == "model_attributes_type":
             return APIError(400, "the request body must be a JSON object.", code="invalid_json").response()
-        return APIError(422, f"{field or 'body'}: {first.get('msg', 'invalid value')}"
-                             f"{' (got ' + repr(first['input']) + ')' if 'input' in first and field else ''}.",
-                        param=field, code="invalid_value").response()
+        return APIError(
+            422,
+            f"{field or 'body'}: {first.get('msg', 'invalid value')}"
+            f"{' (got ' + repr(first['input']) + ')' if 'input' in first and field else ''}.",
+            param=field,
+            code="invalid_value",
+        ).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -278,13 +325,33 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
 
     @app.get("/v1/models")
     async def models() -> dict:
-        data = [{"id": registry.base_id, "object": "model", "created": created, "owned_by": "lorakit",
-                 "root": registry.base_id, "parent": None}]
+        data = [
+            {
+                "id": registry.base_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "lorakit",
+                "root": registry.base_id,
+                "parent": None,
+            }
+        ]
         for info in registry.adapters():
-            data.append({"id": info.name, "object": "model", "created": created, "owned_by": "lorakit",
-                         "root": info.path, "parent": registry.base_id,
-                         "lora": {"r": info.r, "lora_alpha": info.lora_alpha, "target_modules": info.target_modules,
-                                  "sha256": info.sha256}})
+            data.append(
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "lorakit",
+                    "root": info.path,
+                    "parent": registry.base_id,
+                    "lora": {
+                        "r": info.r,
+                        "lora_alpha": info.lora_alpha,
+                        "target_modules": info.target_modules,
+                        "sha256": info.sha256,
+                    },
+                }
+            )
         return {"object": "list", "data": data}
 
     async def _run(body: _Body, ids: list[int], max_tokens: int | None, prompt_field: str, chat: bool) -> Any:
@@ -293,8 +360,14 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
         req = engine.submit(EngineRequest(adapter, ids, params, loop=asyncio.get_running_loop()))
         rid = ("chatcmpl-" if chat else "cmpl-") + req.id
         now = int(time.time())
-        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(req.generated),  # noqa: E731
-                         "total_tokens": len(ids) + len(req.generated)}
+
+        def usage() -> dict:
+            return {
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(req.generated),
+                "total_tokens": len(ids) + len(req.generated),
+            }
+
         if body.stream:
             return StreamingResponse(_stream(req, body, rid, now, chat, usage), media_type="text/event-stream")
         try:
@@ -307,15 +380,33 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
         finally:
             req.cancelled = req.finish_reason is None  # the client went away: stop generating for it
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": req.text}, "logprobs": None,
-                      "finish_reason": req.finish_reason}
-            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                    "choices": [choice], "usage": usage()}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": req.text},
+                "logprobs": None,
+                "finish_reason": req.finish_reason,
+            }
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage(),
+            }
         choice = {"index": 0, "text": req.text, "logprobs": None, "finish_reason": req.finish_reason}
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model, "choices": [choice],
-                "usage": usage()}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now,
+            "model": body.model,
+            "choices": [choice],
+            "usage": usage(),
+        }
 
-    async def _stream(req: EngineRequest, body: _Body, rid: str, now: int, chat: bool, usage: Any) -> AsyncIterator[str]:
+    async def _stream(
+        req: EngineRequest, body: _Body, rid: str, now: int, chat: bool, usage: Any
+    ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -337,12 +428,21 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
                     yield _sse(chunk(None, value))
                     break
                 else:
-                    yield _sse({"error": {"message": f"generation failed: {value}", "type": "server_error",
-                                          "param": None, "code": None}})
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": f"generation failed: {value}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                     break
             if (body.stream_options or {}).get("include_usage"):
-                yield _sse({"id": rid, "object": obj, "created": now, "model": body.model, "choices": [],
-                            "usage": usage()})
+                yield _sse(
+                    {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [], "usage": usage()}
+                )
             yield _sse("[DONE]")
         finally:
             req.cancelled = req.finish_reason is None
@@ -363,14 +463,23 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
         try:
             info = await asyncio.wrap_future(future)
         except (ModelMismatchError, TargetNotFoundError) as exc:
-            raise APIError(422, f"adapter {body.lora_name!r} does not fit the base model {registry.base_id!r}: {exc}",
-                           param="lora_path", code="adapter_mismatch") from None
+            raise APIError(
+                422,
+                f"adapter {body.lora_name!r} does not fit the base model {registry.base_id!r}: {exc}",
+                param="lora_path",
+                code="adapter_mismatch",
+            ) from None
         except ConfigError as exc:
             raise APIError(400, str(exc), param="lora_name", code="invalid_adapter_name") from None
         except (AdapterFormatError, LorakitError) as exc:
             raise APIError(400, str(exc), param="lora_path", code="invalid_adapter") from None
-        return {"object": "lora_adapter", "id": info.name, "parent": registry.base_id, "sha256": info.sha256,
-                "message": f"Success: LoRA adapter '{info.name}' added successfully."}
+        return {
+            "object": "lora_adapter",
+            "id": info.name,
+            "parent": registry.base_id,
+            "sha256": info.sha256,
+            "message": f"Success: LoRA adapter '{info.name}' added successfully.",
+        }
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadBody, request: Request) -> dict:
@@ -380,8 +489,12 @@ def create_app(engine: Engine, *, admin_token: str | None = None, limits: ServeL
         except AdapterNotFoundError as exc:
             raise APIError(404, str(exc), param="lora_name", code="model_not_found") from None
         engine.call(registry.collect)
-        return {"object": "lora_adapter", "id": body.lora_name, "running_requests": users,
-                "message": f"Success: LoRA adapter '{body.lora_name}' removed"
-                           f"{'' if not users else f'; its memory is freed when its {users} running request(s) end'}."}
+        return {
+            "object": "lora_adapter",
+            "id": body.lora_name,
+            "running_requests": users,
+            "message": f"Success: LoRA adapter '{body.lora_name}' removed"
+            f"{'' if not users else f'; its memory is freed when its {users} running request(s) end'}.",
+        }
 
     return app

@@ -73,8 +73,13 @@ class Request:
     ``finish_reason`` is ``"stop"`` (end of sequence or a stop string) or ``"length"``.
     """
 
-    def __init__(self, adapter: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        adapter: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.id = uuid.uuid4().hex[:24]
         self.adapter = adapter
         self.prompt_ids = list(prompt_ids)
@@ -198,6 +203,10 @@ class Engine:
                     self._rows, self._cache, self._mask = [], None, None
 
     def _run_calls(self) -> None:
+        with torch.inference_mode(False):  # weights loaded here must be ordinary tensors, not inference tensors
+            self._run_pending_calls()
+
+    def _run_pending_calls(self) -> None:
         while True:
             try:
                 fn, future = self._calls.get_nowait()
@@ -227,13 +236,20 @@ class Engine:
 
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
-                            device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         with adapter_batch(self.model, [r.adapter for r in reqs]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         for r in reqs:
             r.length = len(r.prompt_ids)
         self._join(out.past_key_values, mask, reqs)
@@ -246,8 +262,9 @@ class Engine:
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         with adapter_batch(self.model, [r.adapter for r in rows]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache,
-                             use_cache=True)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+            )
         self._cache, self._mask = out.past_key_values, mask
         for r in rows:
             r.length += 1
@@ -301,18 +318,25 @@ class Engine:
         while final > req.sent and text[final - 1] == "\ufffd":
             final -= 1
         if final > req.sent:
-            req._emit(("delta", text[req.sent:final]))
+            req._emit(("delta", text[req.sent : final]))
             req.sent = final
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason = reason
         if error is None and req.sent < len(req.text):
-            req._emit(("delta", req.text[req.sent:]))
+            req._emit(("delta", req.text[req.sent :]))
             req.sent = len(req.text)
         req._emit(("error", error) if error is not None else ("done", reason))
         self.registry.release(req.adapter)
-        log.info("request %s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs", req.id,
-                 req.adapter, len(req.prompt_ids), len(req.generated), reason, time.perf_counter() - req.started)
+        log.info(
+            "request %s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs",
+            req.id,
+            req.adapter,
+            len(req.prompt_ids),
+            len(req.generated),
+            reason,
+            time.perf_counter() - req.started,
+        )
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
@@ -352,4 +376,3 @@ def _sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch
         sorted_probs[before >= params.top_p] = 0  # keep the smallest head whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
-

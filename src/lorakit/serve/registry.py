@@ -12,10 +12,12 @@ ends (:meth:`~AdapterRegistry.collect`, run by the engine between steps).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _return_free_memory() -> None:
+    """Hand freed memory back to the system: CUDA's cache, and glibc's heap (small tensors live there)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): the memory is reused, just not returned
+            pass
+
+
 class AdapterRegistry:
     """The adapters on one base model, with the requests that use each.
 
@@ -106,18 +119,28 @@ class AdapterRegistry:
             ModelMismatchError: the adapter does not fit this base (names the unmatched keys).
         """
         if not isinstance(name, str) or not name or "." in name or name in (BASE, self.base_id):
-            raise ConfigError(f"adapter name {name!r} is not usable: give a non-empty name without dots that is not "
-                              f"{self.base_id!r} or {BASE!r}.")
+            raise ConfigError(
+                f"adapter name {name!r} is not usable: give a non-empty name without dots that is not "
+                f"{self.base_id!r} or {BASE!r}."
+            )
         with self._lock:
             if name in self._info:
-                raise ConfigError(f"an adapter named {name!r} is already loaded"
-                                  f"{' (still unloading)' if name in self._unloading else ''}; pick another name.")
+                raise ConfigError(
+                    f"an adapter named {name!r} is already loaded"
+                    f"{' (still unloading)' if name in self._unloading else ''}; pick another name."
+                )
         path = Path(path)
         load_adapter(self.model, path, adapter_name=name)
         config = get_configs(self.model)[name]
         rank = max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
-        info = AdapterInfo(name=name, path=str(path), r=rank, lora_alpha=config.lora_alpha,
-                           target_modules=config.target_modules, sha256=_sha256(path))
+        info = AdapterInfo(
+            name=name,
+            path=str(path),
+            r=rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=config.target_modules,
+            sha256=_sha256(path),
+        )
         with self._lock:
             self._info[name] = info
             self._users[name] = 0
@@ -137,8 +160,9 @@ class AdapterRegistry:
         with self._lock:
             if name not in self._info or name in self._unloading:
                 available = [self.base_id, *(n for n in self._info if n not in self._unloading)]
-                raise AdapterNotFoundError(f"The model `{name}` does not exist. Available models: "
-                                           f"{', '.join(available)}.")
+                raise AdapterNotFoundError(
+                    f"The model `{name}` does not exist. Available models: {', '.join(available)}."
+                )
             self._users[name] += 1
         return name
 
@@ -161,8 +185,10 @@ class AdapterRegistry:
         """
         with self._lock:
             if name not in self._info or name in self._unloading:
-                raise AdapterNotFoundError(f"no adapter named {name!r} is loaded; loaded: "
-                                           f"{', '.join(n for n in self._info if n not in self._unloading) or 'none'}.")
+                raise AdapterNotFoundError(
+                    f"no adapter named {name!r} is loaded; loaded: "
+                    f"{', '.join(n for n in self._info if n not in self._unloading) or 'none'}."
+                )
             self._unloading.add(name)
             return self._users[name]
 
@@ -182,6 +208,5 @@ class AdapterRegistry:
         if idle:
             forget_stacks(self.model)  # the decoding path's concatenated copies of the adapters' weights
             gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _return_free_memory()
         return idle
