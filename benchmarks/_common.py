@@ -72,9 +72,11 @@ def machine() -> str:
     have = [f for f in CPU_FLAGS if f in flags]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{datetime.date.today().isoformat()}, {model}{family} ({os.cpu_count()} cores; flags: "
-            f"{', '.join(have) or 'none'}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"load avg {load:.1f}{gpu}")
+    return (
+        f"{datetime.date.today().isoformat()}, {model}{family} ({os.cpu_count()} cores; flags: "
+        f"{', '.join(have) or 'none'}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load avg {load:.1f}{gpu}"
+    )
 
 
 def rss_kib(field: str = "VmHWM") -> int:
@@ -119,10 +121,12 @@ def git_rev() -> str:
     """The short commit, plus a note when the measured code (src/, benchmarks/*.py) has uncommitted changes."""
     root = Path(__file__).resolve().parents[1]
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"],
-                               capture_output=True, text=True, cwd=root).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"], capture_output=True, text=True, cwd=root
+        ).stdout.strip()
     except OSError:
         return "?"
     return f"{rev} + uncommitted changes" if dirty else rev

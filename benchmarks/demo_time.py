@@ -45,8 +45,11 @@ def time_demo(root: Path, env: dict[str, str]) -> tuple[float, dict, str]:
     log = out.stdout + out.stderr
     if out.returncode != 0:
         sys.exit(f"make demo failed (exit {out.returncode}):\n{log[-4000:]}")
-    rows = [json.loads(line) for line in (root / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (root / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     last = next(r for r in reversed(rows) if "loss" in r and "elapsed_s" in r)
     return wall, last, log[-1500:]
 
@@ -63,8 +66,10 @@ def main() -> None:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(work / "lorakit")], check=True)
         root, env["LORAKIT_HOME"] = work / "lorakit", str(work / "home")
         commit = commit.split(" ")[0] + " (committed tree only)"
-        what = ("fresh: `git clone` of HEAD, `make demo` creating .venv (pip downloads), converting the default "
-                "model into an empty `$LORAKIT_HOME`, training, answering")
+        what = (
+            "fresh: `git clone` of HEAD, `make demo` creating .venv (pip downloads), converting the default "
+            "model into an empty `$LORAKIT_HOME`, training, answering"
+        )
     else:
         root = ROOT
         subprocess.run(["bash", "scripts/setup.sh"], cwd=root, check=True)
@@ -74,11 +79,13 @@ def main() -> None:
     finally:
         if args.fresh:
             shutil.rmtree(work, ignore_errors=True)
-    body = (f"Machine: {machine()}; commit {commit}.\n\n"
-            f"`make demo` ({what}): **{_mmss(wall)}** wall clock in all; of that the training loop "
-            f"({last['step']} steps of examples/quickstart.yaml, its own clock) {_mmss(last['elapsed_s'])}, "
-            f"final training loss {last['loss']:.3f}. The rest is process start-up, model loading, the eval pass "
-            f"and the base-vs-adapter answers.")
+    body = (
+        f"Machine: {machine()}; commit {commit}.\n\n"
+        f"`make demo` ({what}): **{_mmss(wall)}** wall clock in all; of that the training loop "
+        f"({last['step']} steps of examples/quickstart.yaml, its own clock) {_mmss(last['elapsed_s'])}, "
+        f"final training loss {last['loss']:.3f}. The rest is process start-up, model loading, the eval pass "
+        f"and the base-vs-adapter answers."
+    )
     print(tail + "\n\n" + body)
     if not args.no_write:
         write_section("demo_time.py" + (" (fresh)" if args.fresh else ""), body)

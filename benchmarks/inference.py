@@ -52,8 +52,15 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
 
     path = os.environ.get(MODEL_ENV)
     big = AutoConfig.from_pretrained(path) if path else LlamaConfig(num_hidden_layers=30)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=big.num_hidden_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=big.num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(cfg).to(device).eval()
     variants = _variants(base, peft)
@@ -70,9 +77,14 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
                     m(input_ids=ids, use_cache=False)
                 _sync(device)
                 times[k].append((time.perf_counter() - t0) / 20)
-    lines = ["", f"Overhead-bound proxy ({cfg.num_hidden_layers} layers of hidden size 64, one forward of 1 x 8 "
-             "tokens, median of 20-forward means): what batch-1 decoding on a GPU pays per module call.", "",
-             "| variant | forward ms | x plain |", "|---|---:|---:|"]
+    lines = [
+        "",
+        f"Overhead-bound proxy ({cfg.num_hidden_layers} layers of hidden size 64, one forward of 1 x 8 "
+        "tokens, median of 20-forward means): what batch-1 decoding on a GPU pays per module call.",
+        "",
+        "| variant | forward ms | x plain |",
+        "|---|---:|---:|",
+    ]
     for k in variants:
         lines.append(f"| {k} | {median(times[k]) * 1e3:.2f} | {median(times[k]) / median(times['plain']):.2f} |")
     return lines
@@ -95,8 +107,12 @@ def main() -> None:
     variants = _variants(base, peft)
     merged, unmerged = variants["lorakit-merged"], variants["lorakit-unmerged"]
 
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the sea."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     prompt = {k: v.to(device) for k, v in prompt.items()}
     batch = torch.randint(0, base.config.vocab_size, (8, 128), device=device)
     gen_t: dict[str, list[float]] = {k: [] for k in variants}
@@ -108,8 +124,13 @@ def main() -> None:
             for k, m in variants.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                m.generate(**prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                           do_sample=False, pad_token_id=tok.pad_token_id)
+                m.generate(
+                    **prompt,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
                 _sync(device)
                 gen_t[k].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
@@ -118,14 +139,21 @@ def main() -> None:
                 fwd_t[k].append(time.perf_counter() - t0)
         same = torch.equal(merged(**prompt).logits, merged(**prompt).logits)
         err = (merged(**prompt).logits - unmerged(**prompt).logits).abs().max().item()
-    lines = [f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.", "",
-             f"Greedy generation of {args.new_tokens} tokens (batch 1) and one forward of 8 x 128 tokens; "
-             f"median of {args.repeats}. Merged vs unmerged max |logit diff|: {err:.2e} (deterministic: {same}).", "",
-             "| variant | tokens/s | x plain | forward 8x128 ms | x plain |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.",
+        "",
+        f"Greedy generation of {args.new_tokens} tokens (batch 1) and one forward of 8 x 128 tokens; "
+        f"median of {args.repeats}. Merged vs unmerged max |logit diff|: {err:.2e} (deterministic: {same}).",
+        "",
+        "| variant | tokens/s | x plain | forward 8x128 ms | x plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for k in variants:
         tps = args.new_tokens / median(gen_t[k])
-        lines.append(f"| {k} | {tps:.1f} | {median(gen_t[k]) / median(gen_t['plain']):.2f} | "
-                     f"{median(fwd_t[k]) * 1e3:.0f} | {median(fwd_t[k]) / median(fwd_t['plain']):.2f} |")
+        lines.append(
+            f"| {k} | {tps:.1f} | {median(gen_t[k]) / median(gen_t['plain']):.2f} | "
+            f"{median(fwd_t[k]) * 1e3:.0f} | {median(fwd_t[k]) / median(fwd_t['plain']):.2f} |"
+        )
     lines += overhead_proxy(device, args.repeats)
     table = "\n".join(lines)
     print(table)

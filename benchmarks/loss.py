@@ -141,8 +141,9 @@ def _memory_worker(name: str) -> None:
 
 
 def _peak_extra_mb(name: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", name],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", name], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -195,8 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name in VARIANTS:
-        lines.append(f"| {name} | {ms[name]:.0f} | {ms[name] / ms[ref]:.2f} | {mem[name]['extra_mb']:.0f} "
-                     f"| {mem[name]['extra_mb'] / mem[ref]['extra_mb']:.2f} |")
+        lines.append(
+            f"| {name} | {ms[name]:.0f} | {ms[name] / ms[ref]:.2f} | {mem[name]['extra_mb']:.0f} "
+            f"| {mem[name]['extra_mb'] / mem[ref]['extra_mb']:.2f} |"
+        )
     header = (
         f"Machine: {machine()}; commit {git_rev()}.\n\n"
         f"LM head + mean cross-entropy, forward+backward, fp32: hidden {BATCH} x {TOKENS} x {HIDDEN} (requires grad), "

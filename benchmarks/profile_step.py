@@ -44,7 +44,7 @@ def main() -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        for b in batches[args.warmup:]:
+        for b in batches[args.warmup :]:
             step(b)
         sync()
         wall = (time.perf_counter() - t0) / args.steps

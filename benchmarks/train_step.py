@@ -54,9 +54,15 @@ from _common import MODEL_ENV, git_rev, load_bench_model, machine, median, model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline itself)
-    "peft-fp32": None, "peft-bf16": None, "peft-gc": None,
-    "lorakit-fp32": "peft-fp32", "lorakit-auto": "peft-bf16", "lorakit-eager": "peft-bf16",
-    "lorakit-gc": "peft-gc", "lorakit-gc2": "peft-gc", "lorakit-compile": "peft-bf16",
+    "peft-fp32": None,
+    "peft-bf16": None,
+    "peft-gc": None,
+    "lorakit-fp32": "peft-fp32",
+    "lorakit-auto": "peft-bf16",
+    "lorakit-eager": "peft-bf16",
+    "lorakit-gc": "peft-gc",
+    "lorakit-gc2": "peft-gc",
+    "lorakit-compile": "peft-bf16",
 }
 VARIANTS = list(BASELINE)
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "lorakit-compile"]
@@ -84,7 +90,7 @@ def _rows(tokenizer, workload: str, steps: int) -> list[list[dict]]:
                 ids += ex["input_ids"]
                 labels += ex["labels"]
             rows.append({"input_ids": ids[:LONG_TOKENS], "labels": labels[:LONG_TOKENS]})
-    return [rows[i * batch:(i + 1) * batch] for i in range(steps)]
+    return [rows[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
 def _uses_bf16(variant: str, fast_bf16: bool) -> bool:
@@ -113,8 +119,10 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     # lorakit pads to GRAPH_PAD when it records CUDA graphs (as `lorakit train` does): more padding, same loss
     graphed = variant in ("lorakit-fp32", "lorakit-auto") and dev.type == "cuda"
     pad = GRAPH_PAD if graphed else 8
-    batches = [{k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=pad).items()}
-               for b in _rows(tok, workload, steps)]
+    batches = [
+        {k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=pad).items()}
+        for b in _rows(tok, workload, steps)
+    ]
     bf16 = _uses_bf16(variant, resolve_precision("auto", dev)[0] == "bf16")
     if bf16:  # both libraries' bf16 users: the frozen base stored in bf16
         model = model.to(torch.bfloat16)
@@ -142,6 +150,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         def loss_fn(batch):
             loss_sum, n = causal_lm_loss(model, batch)
             return loss_sum / max(n, 1)
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 2e-4, 0.0, dev)  # fused AdamW on CUDA, for PEFT too
@@ -179,17 +188,29 @@ def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else rss_kib("VmHWM") / 2**20
-    return {"variant": variant, "workload": workload, "steps": steps, "times": times, "losses": losses, "bf16": bf16,
-            "peak_gib": peak, "rss_before_gib": rss_before / 2**20,
-            "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
-            "padded_tokens": sum(b["input_ids"].numel() for b in batches) / len(batches),
-            "labelled": sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches),
-            "longest_row": [int(b["attention_mask"].sum(1).max()) for b in batches]}
+    return {
+        "variant": variant,
+        "workload": workload,
+        "steps": steps,
+        "times": times,
+        "losses": losses,
+        "bf16": bf16,
+        "peak_gib": peak,
+        "rss_before_gib": rss_before / 2**20,
+        "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
+        "padded_tokens": sum(b["input_ids"].numel() for b in batches) / len(batches),
+        "labelled": sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches),
+        "longest_row": [int(b["attention_mask"].sum(1).max()) for b in batches],
+    }
 
 
 def _run(variant: str, workload: str, steps: int, device: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, workload, str(steps), device],
-                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, workload, str(steps), device],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
@@ -212,10 +233,14 @@ def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[st
         a["loss"].append(r["losses"][-1])
         a["runs"].append(r)
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
-    lines = [f"| workload | variant | vs | s/step | x vs | x peft-fp32 | tokens/s | {mem} | x vs | x peft-fp32 "
-             "| loss after N steps | loss vs |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (workload, variant), a in sorted(agg.items(), key=lambda kv: (list(WORKLOADS).index(kv[0][0]),
-                                                                       VARIANTS.index(kv[0][1]))):
+    lines = [
+        f"| workload | variant | vs | s/step | x vs | x peft-fp32 | tokens/s | {mem} | x vs | x peft-fp32 "
+        "| loss after N steps | loss vs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (workload, variant), a in sorted(
+        agg.items(), key=lambda kv: (list(WORKLOADS).index(kv[0][0]), VARIANTS.index(kv[0][1]))
+    ):
         r0 = a["runs"][0]
         base = BASELINE[variant]
         ref, ref32 = agg.get((workload, base)) if base else None, agg.get((workload, "peft-fp32"))
@@ -227,12 +252,16 @@ def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[st
         loss = "n/a" if slow16 else f"{median(a['loss']):.4f} (N={r0['steps']})"
         if len(set(round(x, 4) for x in a["loss"])) > 1:
             loss += f", runs differ: {min(a['loss']):.4f}-{max(a['loss']):.4f}"
-        loss_vs = (f"{(median(a['loss']) / median(ref['loss']) - 1) * 100:+.3f}%"
-                   if ref and not slow16 and ref["runs"][0]["steps"] == r0["steps"] else "")
+        loss_vs = (
+            f"{(median(a['loss']) / median(ref['loss']) - 1) * 100:+.3f}%"
+            if ref and not slow16 and ref["runs"][0]["steps"] == r0["steps"]
+            else ""
+        )
         lines.append(
             f"| {workload} | {variant} | {base or ''} | {_spread(a['s'], '.3f')} | {ratio('s', ref) if base else ''} "
             f"| {ratio('s', ref32)} | {r0['real_tokens'] / median(a['s']):.0f} | {_spread(a['peak'], '.2f')} "
-            f"| {ratio('peak', ref) if base else ''} | {ratio('peak', ref32)} | {loss} | {loss_vs} |")
+            f"| {ratio('peak', ref) if base else ''} | {ratio('peak', ref32)} | {loss} | {loss_vs} |"
+        )
     return lines
 
 
@@ -242,9 +271,11 @@ def _workload_note(runs: list[dict]) -> str:
         r = next((x for x in runs if x["workload"] == workload and x["variant"].startswith("peft")), None)
         r = r or next((x for x in runs if x["workload"] == workload), None)
         if r:
-            notes.append(f"{workload} = {WORKLOADS[workload]} rows a step, longest row {min(r['longest_row'])}-"
-                         f"{max(r['longest_row'])} tokens, on average {r['real_tokens']:.0f} real tokens "
-                         f"({r['labelled']:.0f} labelled) and {r['padded_tokens']:.0f} padded a step")
+            notes.append(
+                f"{workload} = {WORKLOADS[workload]} rows a step, longest row {min(r['longest_row'])}-"
+                f"{max(r['longest_row'])} tokens, on average {r['real_tokens']:.0f} real tokens "
+                f"({r['labelled']:.0f} labelled) and {r['padded_tokens']:.0f} padded a step"
+            )
     return "; ".join(notes)
 
 
@@ -256,12 +287,22 @@ def main() -> None:
     ap.add_argument("--bf16-steps", type=int, default=3, help="steps of the bf16 PEFT run where bf16 is emulated")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda: peak memory is the CUDA allocator's peak instead of RSS")
-    ap.add_argument("--model", help=f"model directory (sets ${MODEL_ENV}); a directory with a config and tokenizer "
-                    "but no weights gets random weights")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep earlier runs (benchmarks/.train_step.DEVICE.json) of variants not run this time")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: peak memory is the CUDA allocator's peak instead of RSS",
+    )
+    ap.add_argument(
+        "--model",
+        help=f"model directory (sets ${MODEL_ENV}); a directory with a config and tokenizer "
+        "but no weights gets random weights",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep earlier runs (benchmarks/.train_step.DEVICE.json) of variants not run this time",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "WORKLOAD", "STEPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -287,8 +328,7 @@ def main() -> None:
             variants.append(v)
     store = Path(__file__).with_name(f".train_step.{args.device}.json")
     runs = json.loads(store.read_text()) if args.keep and store.exists() else []
-    runs = [r for r in runs if (r["workload"], r["variant"]) not in
-            {(w, v) for w in args.workloads for v in variants}]
+    runs = [r for r in runs if (r["workload"], r["variant"]) not in {(w, v) for w in args.workloads for v in variants}]
     for workload in args.workloads:
         for rep in range(args.repeats):
             k = rep % len(variants)
@@ -299,20 +339,31 @@ def main() -> None:
                 res = _run(variant, workload, args.bf16_steps if slow16 else args.steps, args.device)
                 runs.append(res)
                 store.write_text(json.dumps(runs, indent=1))
-                s = median(res["times"][args.skip:] or res["times"][-1:])
-                print(f"[{workload} #{rep + 1}] {variant}: {s:.3f} s/step, peak {res['peak_gib']:.2f} GiB, "
-                      f"loss@{res['steps']} {res['losses'][-1]:.4f}", flush=True)
-    mem = ("peak GPU memory: CUDA allocator peak" if args.device == "cuda"
-           else "peak RSS: VmHWM of the run's own fresh process, model and data included")
-    lines = [f"Machine: {machine()}; commit {git_rev()}; device {args.device}; `python benchmarks/train_step.py "
-             f"--steps {args.steps} --repeats {args.repeats}`.", "",
-             f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight "
-             f"decay 0, same batches for every variant. Workloads: {_workload_note(runs)}. "
-             f"Each variant ran {args.repeats} times in a fresh process, the variant order rotated on each repeat; "
-             f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
-             f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
-             "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
-             "cross-entropy over labelled tokens.", "", *_table(runs, args.skip, fast_bf16, args.device)]
+                s = median(res["times"][args.skip :] or res["times"][-1:])
+                print(
+                    f"[{workload} #{rep + 1}] {variant}: {s:.3f} s/step, peak {res['peak_gib']:.2f} GiB, "
+                    f"loss@{res['steps']} {res['losses'][-1]:.4f}",
+                    flush=True,
+                )
+    mem = (
+        "peak GPU memory: CUDA allocator peak"
+        if args.device == "cuda"
+        else "peak RSS: VmHWM of the run's own fresh process, model and data included"
+    )
+    lines = [
+        f"Machine: {machine()}; commit {git_rev()}; device {args.device}; `python benchmarks/train_step.py "
+        f"--steps {args.steps} --repeats {args.repeats}`.",
+        "",
+        f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight "
+        f"decay 0, same batches for every variant. Workloads: {_workload_note(runs)}. "
+        f"Each variant ran {args.repeats} times in a fresh process, the variant order rotated on each repeat; "
+        f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
+        f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
+        "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
+        "cross-entropy over labelled tokens.",
+        "",
+        *_table(runs, args.skip, fast_bf16, args.device),
+    ]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
