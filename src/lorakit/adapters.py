@@ -335,7 +335,8 @@ def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
 
     Args:
         model: an injected model.
-        merge_adapter: merge a single active adapter (default); False keeps the unmerged path.
+        merge_adapter: merge a single active adapter (default); False keeps the unmerged path. Layers on a
+            4-bit base stay unmerged either way (merging would round the update back to 4 bits).
 
     Returns:
         The model.
@@ -350,7 +351,7 @@ def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
     active = active_adapters(model)
     if merge_adapter and len(active) == 1:
         for name, layer in lora_layers(model):
-            if active[0] in layer.r and active[0] not in layer.merged_adapters:
+            if active[0] in layer.r and active[0] not in layer.merged_adapters and layer.mergeable:
                 state["backups"][name] = layer.base_layer.weight.detach().clone()
                 layer.merge(active)
     for _, layer in lora_layers(model):

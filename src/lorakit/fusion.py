@@ -124,7 +124,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     for module in model.modules():
         parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
         if (
-            all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
+            all(isinstance(p, LoraLinear) and not p.fan_in_fan_out and p.quantized is None for p in parts)
             and _is_silu(getattr(module, "act_fn", None))
             and routing.forward_owner(module) != _ROUTE_OWNER
         ):
@@ -199,7 +199,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
 
     In every module, the LoRA-wrapped children named as in
     :data:`SHARED_INPUT_NAMES` (``q_proj``/``k_proj``/``v_proj`` and kin; two
-    or more of them, with equal ``in_features``, not ``fan_in_fan_out``) form a
+    or more of them, with equal ``in_features``, not ``fan_in_fan_out``, not on a 4-bit base) form a
     group. In training with autograd on, the group's first call computes all
     its outputs with one :func:`lorakit.ops.lora_linear_multi` and the siblings
     take theirs from a one-shot stash tied to the input object (see the module
@@ -219,7 +219,11 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         children = module._modules
         for names in SHARED_INPUT_NAMES:
             members = tuple(children[n] for n in names if isinstance(children.get(n), LoraLinear))
-            if len(members) < 2 or any(m.fan_in_fan_out for m in members) or len({m.in_features for m in members}) != 1:
+            if (
+                len(members) < 2
+                or any(m.fan_in_fan_out or m.quantized is not None for m in members)  # 4-bit: own op
+                or len({m.in_features for m in members}) != 1
+            ):
                 continue
             group = _SharedInput(members)
             for m in members:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, routing
+from . import ops, quant, routing
 from .errors import LorakitError, UnsupportedModuleError
 from .rerun import output_unread
 
@@ -140,6 +140,11 @@ class LoraLayer(nn.Module):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether adapters can be folded into the base weight in memory (not into a quantized one)."""
+        return getattr(self, "quantized", None) is None
+
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         """Fold the given (default: active) adapters into the base weight.
 
@@ -147,9 +152,17 @@ class LoraLayer(nn.Module):
         Merging an adapter that is already merged is a no-op with a warning.
 
         Raises:
-            LorakitError: with ``safe=True``, when the merged weight would hold NaN/Inf.
+            LorakitError: with ``safe=True``, when the merged weight would hold NaN/Inf; on a
+                quantized (4-bit) base, always (see the message).
         """
         names = self.active_adapters if adapter_names is None else adapter_names
+        if not self.mergeable and any(n in self.r and n not in self.merged_adapters for n in names):
+            raise LorakitError(
+                "cannot merge into a 4-bit base in memory: the merged weight dequant(W4) + ΔW would have to be "
+                "rounded back to 4 bits, which loses most of the update. Keep the adapter unmerged on the 4-bit "
+                "base, or write a full-precision merged model with `lorakit merge RUN OUT --dtype bf16` "
+                "(lorakit.merging.merge_adapter)."
+            )
         weight = self.base_layer.weight
         routing.remove_forward(self, _ROUTE_OWNER)
         for name in names:
@@ -208,7 +221,12 @@ def _init_linear_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``)."""
+    """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit bitsandbytes ``Linear4bit``.
+
+    On a 4-bit base (``quantized`` is its :class:`lorakit.quant.QuantizedBase`) the
+    adapted forward is :func:`lorakit.quant.lora_linear_quantized`, and in-memory
+    merging is refused (:mod:`lorakit.merging` writes ``dequant(W4) + ΔW`` instead).
+    """
 
     # Set by lorakit.fusion.fuse_shared_inputs on q/k/v-like siblings: one op computes the group's outputs.
     shared_input: Any = None
@@ -216,8 +234,13 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        w = base_layer.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
+        # A quantized frozen base (4-bit bitsandbytes): the LoRA op reaches its weight only through this.
+        self.quantized = quant.quantized_base(base_layer)
+        if self.quantized is not None:
+            self.out_features, self.in_features = self.quantized.out_features, self.quantized.in_features
+        else:
+            w = base_layer.weight
+            self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -259,6 +282,18 @@ class LoraLinear(LoraLayer):
             drop = mods["lora_dropout"]._modules[name]
             A = mods["lora_A"]._modules[name]._parameters["weight"]
             B = mods["lora_B"]._modules[name]._parameters["weight"]
+            if self.quantized is not None:  # 4-bit base: dequantized per call inside the op, never kept
+                dropping = self.training and isinstance(drop, nn.Dropout)
+                return quant.lora_linear_quantized(
+                    x,
+                    self.quantized,
+                    A,
+                    B,
+                    self.scaling[name],
+                    dropout_p=drop.p if dropping else 0.0,
+                    training=self.training,
+                    compute_output=not output_unread(self),
+                )
             W = self.base_weight()
             bias = base._parameters["bias"] if "bias" in base._parameters else getattr(base, "bias", None)
             dropping = self.training and isinstance(drop, nn.Dropout)

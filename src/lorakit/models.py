@@ -28,16 +28,18 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.errors import ModelLoadError
+from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.files import write_dir_atomic
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ModelSpec",
     "lorakit_home",
     "resolve_model",
     "load_model",
@@ -60,6 +62,85 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,
 }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A base model as a run config names it: ``model: NAME`` or ``model: {name, quantization, ...}``.
+
+    Attributes:
+        name: Anything :func:`resolve_model` takes; None is the embedded default.
+        quantization: ``"nf4"`` or ``"fp4"`` (a 4-bit QLoRA base, :mod:`lorakit.quant`) or ``"none"``.
+        double_quant: With 4 bits, quantize the per-block scales too.
+        compute_dtype: ``"auto"`` (follows ``train.precision``), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    """
+
+    name: str | None = None
+    quantization: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+    KEYS = ("name", "quantization", "double_quant", "compute_dtype")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is loaded in 4 bits."""
+        return self.quantization != "none"
+
+    @classmethod
+    def parse(cls, value: Any) -> ModelSpec:
+        """Read ``model`` from a run config (a name, None, a mapping or a ModelSpec), validated.
+
+        Args:
+            value: The ``model`` value.
+
+        Returns:
+            The spec.
+
+        Raises:
+            ConfigError: an unknown key, quantization or compute dtype.
+        """
+        from .quant import COMPUTE_DTYPES, QUANTIZATIONS
+
+        if isinstance(value, ModelSpec):
+            return value
+        if value is None or isinstance(value, (str, os.PathLike)):
+            return cls(None if value is None else str(value))
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"model must be a name or a mapping {{name, quantization, double_quant, compute_dtype}}, got {value!r}."
+            )
+        unknown = [k for k in value if k not in cls.KEYS]
+        if unknown:
+            raise ConfigError(
+                f"unknown key 'model.{unknown[0]}'; valid keys: " + ", ".join(f"model.{k}" for k in cls.KEYS) + "."
+            )
+        q = str(value.get("quantization") or "none").lower()
+        if q not in (*QUANTIZATIONS, "none"):
+            raise ConfigError(
+                f"invalid value {value.get('quantization')!r} for 'model.quantization': use one of "
+                f"{', '.join(QUANTIZATIONS)} or none."
+            )
+        cd = str(value.get("compute_dtype", "auto")).lower()
+        if cd not in ("auto", *COMPUTE_DTYPES):
+            raise ConfigError(
+                f"invalid value {value.get('compute_dtype')!r} for 'model.compute_dtype': use auto, "
+                f"{', '.join(COMPUTE_DTYPES)}."
+            )
+        dq = value.get("double_quant", True)
+        if not isinstance(dq, bool):
+            raise ConfigError(f"invalid value {dq!r} for 'model.double_quant': use true or false.")
+        name = value.get("name")
+        return cls(None if name is None else str(name), q, dq, cd)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mapping form, as a run config writes it."""
+        return {
+            "name": self.name,
+            "quantization": self.quantization,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+        }
 
 
 def lorakit_home() -> Path:
@@ -117,15 +198,28 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    quantization: str = "none",
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype = "auto",
 ) -> tuple[Any, Any]:
     """Load a causal language model and its tokenizer from local disk.
+
+    With ``quantization="nf4"`` or ``"fp4"`` the Linear layers are quantized to
+    4 bits while loading (transformers' ``BitsAndBytesConfig``: shard by shard, the
+    full-precision model is never in memory) and the rest is left as QLoRA trains
+    it (:func:`lorakit.quant_model.prepare_quantized`: fp32, frozen).
 
     Args:
         name: Anything :func:`resolve_model` accepts; ``None`` is the default model.
         dtype: Weight dtype (``torch.float32``, ``"bf16"``, ``"float16"``, ...);
-            ``None`` or ``"auto"`` keeps the dtype the weights are stored in.
+            ``None`` or ``"auto"`` keeps the dtype the weights are stored in. Ignored
+            with 4 bits (the layers left in full precision are fp32).
         device: Where to put the model (``"cpu"``, ``"cuda:0"``, ...); ``None``
             leaves it on the CPU.
+        quantization: ``"none"``, ``"nf4"`` or ``"fp4"``.
+        double_quant: With 4 bits, quantize the per-block scales too.
+        compute_dtype: The dtype 4-bit layers dequantize into: ``"auto"`` (bf16 where
+            the hardware is fast at it, else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``.
 
     Returns:
         ``(model, tokenizer)``: a transformers ``*ForCausalLM`` in eval mode and its
@@ -133,10 +227,13 @@ def load_model(
 
     Raises:
         ModelLoadError: if the model cannot be resolved or transformers fails to
-            load it.
+            load it; bitsandbytes missing for a 4-bit base.
+        ConfigError: unknown quantization or compute dtype.
     """
     from transformers import AutoModelForCausalLM
 
+    if str(quantization).lower() != "none":
+        return _load_4bit(name, device, quantization, double_quant, compute_dtype)
     torch_dtype = _parse_dtype(dtype)
     path = resolve_model(name)
     try:
@@ -151,6 +248,34 @@ def load_model(
             model.to(device)
         except (RuntimeError, AssertionError) as e:
             raise ModelLoadError(f"could not move the model in {path} to device {device!s}: {e}") from e
+    model.eval()
+    return model, _load_tokenizer_dir(path)
+
+
+def _load_4bit(name: Any, device: Any, quantization: str, double_quant: bool, compute_dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .quant import check_quantization, require_bitsandbytes, resolve_compute_dtype
+    from .quant_model import prepare_quantized
+
+    q = check_quantization(quantization)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cd, _ = resolve_compute_dtype(compute_dtype, dev)
+    require_bitsandbytes()
+    path = resolve_model(name)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=cd
+    )
+    try:  # quantized from fp32 (as lorakit.quantize and the streaming merge do), one shard at a time
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb_config, dtype=torch.float32, device_map={"": str(dev)}, local_files_only=True
+        )
+    except Exception as e:  # noqa: BLE001 - any transformers failure is a load failure here
+        raise ModelLoadError(
+            f"could not load the model in {path} in 4 bits ({q}): {type(e).__name__}: {e}. Check that the "
+            "directory holds a complete full-precision model saved with save_pretrained."
+        ) from e
+    prepare_quantized(model, cd)
     model.eval()
     return model, _load_tokenizer_dir(path)
 

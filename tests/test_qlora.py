@@ -1,0 +1,252 @@
+"""QLoRA end to end on a tiny random Llama: inject on a 4-bit base, train, resume, save, load both ways with
+PEFT + bitsandbytes, merge (streamed), and the errors.
+
+Independent references: PEFT's LoRA layers on transformers' own 4-bit model (BitsAndBytesConfig), a second
+training run (resume), float32 sums of bitsandbytes' dequantized weights and the adapter factors (merge).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit import merging, models, quant  # noqa: E402
+from lorakit.errors import ConfigError, LorakitError  # noqa: E402
+from lorakit.runs import open_adapter  # noqa: E402
+from lorakit.train.config import RunConfig  # noqa: E402
+from lorakit.train.loop import train  # noqa: E402
+
+KINDS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    return make_tiny_model_dir(root / "model"), write_chat_jsonl(root / "train.jsonl", n=32)
+
+
+def bnb_model(path, kind="nf4", dq=True):
+    """transformers' own 4-bit model: what PEFT + bitsandbytes users load."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=torch.float32
+    )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
+
+
+def ids(n=3, t=12, seed=0):
+    return torch.randint(0, 250, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg_for(assets, out, model=None, **train_kw):
+    path, data = assets
+    return RunConfig.model_validate(
+        {
+            "model": model
+            if model is not None
+            else {"name": str(path), "quantization": "nf4", "compute_dtype": "fp32"},
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+            "data": {"train": str(data)},
+            "train": {
+                "steps": 6,
+                "batch_size": 4,
+                "lr": 2e-2,
+                "precision": "fp32",
+                "eval_every": 0,
+                "save_every": 0,
+                **train_kw,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_inject_wraps_4bit_layers_and_refuses_in_memory_merge(assets):
+    model, _ = models.load_model(assets[0], quantization="nf4", compute_dtype="fp32")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.quantized is not None
+    assert (layer.in_features, layer.out_features) == (64, 32)
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.lora_A["default"].weight.requires_grad
+    with pytest.raises(LorakitError, match="4-bit base"):
+        layer.merge()
+    with pytest.raises(LorakitError, match="lorakit merge"):
+        lorakit.merge_and_unload(model)
+    with torch.no_grad():
+        before = model(input_ids=ids()).logits
+        lorakit.for_inference(model)  # keeps the 4-bit layers unmerged
+        after = model(input_ids=ids()).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kind,dq", KINDS)
+def test_lorakit_adapter_loads_in_peft_bitsandbytes(assets, tmp_path, kind, dq):
+    from peft import PeftModel
+
+    model, _ = models.load_model(assets[0], quantization=kind, double_quant=dq, compute_dtype="fp32")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    x = ids(4, 16)
+    losses = []
+    model.train()
+    for _ in range(8):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05  # training on the 4-bit base learns
+    lorakit.save_adapter(model, tmp_path / "a")
+    peft = PeftModel.from_pretrained(bnb_model(assets[0], kind, dq), tmp_path / "a")
+    peft.train()  # train mode: bitsandbytes' CPU inference repacking stays off (dropout is 0)
+    with torch.no_grad():
+        want = peft(input_ids=ids()).logits
+        got = model(input_ids=ids()).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,dq", [("nf4", True), ("fp4", False)])
+def test_peft_qlora_adapter_loads_in_lorakit(assets, tmp_path, kind, dq):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(bnb_model(assets[0], kind, dq), use_gradient_checkpointing=False)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "p")
+    peft.train()
+    model, _ = models.load_model(assets[0], quantization=kind, double_quant=dq, compute_dtype="fp32")
+    lorakit.load_adapter(model, tmp_path / "p")
+    with torch.no_grad():
+        want = peft(input_ids=ids()).logits
+        got = model(input_ids=ids()).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_and_bf16_on_4bit_base(assets):
+    """bf16 compute under autocast with checkpointing gives the grads of the plain fp32 path within bf16 error."""
+    grads = {}
+    for name, cd, ckpt in [("fp32", "fp32", False), ("bf16", "bf16", True)]:
+        model, _ = models.load_model(assets[0], quantization="nf4", compute_dtype=cd)
+        torch.manual_seed(0)
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
+        model.train()
+        if ckpt:
+            from lorakit.train.recompute import enable_checkpointing
+
+            enable_checkpointing(model, lambda *a, **k: None)
+        x = ids(2, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cd == "bf16"):
+            model(input_ids=x, labels=x).loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    err = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert err < 3e-2, err
+
+
+# ----------------------------------------------------------------------------- the training pipeline
+
+
+def test_train_resume_and_run_files_on_4bit_base(assets, tmp_path, capsys):
+    full = train(cfg_for(assets, tmp_path / "full", steps=6, save_every=3, log_every=1), device="cpu")
+    out = capsys.readouterr().out
+    assert "4-bit base: nf4, double quant, compute dtype fp32" in out
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+    # Interrupted after step 3, resumed: the same adapter bit for bit.
+    half = cfg_for(assets, tmp_path / "half", steps=3, save_every=3)
+    train(half, device="cpu")
+    train(cfg_for(assets, tmp_path / "half", steps=6, save_every=3), device="cpu", resume=True)
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(str(tmp_path / "full" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "half" / "adapter_model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # generate / eval read the model mapping from the run: the base comes back 4-bit.
+    model, _, info = open_adapter(tmp_path / "full")
+    assert quant_info(model) == {"quantization": "nf4", "double_quant": True, "compute_dtype": "fp32", "layers": 14}
+
+
+def quant_info(model):
+    from lorakit.quant_model import quantization_info
+
+    return quantization_info(model)
+
+
+def test_model_mapping_in_yaml_validated(assets, tmp_path):
+    with pytest.raises(ConfigError, match="model.quantization"):
+        cfg_for(assets, tmp_path, model={"name": "x", "quantization": "int3"})
+    with pytest.raises(ConfigError, match="model.compute_dtype"):
+        cfg_for(assets, tmp_path, model={"name": "x", "compute_dtype": "fp8"})
+    with pytest.raises(ConfigError, match="model.quant"):
+        cfg_for(assets, tmp_path, model={"name": "x", "quant": "nf4"})
+    cfg = cfg_for(assets, tmp_path, model={"name": "x", "quantization": "fp4", "double_quant": False})
+    assert cfg.to_yaml_dict()["model"] == {
+        "name": "x",
+        "quantization": "fp4",
+        "double_quant": False,
+        "compute_dtype": "auto",
+    }
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@pytest.fixture(scope="module")
+def qrun(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qrun") / "run"
+    train(cfg_for(assets, out, steps=4), device="cpu")
+    return out
+
+
+def test_merge_writes_dequantized_base_plus_delta(assets, qrun, tmp_path):
+    from safetensors.torch import load_file
+
+    report = merging.merge_adapter(qrun, tmp_path / "m", dtype="fp32")
+    assert report.quantization is not None and report.max_probe_diff is not None
+    assert report.max_probe_diff < 1e-4  # merged fp32 vs the 4-bit base + adapter
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    base = load_file(str(assets[0] / "model.safetensors"))
+    adapter = load_file(str(qrun / "adapter_model.safetensors"))
+    key = "model.layers.1.mlp.up_proj"
+    packed, state = quant.quantize_weight_4bit(base[f"{key}.weight"], "nf4", True)
+    A, B = adapter[f"base_model.model.{key}.lora_A.weight"], adapter[f"base_model.model.{key}.lora_B.weight"]
+    want = quant.dequantize_packed(packed, state, torch.float32) + (B @ A) * 2.0
+    assert torch.equal(merged[f"{key}.weight"], want)
+    torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"])
+    # --base: the original weights + ΔW, and per layer how big the quantization error is next to ΔW.
+    report = merging.merge_adapter(qrun, tmp_path / "b", dtype="bf16", base=assets[0], probe=False)
+    got = load_file(str(tmp_path / "b" / "model.safetensors"))[f"{key}.weight"]
+    assert torch.equal(got, (base[f"{key}.weight"] + (B @ A) * 2.0).to(torch.bfloat16))
+    ratios = dict(report.layer_ratios)
+    assert len(ratios) == 14 and all(r > 0 for r in ratios.values())
+
+
+def test_merge_refuses_4bit_output(qrun, tmp_path):
+    with pytest.raises(ConfigError, match="does not write a re-quantized 4-bit merged model"):
+        merging.merge_adapter(qrun, tmp_path / "m", dtype="nf4")
