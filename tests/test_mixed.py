@@ -169,3 +169,33 @@ def test_errors():
     with pytest.raises(lorakit.ConfigError, match="unmerge"):
         with adapter_batch(merged, ["a"]):
             pass
+
+
+def test_public_and_generate_batch(tmp_path):
+    """lorakit.adapter_batch is public; generate_batch(adapter_names=...) equals each prompt alone with its adapter."""
+    from tiny import make_tiny_model_dir
+
+    from lorakit.generation import generate, generate_batch, prompt_ids
+    from lorakit.models import load_model
+
+    assert lorakit.adapter_batch is adapter_batch
+    model, tok = load_model(make_tiny_model_dir(tmp_path / "tiny"))
+    cfg = dict(target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, **cfg), "a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=2, lora_alpha=8, **cfg))
+    prompts = ["say abc", "hello", "a longer prompt here", "x"]
+    names = ["b", "a", "__base__", "b"]
+    mixed = generate_batch(model, tok, [prompt_ids(tok, p) for p in prompts], max_new_tokens=8, adapter_names=names)
+    alone = []
+    for p, name in zip(prompts, names):
+        if name == "__base__":
+            with lorakit.disable_adapters(model):
+                alone.append(generate(model, tok, p, max_new_tokens=8))
+        else:
+            lorakit.set_adapter(model, name)
+            alone.append(generate(model, tok, p, max_new_tokens=8))
+    assert mixed == alone and len(set(alone)) > 1
+    lorakit.set_adapter(model, "a")
+    assert generate(model, tok, prompts[0], max_new_tokens=8, adapter_name="b") == alone[0]
+    with pytest.raises(lorakit.ConfigError, match="one per prompt"):
+        generate_batch(model, tok, [prompt_ids(tok, "x")], adapter_names=["a", "b"])

@@ -39,6 +39,7 @@ from .adapters import (
     unload,
     unmerge,
 )
+from .combine import CombineResult, add_weighted_adapter
 from .config import LoraConfig
 from .errors import (
     AdapterFormatError,
@@ -55,6 +56,7 @@ from .errors import (
 )
 from .inject import print_trainable_parameters, trainable_parameters
 from .io import load_adapter, save_adapter
+from .mixed import adapter_batch
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +85,9 @@ __all__ = [
     "unload",
     "for_inference",
     "for_training",
+    "adapter_batch",
+    "add_weighted_adapter",
+    "CombineResult",
     "save_adapter",
     "load_adapter",
     "train",

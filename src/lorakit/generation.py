@@ -7,10 +7,12 @@ steps for many prompts at once (the exact-match eval in :mod:`lorakit.evaluation
     print(generate(model, tokenizer, "Name three colours."))
     for prompt, base, tuned in compare_base(model, tokenizer, ["Hi!"]): ...
     answers = generate_batch(model, tokenizer, [prompt_ids(tokenizer, "Hi!")], max_new_tokens=32)
+    answers = generate_batch(model, tokenizer, prompts, adapter_names=["fr", "de", "__base__"])  # one adapter per row
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 
 from .adapters import disable_adapters
 from .errors import ConfigError
+from .mixed import adapter_batch
 
 __all__ = ["prompt_ids", "generate_batch", "generate", "compare_base"]
 
@@ -90,6 +93,7 @@ def generate_batch(
     do_sample: bool = False,
     temperature: float = 0.7,
     batch_size: int = 8,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Answer many tokenized prompts, ``batch_size`` at a time (left-padded).
 
@@ -101,19 +105,30 @@ def generate_batch(
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
         batch_size: Prompts per ``model.generate`` call.
+        adapter_names: One adapter name per prompt (``"__base__"`` for none): each batch runs as a
+            mixed-adapter batch (:func:`lorakit.adapter_batch`); None runs the active adapters.
 
     Returns:
         The answers in the order of ``prompts``, special tokens removed.
 
     Raises:
-        ConfigError: ``max_new_tokens`` or ``batch_size`` < 1, or ``temperature`` <= 0 when sampling.
+        ConfigError: ``max_new_tokens`` or ``batch_size`` < 1, ``temperature`` <= 0 when sampling,
+            or ``adapter_names`` not one per prompt.
+        AdapterNotFoundError: an adapter name is not on the model.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ConfigError(
+            f"adapter_names has {len(adapter_names)} name(s) for {len(prompts)} prompt(s); give one "
+            f"per prompt ('__base__' for none)."
+        )
     gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature)
     answers: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        ids = _generate_ids(model, tokenizer, list(prompts[i : i + batch_size]), gen_config)
+        names = None if adapter_names is None else list(adapter_names[i : i + batch_size])
+        with contextlib.nullcontext() if names is None else adapter_batch(model, names):
+            ids = _generate_ids(model, tokenizer, list(prompts[i : i + batch_size]), gen_config)
         answers += [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
     return answers
 
@@ -127,6 +142,7 @@ def generate(
     chat: bool = True,
     do_sample: bool = False,
     temperature: float = 0.7,
+    adapter_name: str | None = None,
 ) -> str:
     """Answer one prompt.
 
@@ -139,12 +155,15 @@ def generate(
             and the generation prompt; False sends the text as it is.
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
+        adapter_name: Answer with this adapter (``"__base__"``: none) whatever is active;
+            None uses the active adapters.
 
     Returns:
         The generated text, special tokens removed.
 
     Raises:
         ConfigError: ``max_new_tokens`` < 1, or ``temperature`` <= 0 when sampling.
+        AdapterNotFoundError: ``adapter_name`` is not on the model.
     """
     return generate_batch(
         model,
@@ -153,6 +172,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature,
+        adapter_names=None if adapter_name is None else [adapter_name],
     )[0]
 
 

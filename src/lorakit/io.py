@@ -151,15 +151,23 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
 
 
 def _check_modules_exist(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every saved key must name a module of this base; the error lists every key that does not."""
     names = {n for n, _ in model.named_modules()}
+    unmatched: list[tuple[str, str]] = []  # (saved key, the module it names)
     for key in tensors:
         m = LORA_KEY.match(key)
         module = m.group("module") if m else key.rsplit(".", 1)[0].removesuffix(".base_layer")
         if module not in names:
-            raise ModelMismatchError(
-                f"{path}: the adapter has weights for module {module!r}, which {type(model).__name__} does not "
-                f"have; load the adapter onto the base model it was trained on."
-            )
+            unmatched.append((key, module))
+    if unmatched:
+        keys = [k for k, _ in unmatched]
+        shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise ModelMismatchError(
+            f"{path}: the adapter has weights for module {unmatched[0][1]!r}, which {type(model).__name__} does not "
+            f"have; {len(keys)} of its {len(tensors)} tensors match no module of this model: {shown}. Load the "
+            f"adapter onto the base model it was trained on (other module names or another key prefix mean "
+            f"another model)."
+        )
 
 
 def load_adapter(

@@ -29,6 +29,7 @@ from ..config import WEIGHTS_NAME
 from ..errors import AdapterNotFoundError, ConfigError
 from ..io import load_adapter
 from ..mixed import BASE, forget_stacks
+from ..runs import find_adapter_dir
 
 __all__ = ["AdapterInfo", "AdapterRegistry"]
 
@@ -108,7 +109,7 @@ class AdapterRegistry:
 
         Args:
             name: the adapter's name.
-            path: its directory (PEFT format).
+            path: its directory (PEFT format), or a run directory (its final adapter).
 
         Returns:
             Its :class:`AdapterInfo`.
@@ -129,7 +130,7 @@ class AdapterRegistry:
                     f"an adapter named {name!r} is already loaded"
                     f"{' (still unloading)' if name in self._unloading else ''}; pick another name."
                 )
-        path = Path(path)
+        path, _ = find_adapter_dir(path)  # a run directory serves its final adapter
         load_adapter(self.model, path, adapter_name=name)
         config = get_configs(self.model)[name]
         rank = max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
