@@ -170,14 +170,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(assets, tmp_path, monkeypa
 
 
 def _rows_seen(monkeypatch):
-    """Spy on the loop's collate: one list of training rows (token tuples) per micro-batch."""
-    seen, real = [], loop.collate
+    """Spy on the loop's loss: the training rows (token tuples, padding dropped) of each micro-batch."""
+    seen, real = [], loop._forward_loss
 
-    def spy(rows, *args, **kwargs):
-        seen.append([tuple(r["input_ids"]) for r in rows])
-        return real(rows, *args, **kwargs)
+    def spy(model, batch):
+        seen.append([tuple(ids[m.bool()].tolist()) for ids, m in zip(batch["input_ids"], batch["attention_mask"])])
+        return real(model, batch)
 
-    monkeypatch.setattr(loop, "collate", spy)
+    monkeypatch.setattr(loop, "_forward_loss", spy)
     return seen
 
 
