@@ -81,6 +81,23 @@ DeviceOpt = Annotated[
 ]
 
 
+class Quantize(str, Enum):
+    """``--quantize`` of ``generate``, ``chat`` and ``eval``."""
+
+    none = "none"
+    int8 = "int8"
+
+
+QuantizeOpt = Annotated[
+    Quantize,
+    typer.Option(
+        "--quantize",
+        help="int8: the base's Linear layers in int8 (weights and matmuls, CPU; faster decoding), the adapter fp32 "
+        "on top; none: as stored.",
+    ),
+]
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
@@ -96,12 +113,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _open(run_or_adapter: str, model: str | None, dtype: LoadDtype, device: str) -> tuple[Any, Any, Any]:
+def _open(
+    run_or_adapter: str, model: str | None, dtype: LoadDtype, device: str, quantize: Quantize = Quantize.none
+) -> tuple[Any, Any, Any]:
     """Open a run or adapter dir for generate / chat / eval (transformers' load chatter off)."""
     from lorakit import runs
 
     _quiet_transformers()
-    return runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device)
+    return runs.open_adapter(run_or_adapter, model=model, dtype=dtype.value, device=device, quantize=quantize.value)
 
 
 def _console(stderr: bool = False):
@@ -168,12 +187,13 @@ def generate(
     model: ModelOpt = None,
     dtype: DtypeOpt = LoadDtype.auto,
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = Quantize.none,
 ) -> None:
     """Answer prompts with the adapter (greedy), optionally next to the base model's answers."""
     from lorakit import generation
 
     prompts = _read_prompts(ctx, prompt, prompts_file)
-    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
+    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device, quantize)
     if compare_base:
         _print_comparison(generation.compare_base(lm, tokenizer, prompts, max_new_tokens=max_new_tokens))
         return
@@ -218,11 +238,12 @@ def chat(
     model: ModelOpt = None,
     dtype: DtypeOpt = LoadDtype.auto,
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = Quantize.none,
 ) -> None:
     """Chat with the adapted model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
     from lorakit import generation
 
-    lm, tokenizer, info = _open(run_or_adapter, model, dtype, device)
+    lm, tokenizer, info = _open(run_or_adapter, model, dtype, device, quantize)
     console = _console()
     console.print(f"chatting with {info.adapter_dir} (/reset clears the history, /exit quits)", style="dim")
     history: list[dict[str, str]] = []
@@ -263,11 +284,12 @@ def eval_(
     model: ModelOpt = None,
     dtype: DtypeOpt = LoadDtype.auto,
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = Quantize.none,
 ) -> None:
     """Eval loss, perplexity and exact match of greedy answers on a JSONL file."""
     from lorakit import evaluation
 
-    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device)
+    lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device, quantize)
     result = evaluation.evaluate(
         lm,
         tokenizer,

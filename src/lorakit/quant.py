@@ -314,8 +314,12 @@ def quantized_base(module: nn.Module) -> QuantizedBase | None:
         module: A module, typically a LoRA layer's ``base_layer``.
 
     Returns:
-        A :class:`Base4bit` for a ``bitsandbytes.nn.Linear4bit``, else None.
+        A :class:`Base4bit` for a ``bitsandbytes.nn.Linear4bit``; what a module's own
+        ``as_quantized_base()`` returns (:class:`lorakit.int8.Int8Linear`); else None.
     """
+    own = getattr(module, "as_quantized_base", None)  # another storage says itself what it is (int8)
+    if callable(own):
+        return own()
     bnb = sys.modules.get("bitsandbytes")  # not imported: no module can be a bitsandbytes layer
     if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
         # bitsandbytes' CPU inference path repacks the weight in place (absmax rounded to bf16);

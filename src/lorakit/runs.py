@@ -175,6 +175,7 @@ def open_adapter(
     model: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any, AdapterInfo]:
     """Load a base model with an adapter on it, ready for inference.
 
@@ -190,6 +191,9 @@ def open_adapter(
             ``torch.dtype``); None or ``"auto"`` keeps the dtype the weights are stored in.
             The adapter's own weights stay float32.
         device: Where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); None = the CPU.
+        quantize: ``"int8"``: the base's Linear layers (not the head) become int8 with both
+            matmuls in int8 (:mod:`lorakit.int8`, CPU), the adapter unmerged in fp32 on top;
+            None / ``"none"``: as loaded.
 
     Returns:
         ``(model, tokenizer, info)``: the model in eval mode with the adapter
@@ -206,6 +210,10 @@ def open_adapter(
     config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
     name, source = _choose_model(None if model is None else str(model), adapter_dir, run_dir)
     base, tokenizer = models.load_model(name, dtype=dtype, device=device)
+    if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
+        from .int8 import quantize_for_inference
+
+        quantize_for_inference(base, quantize)
     try:
         load_adapter(base, adapter_dir)
     except ModelMismatchError as e:

@@ -103,7 +103,8 @@ class TrainConfig(_Section):
     seed: int = 0
     eval_every: int = Field(50, ge=0)  # 0: never
     save_every: int = Field(50, ge=0)  # 0: only at the end
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # int8: the frozen base's matmuls in int8 on the CPU (lorakit.int8); auto never picks it (other numerics)
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     # true (every decoder layer) / false, or N: every N-th layer (less recompute, less memory saved)
     gradient_checkpointing: bool | int = False
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it

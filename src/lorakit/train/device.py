@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from lorakit.errors import ConfigError
 
-__all__ = ["DistContext", "setup_distributed", "resolve_precision"]
+__all__ = ["DistContext", "setup_distributed", "resolve_precision", "int8_note"]
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -80,23 +80,36 @@ def setup_distributed(device: str | torch.device | None) -> DistContext:
 
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """Choose fp32 or bf16 for ``train.precision``.
+    """Choose fp32, bf16 or int8 for ``train.precision``.
 
     ``auto`` picks bf16 on a CUDA GPU with bf16 support, and on a CPU whose
     ``/proc/cpuinfo`` flags include ``amx_bf16`` or ``avx512_bf16``; else fp32.
+    It never picks int8 (the frozen base's matmuls in int8, :mod:`lorakit.int8`):
+    that changes the numerics, so it is asked for by name.
 
     Args:
-        requested: ``"auto"``, ``"fp32"`` or ``"bf16"``.
+        requested: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``.
         device: The training device.
 
     Returns:
         ``(precision, reason)``.
 
     Raises:
-        ConfigError: bf16 asked for on a GPU without bf16 support.
+        ConfigError: bf16 asked for on a GPU without bf16 support; int8 off the CPU or
+            without int8 kernels (the message says what to use instead).
     """
     if requested == "fp32":
         return "fp32", "train.precision is fp32"
+    if requested == "int8":
+        from lorakit.int8 import INT8_ALTERNATIVE, require_int8
+
+        if device.type != "cpu":
+            raise ConfigError(
+                f"train.precision: int8 runs the frozen base's matmuls on the CPU's int8 kernels; this run is on "
+                f"{device.type}. Use {INT8_ALTERNATIVE}."
+            )
+        require_int8("train.precision: int8")
+        return "int8", "train.precision is int8 (frozen base matmuls int8 x int8 -> int32, per-row activation scales)"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         supported = torch.cuda.is_bf16_supported()
@@ -120,3 +133,27 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
         which = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX512-BF16 (avx512_bf16)"
         return "bf16", f"auto: the CPU has {which}"
     return "fp32", "auto: the CPU has neither AMX nor AVX512-BF16 (no amx_bf16/avx512_bf16 flag)"
+
+
+def int8_note(precision: str, device: torch.device) -> str:
+    """What the run summary says about int8 on this CPU when the run is not int8 (measured, not guessed).
+
+    Args:
+        precision: The resolved precision (``"fp32"`` / ``"bf16"`` / ``"int8"``).
+        device: The training device.
+
+    Returns:
+        ``"; train.precision: int8 would run the frozen base's matmuls in 0.31x the fp32 time here ..."``
+        when int8 kernels exist here and measure at least 10% faster; else ``""``.
+    """
+    if device.type != "cpu" or precision not in ("fp32", "bf16"):
+        return ""
+    from lorakit.int8 import measured_speedup
+
+    ratio = measured_speedup(torch.float32 if precision == "fp32" else torch.bfloat16)
+    if not ratio < 0.9:  # also nan: no int8 kernels here
+        return ""
+    return (
+        f"; train.precision: int8 would run the frozen base's matmuls in {ratio:.2f}x the {precision} time on "
+        "this CPU (measured; other numerics, so auto does not pick it)"
+    )

@@ -52,7 +52,7 @@ from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.data import load_run_data
-from lorakit.train.device import DistContext, resolve_precision, setup_distributed
+from lorakit.train.device import DistContext, int8_note, resolve_precision, setup_distributed
 from lorakit.train.graphs import setup_graphs
 from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.recompute import enable_checkpointing
@@ -138,6 +138,11 @@ class _Run:
         self.run_dir = Path(cfg.output.dir)
         checkpoint = check_run_dir(self.run_dir, resume)
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
+        self.precision_reason += int8_note(self.precision, ctx.device)  # says so when int8 is faster here
+        if self.precision == "int8":
+            from lorakit.int8 import check_int8_model_spec
+
+            check_int8_model_spec(cfg.model)
         bf16 = self.precision == "bf16"
         # No autocast weight cache: base weights are stored in bf16 already, and CUDA graphs forbid it.
         self.autocast = (
@@ -151,6 +156,10 @@ class _Run:
         # Model: base weights in the compute dtype first, then LoRA params (fp32) on top.
         torch.manual_seed(t.seed)
         model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=ctx.device)
+        if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
+            from lorakit.int8 import describe_int8, quantize_int8
+
+            self.base_note = describe_int8(quantize_int8(model))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = inject(model, lora_config)
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward

@@ -1,0 +1,443 @@
+"""Int8 frozen bases: both matmuls of a frozen Linear in int8, for training (``train.precision: int8``) and inference.
+
+The frozen base weight needs no gradient, so both of its matmuls can run on
+8-bit integers (SwitchBack, Wortsman et al. 2023; LLM.int8, Dettmers et al.
+2022): the weight is stored as int8 codes with one fp32 scale per output
+channel, ``W ≈ diag(w) Q``, and each matmul quantizes its float operand per row
+on the fly, multiplies int8 by int8 into int32 accumulators and scales the
+result back to fp32:
+
+* forward ``y = x Wᵀ``: ``x ≈ diag(s) P`` (``s`` per row of ``x``), ``y = diag(s) (P Qᵀ) diag(w)``;
+* input gradient ``dY W``: the per-channel scale is folded into ``dY`` first,
+  ``dY diag(w) ≈ diag(t) R`` (``t`` per row), ``dY W = diag(t) (R Q)``.
+
+Per-row scales matter: one scale per tensor (what torch's ``quantize_dynamic``
+does) wrecks the default model (benchmarks/RESULTS.md, "int8_schemes").
+
+The kernel is oneDNN's int8 matmul as torch exposes it for inductor's x86 int8
+lowering (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``): u8
+activations (codes + 128, zero point 128), s8 weights prepacked once per
+direction (the second copy, ``Qᵀ`` packed, exists only once a backward has run),
+int32 accumulation (VNNI on AVX512-VNNI / AVX-VNNI / AMX CPUs), fp32 output with
+the weight scale applied. Every call to it goes through :func:`int8_matmul`, so
+tests can check that this kernel is the one that runs, and another kernel
+(torchao, a CUDA one) would replace that one function.
+
+:class:`Int8Linear` is the frozen layer (no grad, fp32 bias); :class:`Base8bit`
+gives the LoRA op of :mod:`lorakit.quant` the :class:`~lorakit.quant.QuantizedBase`
+interface over it, so LoRA layers need no int8 branch. :func:`quantize_int8`
+swaps a loaded model's Linear layers (the same ones a 4-bit base quantizes:
+not the output head, embeddings or norms, which stay fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ModelLoadError
+
+__all__ = [
+    "INT8_ALTERNATIVE",
+    "int8_support",
+    "require_int8",
+    "quantize_weight_int8",
+    "quantize_rows",
+    "int8_matmul",
+    "Int8Linear",
+    "Base8bit",
+    "measured_speedup",
+    "quantize_int8",
+    "is_int8_model",
+    "describe_int8",
+    "check_int8_model_spec",
+    "QUANTIZE_CHOICES",
+    "quantize_for_inference",
+]
+
+INT8_ALTERNATIVE = "train.precision: fp32 (or bf16 on a CPU with AVX512-BF16/AMX), or --quantize none"
+QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
+_ZP = 128  # u8 activation codes are the int8 codes + 128 (oneDNN's fast x86 path is u8 x s8)
+
+
+# ----------------------------------------------------------------------------- can this machine do it
+
+
+@functools.cache
+def int8_support() -> str | None:
+    """Why int8 matmuls cannot run here, or None when they can (checked once per process).
+
+    Returns:
+        None when torch has the oneDNN int8 ops and they run on this CPU; else a reason.
+    """
+    ops = getattr(torch.ops, "onednn", None)
+    if ops is None or not hasattr(ops, "qlinear_pointwise") or not hasattr(ops, "qlinear_prepack"):
+        return f"this torch build ({torch.__version__}) has no oneDNN int8 linear ops (torch.ops.onednn.qlinear_*)"
+    if not torch.backends.mkldnn.is_available():
+        return f"this torch build ({torch.__version__}) was built without oneDNN (mkldnn)"
+    try:
+        q = torch.full((2, 4), 130, dtype=torch.uint8)
+        w = torch.ops.onednn.qlinear_prepack(torch.ones(3, 4, dtype=torch.int8), [2, 4])
+        y = _qlinear(q, w, torch.ones(3), torch.zeros(3, dtype=torch.int64))
+    except RuntimeError as e:  # e.g. a CPU without the instructions oneDNN's int8 kernels need
+        return f"oneDNN's int8 matmul does not run on this machine ({str(e).splitlines()[0]})"
+    if not torch.equal(y, torch.full((2, 3), 8.0)):
+        return "oneDNN's int8 matmul gave a wrong result on this machine"
+    return None
+
+
+def require_int8(what: str = "int8 matmuls") -> None:
+    """Raise a clear error when int8 matmuls cannot run here.
+
+    Args:
+        what: What asked for them, for the message.
+
+    Raises:
+        ConfigError: no usable int8 kernel (the message names what to use instead).
+    """
+    why = int8_support()
+    if why is not None:
+        raise ConfigError(f"{what} need oneDNN's int8 kernels, but {why}; use {INT8_ALTERNATIVE}.")
+
+
+# ----------------------------------------------------------------------------- quantization and the kernel
+
+
+def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes per output channel: ``W ≈ scale[:, None] * codes``.
+
+    Args:
+        weight: ``[out, in]``, any float dtype (quantized from its fp32 values).
+
+    Returns:
+        ``(codes int8 [out, in] in [-127, 127], scale fp32 [out])``; an all-zero row gets scale 1.
+    """
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def quantize_rows(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization per row, as u8 codes with zero point 128: ``x ≈ s * (q - 128)``.
+
+    Args:
+        x2: ``[N, K]`` float.
+
+    Returns:
+        ``(q uint8 [N, K], s fp32 [N, 1])``; an all-zero row gets scale 1.
+    """
+    x = x2.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(x / s).add_(_ZP).to(torch.uint8)  # in [1, 255]: |x / s| <= 127
+    return q, s
+
+
+def _qlinear(q: Tensor, packed: Tensor, w_scale: Tensor, w_zp: Tensor) -> Tensor:
+    """oneDNN: fp32 ``(q - 128) Qᵀ · w_scale`` (int32 accumulation), ``q`` u8 ``[N, K]``, ``Q`` packed ``[M, K]``."""
+    return torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, _ZP, packed, w_scale, w_zp, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+class _LastRows(threading.local):
+    """The last input quantized by :func:`int8_matmul` in this thread, and its codes.
+
+    q/k/v (and gate/up) read one ``x``: the second and third call reuse the codes. The
+    input is kept alive while cached, so its address cannot be another tensor's;
+    its version counter tells whether it was written to since.
+    """
+
+    entry: tuple[Tensor, int, Tensor, Tensor] | None = None
+
+    def get(self, x2: Tensor) -> tuple[Tensor, Tensor] | None:
+        e = self.entry
+        if e is None:
+            return None
+        x, version, q, s = e
+        same = x.data_ptr() == x2.data_ptr() and x.shape == x2.shape and x.stride() == x2.stride()
+        return (q, s) if same and x.dtype == x2.dtype and version == x2._version else None
+
+    def put(self, x2: Tensor, q: Tensor, s: Tensor) -> None:
+        self.entry = (x2, x2._version, q, s)
+
+
+_LAST = _LastRows()
+
+
+def int8_matmul(x2: Tensor, packed: Tensor, col_scale: Tensor, col_zp: Tensor, reuse: bool = False) -> Tensor:
+    """``x2 Qᵀ diag(col_scale)`` with ``x2`` quantized per row: the one place the int8 kernel is called.
+
+    Args:
+        x2: ``[N, K]`` float.
+        packed: ``Q [M, K]`` int8, prepacked by ``torch.ops.onednn.qlinear_prepack``.
+        col_scale: fp32 ``[M]``, applied to the int32 accumulators' columns.
+        col_zp: int64 zeros ``[M]`` (oneDNN's weight zero points).
+
+        reuse: Reuse the codes of the last call when it quantized this very ``x2`` (unchanged since).
+
+    Returns:
+        ``[N, M]`` fp32: ``s_r · col_scale_c · Σ_k (q_rk - 128) Q_ck``.
+    """
+    reuse = reuse and not x2.is_inference()  # inference-mode tensors have no version counter
+    got = _LAST.get(x2) if reuse else None
+    if got is None:
+        got = quantize_rows(x2)
+        if reuse:
+            _LAST.put(x2, *got)
+    q, s = got
+    return _qlinear(q, packed, col_scale, col_zp).mul_(s)
+
+
+# ----------------------------------------------------------------------------- the frozen layer
+
+
+class Int8Linear(nn.Linear):
+    """A frozen Linear with int8 weights (per-output-channel scales) and both matmuls in int8.
+
+    Buffers: ``qweight`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out]``; ``bias`` fp32
+    (frozen) or None. The oneDNN-packed copies (``Q`` for forward, ``Qᵀ`` for the input
+    gradient, each one byte per weight) are made on first use and dropped when the
+    module moves (``_apply``). It is an ``nn.Linear`` (as bitsandbytes' layers are) so that
+    target matching (``all-linear``) and LoRA wrapping treat it as one; it holds no
+    float weight (``weight`` is a dequantized copy made on each read, for code outside
+    the LoRA op that wants one).
+
+    Attributes:
+        in_features: Input width.
+        out_features: Output width.
+    """
+
+    def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: no float weight
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("qweight", codes)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._packed: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``, stored ``[in, out]``)."""
+        weight = linear.weight.detach()
+        if type(linear).__name__ == "Conv1D":
+            weight = weight.t()
+        codes, scale = quantize_weight_int8(weight)
+        return cls(codes, scale, linear.bias)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        self._packed = {}
+        return super()._apply(fn, recurse)
+
+    def packed(self, direction: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(packed codes, column scale, zero points)`` for ``"forward"`` (``Q``) or ``"grad_input"`` (``Qᵀ``)."""
+        got = self._packed.get(direction)
+        if got is None:
+            q = self.qweight if direction == "forward" else self.qweight.t().contiguous()
+            scale = self.weight_scale if direction == "forward" else torch.ones(q.shape[0])
+            zp = torch.zeros(q.shape[0], dtype=torch.int64)
+            got = self._packed[direction] = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), zp)
+        return got
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        """A dequantized fp32 copy ``[out, in]`` (new on every read; the LoRA op never reads it)."""
+        return self.dequantized(torch.float32)
+
+    def as_quantized_base(self) -> Base8bit:
+        """What :func:`lorakit.quant.quantized_base` hands the LoRA op for this layer."""
+        return Base8bit(self)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``W ≈ diag(weight_scale) Q`` as ``[out, in]`` in ``dtype``."""
+        return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def output(self, x2: Tensor) -> Tensor:
+        """``x2 Wᵀ`` (no bias) for ``x2 [N, in]``: fp32 ``[N, out]``."""
+        return int8_matmul(x2, *self.packed("forward"), reuse=True)  # siblings reading one x share its codes
+
+    def grad_input(self, dy: Tensor) -> Tensor:
+        """``dY W`` for ``dy [N, out]``: fp32 ``[N, in]`` (the weight scale folded into ``dY`` first)."""
+        packed, ones, zp = self.packed("grad_input")
+        return int8_matmul(dy.float() * self.weight_scale, packed, ones, zp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.output(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Base8bit:
+    """:class:`lorakit.quant.QuantizedBase` over an :class:`Int8Linear` (both matmuls in int8, fp32 out).
+
+    Attributes:
+        module: The ``Int8Linear``.
+    """
+
+    compute_dtype = torch.float32
+
+    def __init__(self, module: Int8Linear) -> None:
+        self.module = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        return self.module.dequantized(dtype)
+
+    def output(self, x2: Tensor, cd: torch.dtype) -> Tensor:
+        return self.module.output(x2).to(cd)
+
+    def grad_input(self, dy: Tensor, cd: torch.dtype) -> Tensor:
+        return self.module.grad_input(dy).to(cd)
+
+
+@functools.cache
+def measured_speedup(dtype: torch.dtype = torch.float32, rows: int = 512, k: int = 576, m: int = 1536) -> float:
+    """Time of an int8 base's two matmuls over ``dtype``'s, measured here (median of 7, once per process).
+
+    One Linear ``[m, k]`` (default: the default model's MLP), ``rows`` rows: forward
+    ``x Wᵀ`` plus input gradient ``dY W``, each with its per-row quantization; about 20 ms.
+
+    Args:
+        dtype: The float dtype to compare with (fp32 or bf16).
+        rows, k, m: The shape.
+
+    Returns:
+        ``t_int8 / t_dtype`` (below 1: int8 is faster); ``nan`` without int8 kernels.
+    """
+    if int8_support() is not None:
+        return float("nan")
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(rows, k, generator=gen), torch.randn(rows, m, generator=gen)
+    layer = Int8Linear(*quantize_weight_int8(torch.randn(m, k, generator=gen)), None)
+    W, xf, dyf = layer.dequantized(dtype), x.to(dtype), dy.to(dtype)
+
+    def median(fn) -> float:
+        times = []
+        for i in range(9):
+            t = time.perf_counter()
+            fn()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    t_float = median(lambda: (xf @ W.t(), dyf @ W))
+    t_int8 = median(lambda: (layer.output(x), layer.grad_input(dy)))
+    return t_int8 / t_float
+
+
+# ----------------------------------------------------------------------------- a model
+
+
+def is_int8_model(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is an :class:`Int8Linear`."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def quantize_int8(model: nn.Module, skip_modules: Sequence[str] | None = None) -> nn.Module:
+    """Replace a loaded model's Linear layers by :class:`Int8Linear` ones, in place.
+
+    The same layers a 4-bit base quantizes (:func:`lorakit.quant_model.modules_to_quantize`):
+    every ``nn.Linear`` (and GPT-2 ``Conv1D``) but the output head, weights tied to it and
+    ``_keep_in_fp32_modules``; embeddings and norms stay as they are. Each full-precision
+    weight is dropped as soon as its layer is quantized.
+
+    Args:
+        model: A model on the CPU, without LoRA layers (quantize first, then inject or load an adapter).
+        skip_modules: More module names (or name suffixes) to keep in full precision.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: no int8 kernel here (the message says what to use instead); a model not
+            on the CPU; a model that already has LoRA layers.
+    """
+    from .quant_model import modules_to_quantize
+
+    require_int8("int8 bases")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        raise ConfigError(
+            f"int8 bases run on the CPU (oneDNN's int8 kernels); the model is on {device}. "
+            f"Use {INT8_ALTERNATIVE} on {device.type}."
+        )
+    if any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError("the model already has LoRA layers; quantize the base to int8 first, then add LoRA.")
+    names = modules_to_quantize(model, skip_modules)
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear layer to quantize to int8 (besides the head).")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, Int8Linear.from_linear(old))
+        old.weight = None  # the full-precision copy goes now, not at the end
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def describe_int8(model: nn.Module) -> str:
+    """One line for run logs and summaries (``"int8 base: 14 Linear layers, ..."``), or ``""`` without any."""
+    n = sum(isinstance(m, Int8Linear) for m in model.modules())
+    if not n:
+        return ""
+    return f"int8 base: {n} Linear layers (int8 weights per output channel, int8 activations per row; head fp32)"
+
+
+def check_int8_model_spec(model: object) -> None:
+    """Refuse ``train.precision: int8`` on a 4-bit base (a run config's ``model`` value, before loading).
+
+    Raises:
+        ConfigError: ``model`` is a mapping with a ``quantization`` other than none.
+    """
+    q = model.get("quantization") if isinstance(model, dict) else None
+    if q is not None and str(q).lower() != "none":
+        raise ConfigError(
+            f"train.precision: int8 quantizes a full-precision base to int8 itself, but model.quantization is {q!r} "
+            "(a 4-bit base). Use one of them: model.quantization: none with precision int8, or a 4-bit base with "
+            "precision fp32/bf16."
+        )
+
+
+def quantize_for_inference(model: nn.Module, quantize: str) -> nn.Module:
+    """``--quantize`` of ``generate`` / ``chat`` / ``eval``: the loaded base's Linear layers to int8, in place.
+
+    Decoding on a CPU is memory-bound: int8 weights move a quarter of fp32's bytes.
+    Called before the adapter is loaded, so LoRA wraps the int8 layers and stays
+    unmerged in fp32 on top.
+
+    Args:
+        model: The loaded base model (CPU, no LoRA yet).
+        quantize: ``"none"`` or ``"int8"``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: an unknown value; a 4-bit base; no int8 kernels here or a model off the CPU.
+    """
+    q = str(quantize).lower()
+    if q not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}.")
+    if q == "none":
+        return model
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ConfigError("--quantize int8 needs a full-precision base, but this one is 4-bit; drop --quantize.")
+    return quantize_int8(model)

@@ -1,0 +1,284 @@
+"""Int8 frozen bases (issue 13): the kernel against float64, LoRA over it, training, save/load/merge, errors.
+
+Independent references: float64 sums of the same int8 codes and scales (the kernel's int32 accumulation is
+exact, so only the final fp32 scaling rounds), a bound derived from the rounding (half a step per operand),
+the fp32 model, PEFT on the full-precision base, and torch's profiler (which kernel ran).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit import int8, merging, quant  # noqa: E402
+from lorakit.errors import ConfigError  # noqa: E402
+from lorakit.runs import open_adapter  # noqa: E402
+from lorakit.train.config import RunConfig  # noqa: E402
+from lorakit.train.loop import train  # noqa: E402
+
+pytestmark = pytest.mark.skipif(int8.int8_support() is not None, reason=f"no int8 kernels: {int8.int8_support()}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def layer_and_data(n=37, k=96, m=80, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, m, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(m, k, generator=g) * 0.1)
+        if bias:
+            lin.bias.copy_(torch.randn(m, generator=g))
+    x = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 4  # rows of very different size
+    x[3] = 0.0  # an all-zero row
+    x[5, 7] = 40.0  # an outlier
+    return lin, x
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def test_quantizers_round_to_nearest_in_float64():
+    lin, x = layer_and_data()
+    codes, scale = int8.quantize_weight_int8(lin.weight)
+    w64 = lin.weight.double()
+    step = w64.abs().amax(1) / 127
+    assert torch.allclose(scale.double(), step, rtol=1e-6)
+    want = torch.round(w64 / scale.double()[:, None])
+    assert (codes.double() - want).abs().max() <= 1 and (codes.double() != want).float().mean() < 1e-3
+    assert codes.abs().max() == 127 and codes.dtype == torch.int8
+    q, s = int8.quantize_rows(x)
+    assert q.dtype == torch.uint8 and s[3].item() == 1.0 and (q[3] == 128).all()  # zero row: codes 0
+    want = torch.round(x.double() / s.double()) + 128
+    assert (q.double() - want).abs().max() <= 1 and (q.double() != want).float().mean() < 1e-3
+
+
+def test_forward_and_grad_input_equal_float64_of_the_same_codes():
+    lin, x = layer_and_data()
+    layer = int8.Int8Linear.from_linear(lin)
+    Q, w = layer.qweight.double(), layer.weight_scale.double()
+    # forward: s_r * w_c * sum_k (q_rk - 128) Q_ck, the sum exact in float64 (as in int32)
+    q, s = int8.quantize_rows(x)
+    want = (q.double() - 128) @ Q.t() * w * s.double()
+    got = layer.output(x)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-12).all()  # fp32 scaling only
+    # bias and leading dims through forward()
+    y = layer(x.view(1, *x.shape))
+    torch.testing.assert_close(y[0], got + lin.bias, rtol=0, atol=0)
+    # input gradient: dY diag(w) quantized per row, then (r - 128) Q, scaled by t_r
+    dy = torch.randn(x.shape[0], lin.out_features, generator=torch.Generator().manual_seed(1))
+    r, t = int8.quantize_rows(dy * layer.weight_scale)
+    want = (r.double() - 128) @ Q * t.double()
+    got = layer.grad_input(dy)
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-12).all()
+
+
+def test_int8_against_fp32_within_the_rounding_bound():
+    """|x Wᵀ - int8| <= ½ s_r Σ_k |W_ck| + ½ w_c Σ_k |x̂_rk| (+ fp32 slack): half a step per operand."""
+    lin, x = layer_and_data()
+    layer = int8.Int8Linear.from_linear(lin)
+    W = lin.weight.detach()
+    exact = x.double() @ W.double().t()
+    _, s = int8.quantize_rows(x)
+    bound = 0.5 * s.double() * W.double().abs().sum(1) + 0.5 * layer.weight_scale.double() * (
+        x.double().abs().sum(1, keepdim=True) + 0.5 * s.double() * W.shape[1]
+    )
+    err = (layer.output(x).double() - exact).abs()
+    assert (err <= bound * 1.0001 + 1e-5).all()
+    rel = (err.norm() / exact.norm()).item()
+    assert rel < 0.02  # stated bound for Gaussian-like data: 2% relative (measured about 0.6%)
+    dy = torch.randn(x.shape[0], W.shape[0], generator=torch.Generator().manual_seed(2))
+    exact = dy.double() @ W.double()
+    rel = ((layer.grad_input(dy).double() - exact).norm() / exact.norm()).item()
+    assert rel < 0.02
+
+
+def test_packed_copies_are_made_once_and_dropped_when_moved():
+    lin, x = layer_and_data()
+    layer = int8.Int8Linear.from_linear(lin)
+    layer.output(x)
+    first = layer.packed("forward")[0]
+    assert layer.packed("forward")[0] is first and "grad_input" not in layer._packed  # Qᵀ only once needed
+    layer.to(torch.float32)
+    assert layer._packed == {}
+    torch.testing.assert_close(layer.dequantized(), lin.weight.detach(), atol=layer.weight_scale.max().item(), rtol=0)
+
+
+def test_the_onednn_int8_kernel_runs_and_no_float_matmul_of_the_base():
+    lin, x = layer_and_data(n=64, k=96, m=80)
+    layer = int8.Int8Linear.from_linear(lin)
+    torch.manual_seed(0)
+    A = torch.randn(4, 96, requires_grad=True)
+    B = torch.randn(80, 4, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    base = quant.quantized_base(layer)
+    assert isinstance(base, int8.Base8bit)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y = quant.lora_linear_quantized(xr, base, A, B, 2.0)
+        y.square().sum().backward()
+    events = [(e.name, e.input_shapes) for e in prof.events()]
+    assert sum(name == "onednn::qlinear_pointwise" for name, _ in events) == 2  # forward and grad_x
+    # every float matmul left is a LoRA one (rank 4 on one side), never [N, 96] x [96, 80] or its transpose
+    for name, shapes in events:
+        if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear"):
+            dims = {d for s in shapes if s for d in s}
+            assert 4 in dims, (name, shapes)
+
+
+# ----------------------------------------------------------------------------- LoRA over an int8 base
+
+
+def test_lora_grads_under_int8_match_fp32(tmp_path):
+    """A 2-layer tiny Llama: LoRA grads through int8 bases vs through the fp32 bases, same init and batch."""
+    path = make_tiny_model_dir(tmp_path / "m", hidden=64)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for quantize in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if quantize:
+            int8.quantize_int8(model)
+            assert type(model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+            assert type(model.lm_head) is torch.nn.Linear  # head stays fp32
+        torch.manual_seed(0)
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
+        if quantize:
+            assert isinstance(model.model.layers[0].self_attn.q_proj.quantized, int8.Base8bit)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    fp, q = grads
+    assert fp.keys() == q.keys() and len(fp) == 28
+    for n in fp:  # stated tolerance: each LoRA gradient within 5% (relative norm) of fp32's
+        rel = ((q[n] - fp[n]).norm() / fp[n].norm()).item()
+        assert rel < 0.05, (n, rel)
+
+
+def test_quantize_int8_errors(monkeypatch, tmp_path):
+    path = make_tiny_model_dir(tmp_path / "m")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="quantize the base to int8 first"):
+        int8.quantize_int8(model)
+    with pytest.raises(ConfigError, match="unknown --quantize 'int4'"):
+        int8.quantize_for_inference(model, "int4")
+    with pytest.raises(ConfigError, match="4-bit base"):
+        int8.check_int8_model_spec({"name": "x", "quantization": "nf4"})
+    int8.check_int8_model_spec({"name": "x", "quantization": "none"})
+    int8.check_int8_model_spec("x")
+
+
+def test_a_machine_without_int8_kernels_gets_a_clear_error(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for an inner product\nmore")
+
+    monkeypatch.setattr(int8, "_qlinear", broken)
+    int8.int8_support.cache_clear()
+    try:
+        assert "does not run on this machine (could not create a primitive descriptor" in int8.int8_support()
+        with pytest.raises(ConfigError, match="train.precision: fp32 .*or bf16"):
+            int8.require_int8()
+        from lorakit.train.device import resolve_precision
+
+        with pytest.raises(ConfigError, match="train.precision: int8 need oneDNN's int8 kernels"):
+            resolve_precision("int8", torch.device("cpu"))
+        assert math.isnan(int8.measured_speedup.__wrapped__())  # no kernels: nothing to compare
+    finally:
+        int8.int8_support.cache_clear()
+    with pytest.raises(ConfigError, match="runs the frozen base's matmuls on the CPU"):
+        resolve_precision("int8", torch.device("meta"))
+
+
+# ----------------------------------------------------------------------------- training, save, load, merge
+
+
+def run_cfg(path, data, out, precision, steps=8):
+    return RunConfig.model_validate(
+        {
+            "model": str(path),
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+            "data": {"train": str(data)},
+            "train": {"steps": steps, "batch_size": 4, "lr": 2e-2, "precision": precision, "eval_every": 0},
+            "output": {"dir": str(out)},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    path = make_tiny_model_dir(root / "model", hidden=64)
+    data = write_chat_jsonl(root / "train.jsonl", n=32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp = train(run_cfg(path, data, root / "fp32", "fp32"), device="cpu")
+        q = train(run_cfg(path, data, root / "int8", "int8"), device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    return path, data, root, fp, q
+
+
+def test_training_in_int8_learns_like_fp32(runs):
+    path, data, root, fp, q = runs
+    assert q.precision == "int8" and "int8 x int8" in q.precision_reason
+    losses = {}
+    for name in ("fp32", "int8"):
+        rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if "loss" in r]
+    assert losses["int8"][-1] < losses["int8"][0] - 0.1  # it learns
+    for a, b in zip(losses["fp32"], losses["int8"], strict=True):
+        assert abs(a - b) <= 0.03 * a  # every step's loss within 3% of fp32's (same init, same batches)
+    assert "int8 base: 14 Linear layers" in (root / "int8" / "README.md").read_text()
+
+
+def test_adapter_trained_in_int8_is_plain_fp32_peft_and_merges(runs, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path, data, root, fp, q = runs
+    saved = load_file(str(root / "int8" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in saved)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
+    # PEFT on the full-precision base, as users deploy it
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), root / "int8").eval()
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    # lorakit merge (full precision, the int8 base plays no part) equals PEFT's unmerged output
+    merging.merge_adapter(root / "int8", tmp_path / "merged", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
+    # --quantize int8 for inference: the adapter unmerged on the int8 base, close to PEFT's fp32
+    model, _, _ = open_adapter(root / "int8", quantize="int8")
+    layer = model.model.layers[1].mlp.down_proj
+    assert isinstance(layer.quantized, int8.Base8bit) and not layer.merged_adapters
+    with torch.no_grad():
+        got = model(ids).logits
+    kl = F.kl_div(
+        got.log_softmax(-1).flatten(0, 1), want.log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean"
+    )
+    assert kl < 0.02 and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
