@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runs import make_adapter, make_run
-from tiny import make_tiny_model_dir, write_chat_jsonl
+from tiny import make_adapter, make_run, make_tiny_model_dir, write_chat_jsonl
 from transformers import AutoModelForCausalLM
 
 from lorakit import cli, evaluation, generation, inspection, runs

@@ -11,7 +11,7 @@ import json
 import warnings
 
 import pytest
-from test_data import _tokenizer
+from tiny import make_tokenizer
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.examples import IGNORE_INDEX, render_chat, tokenize_row
@@ -78,7 +78,7 @@ def test_parse_messages_validates_and_drops_extra_keys():
 
 
 def test_tokenize_row_labels_only_the_answer():
-    tok = _tokenizer()
+    tok = make_tokenizer()
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     ids, labels, fell_back = tokenize_row(tok, Row("f:1", "chat", messages=messages))
     prompt = render_chat(tok, messages[:1], True)
@@ -89,4 +89,4 @@ def test_tokenize_row_labels_only_the_answer():
 
 def test_tokenize_row_chat_without_template_names_the_row():
     with pytest.raises(DataError, match=r"f:7: chat rows need a tokenizer with a chat template"):
-        tokenize_row(_tokenizer(chat_template=None), Row("f:7", "chat", messages=[{"role": "user", "content": "x"}]))
+        tokenize_row(make_tokenizer(chat_template=None), Row("f:7", "chat", messages=[{"role": "user", "content": "x"}]))

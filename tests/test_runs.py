@@ -1,37 +1,20 @@
-"""lorakit.runs, .generation and .evaluation on tiny offline models: open, generate, compare, evaluate, last metrics."""
+"""lorakit.runs on tiny offline models: open a run or adapter directory, last metrics."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from tiny import make_tiny_model_dir, write_chat_jsonl
+from tiny import make_adapter, make_run, make_tiny_model_dir, write_chat_jsonl
 
 import lorakit
-from lorakit import evaluation, generation, runs
-from lorakit.errors import AdapterFormatError, ConfigError, ModelMismatchError
-from lorakit.examples import load_examples
+from lorakit import runs
+from lorakit.errors import AdapterFormatError, ModelMismatchError
 from lorakit.models import load_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
-
-
-def make_adapter(model_dir: Path, out: Path, config: lorakit.LoraConfig | None = None, seed: int = 1) -> Path:
-    model, _ = load_model(model_dir)
-    torch.manual_seed(seed)
-    config = config or lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    lorakit.inject(model, config)
-    return lorakit.save_adapter(model, out)
-
-
-def make_run(model_dir: Path, out: Path) -> Path:
-    make_adapter(model_dir, out)
-    (out / "lorakit.yaml").write_text(yaml.safe_dump({"model": str(model_dir), "lora": {"r": 4}}))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -148,88 +131,7 @@ def test_adapter_for_another_model_says_how_the_base_was_chosen(env, tmp_path):
         runs.open_adapter(env["run"], model=wide)
 
 
-# --------------------------------------------------------------------------- generate / compare
-
-
-def _reference_greedy(model, tokenizer, prompt: str, n: int) -> str:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def test_generate_matches_plain_transformers_greedy(opened):
-    model, tokenizer, _ = opened
-    assert generation.generate(model, tokenizer, "say abc", max_new_tokens=6) == _reference_greedy(
-        model, tokenizer, "say abc", 6)
-
-
-def test_compare_base_uses_base_and_adapter_answers(env, opened):
-    model, tokenizer, _ = opened
-    rows = generation.compare_base(model, tokenizer, ["say abc", "hi"], max_new_tokens=6)
-    base, _ = load_model(env["tiny"])
-    for prompt, base_answer, adapter_answer in rows:
-        assert base_answer == _reference_greedy(base, tokenizer, prompt, 6)
-        assert adapter_answer == _reference_greedy(model, tokenizer, prompt, 6)
-    assert rows[0][1] != rows[0][2]
-    assert generation.generate(model, tokenizer, "say abc", max_new_tokens=6) == rows[0][2]  # adapter back on
-
-
-def test_generate_rejects_bad_arguments(opened):
-    model, tokenizer, _ = opened
-    with pytest.raises(ConfigError):
-        generation.generate(model, tokenizer, "x", max_new_tokens=0)
-
-
-def test_generate_batch_answers_as_one_prompt_at_a_time(opened):
-    model, tokenizer, _ = opened
-    prompts = ["say abc", "hi", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "say ab"}]]
-    ids = [generation.prompt_ids(tokenizer, p) for p in prompts]
-    assert len({len(i) for i in ids}) == 3  # different lengths: the batch is left-padded
-    one_by_one = [generation.generate(model, tokenizer, p, max_new_tokens=5) for p in prompts]
-    assert generation.generate_batch(model, tokenizer, ids, max_new_tokens=5, batch_size=3) == one_by_one
-    with pytest.raises(ConfigError, match="batch_size"):
-        generation.generate_batch(model, tokenizer, ids, batch_size=0)
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def test_eval_loss_equals_transformers_loss(env, opened):
-    model, tokenizer, _ = opened
-    result = evaluation.evaluate(model, tokenizer, env["data"], batch_size=2, exact_match=False)
-    examples, _ = load_examples(env["data"], tokenizer, max_seq_len=512)
-    total = count = 0.0
-    for ex in examples:  # one example at a time, no padding; transformers' own shifted loss
-        labels = torch.tensor([ex["labels"]])
-        with torch.no_grad():
-            loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss
-        n = int((labels[:, 1:] != -100).sum())
-        total, count = total + loss.item() * n, count + n
-    assert result["label_tokens"] == count and result["examples"] == len(examples)
-    assert result["eval_loss"] == pytest.approx(total / count, rel=1e-5)
-    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert result["exact_match"] is None
-
-
-def test_exact_match_on_known_answers(opened, tmp_path):
-    model, tokenizer, _ = opened
-    known = generation.generate(model, tokenizer, "say abc", max_new_tokens=5)
-    data = tmp_path / "em.jsonl"
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "say abc"}]
-    known_with_system = generation.generate(model, tokenizer, conversation, max_new_tokens=5)
-    rows = [
-        [{"role": "user", "content": "say abc"}, {"role": "assistant", "content": f"  {known}\n"}],  # stripped
-        [{"role": "user", "content": "say abc"}, {"role": "assistant", "content": "something else"}],
-        [*conversation, {"role": "assistant", "content": known_with_system}],  # prompt = all but the last turn
-    ]
-    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
-    for batch_size in (1, 2):
-        result = evaluation.evaluate(model, tokenizer, data, batch_size=batch_size, max_new_tokens=5)
-        assert result["exact_match"] == pytest.approx(2 / 3) and result["exact_match_rows"] == 3
+# --------------------------------------------------------------------------- last metrics
 
 
 def test_last_metrics_keeps_latest_value_of_each_key(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of lorakit.train.loop and lorakit.train.report on a tiny offline model (fp32, CPU).
+"""Tests of lorakit.train.loop on a tiny offline model (fp32, CPU).
 
 The independent references: a second run (resume == uninterrupted, accumulation == a
 big batch), PEFT (loads the adapter, same logits), and transformers' learning-rate
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_train_schedule import hf_lr_factors  # noqa: E402
 from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
 
 import lorakit  # noqa: E402
@@ -26,13 +27,10 @@ from lorakit.errors import (  # noqa: E402
     TrainingError,
     TrainingInterrupted,  # noqa: E402
 )
-from lorakit.train import device as train_device  # noqa: E402
 from lorakit.train import loop
 from lorakit.train.config import RunConfig  # noqa: E402
-from lorakit.train.device import resolve_precision  # noqa: E402
 from lorakit.train.loop import train  # noqa: E402
 from lorakit.train.report import read_metrics  # noqa: E402
-from lorakit.train.schedule import lr_factor  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -267,39 +265,6 @@ def test_grad_accum_equals_one_big_batch_and_lr_follows_the_schedule(assets, tmp
     assert lrs == pytest.approx([2e-2 * f for f in hf_lr_factors("linear", 3, 1)])
 
 
-HF_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-def hf_lr_factors(schedule: str, total: int, warmup: int) -> list[float]:
-    """The multipliers of lorakit's schedule, step by step, from ``transformers.get_scheduler``.
-
-    After warmup they are transformers' own. lorakit's warmup starts one step later than
-    transformers' (whose first step has lr 0): step s < warmup gets transformers' factor
-    of step s + 1 in a (warmup + 1)-step warmup, that is (s + 1) / (warmup + 1).
-    """
-    from transformers import get_scheduler
-
-    def factors(num_warmup: int) -> list[float]:
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = get_scheduler(HF_NAMES[schedule], opt, num_warmup_steps=num_warmup, num_training_steps=total)
-        out = []
-        for _ in range(total + 1):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
-
-    after, during = factors(warmup), factors(warmup + 1)
-    return [during[s + 1] if s < warmup else after[s] for s in range(total)]
-
-
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-@pytest.mark.parametrize("total, warmup", [(10, 2), (12, 0), (9, 3), (1, 0)])
-def test_lr_factor_follows_transformers_schedules(schedule, total, warmup):
-    ours = [lr_factor(schedule, s, total, warmup) for s in range(total)]
-    assert ours == pytest.approx(hf_lr_factors(schedule, total, warmup), abs=1e-12)
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real, calls = loop._forward_loss, []
@@ -374,23 +339,6 @@ def test_bf16_step_is_close_to_fp32(assets, tmp_path, monkeypatch):
         assert (a - b).norm() / b.norm() < 0.05, ((a - b).norm() / b.norm()).item()
 
 
-def test_auto_precision_reads_cpu_flags(tmp_path, monkeypatch):
-    cpu = torch.device("cpu")
-    info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(train_device, "_CPUINFO", info)
-    info.write_text("flags\t: fpu sse avx2 avx512f\n")
-    precision, why = resolve_precision("auto", cpu)
-    assert precision == "fp32" and "neither AMX nor AVX512-BF16" in why
-    info.write_text("flags\t: fpu avx512f avx512_bf16\n")
-    assert resolve_precision("auto", cpu) == ("bf16", "auto: the CPU has AVX512-BF16 (avx512_bf16)")
-    info.write_text("flags\t: fpu amx_bf16 amx_tile\n")
-    assert resolve_precision("auto", cpu)[0] == "bf16"
-    assert resolve_precision("fp32", cpu) == ("fp32", "train.precision is fp32")
-    assert resolve_precision("bf16", cpu)[0] == "bf16"
-    info.unlink()
-    assert resolve_precision("auto", cpu)[0] == "fp32"
-
-
 def test_yaml_path_with_overrides(assets, tmp_path):
     model, data_file = assets
     path = tmp_path / "run.yaml"
@@ -403,18 +351,6 @@ def test_yaml_path_with_overrides(assets, tmp_path):
     assert "steps: 2" in (tmp_path / "out" / "lorakit.yaml").read_text()
     with pytest.raises(ConfigError, match="overrides"):
         train(make_cfg(assets, tmp_path / "x"), overrides=["train.steps=1"])
-
-
-def test_progress_lines_every_tenth_of_the_run():
-    from lorakit.train.report import log_progress
-
-    lines: list[str] = []
-    for step in range(1, 21):
-        log_progress(lines.append, step, 20, loss=1.0 / step, lr=1e-3, tokens_per_s=100.0, elapsed_s=step * 2.0,
-                     steps_done=step)
-    assert [ln.split()[1] for ln in lines] == [f"{s}/20" for s in range(2, 21, 2)]
-    assert lines[0] == "step 2/20  loss 0.5000  lr 1.00e-03  100 tok/s  ETA 0:36"
-    assert lines[-1].endswith("ETA 0:00")
 
 
 def test_bad_lora_values_fail_before_the_model_loads(assets, tmp_path, monkeypatch):

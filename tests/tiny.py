@@ -24,15 +24,19 @@ CHATML = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer (one token per byte) plus ChatML specials; vocab 259."""
+def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (one token per byte) plus ChatML specials; vocab 259.
+
+    Without a chat template its eos token is ``<|endoftext|>`` (there is no ``<|im_end|>`` turn end).
+    """
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>")
+    fast.chat_template = chat_template
     return fast
 
 
@@ -68,3 +72,24 @@ def write_chat_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_adapter(model_dir: str | Path, out: Path, config=None, seed: int = 1) -> Path:
+    """Save a random (non-zero) LoRA adapter for the model in ``model_dir`` into ``out``; return ``out``."""
+    import lorakit
+    from lorakit.models import load_model
+
+    model, _ = load_model(model_dir)
+    torch.manual_seed(seed)
+    config = config or lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lorakit.inject(model, config)
+    return lorakit.save_adapter(model, out)
+
+
+def make_run(model_dir: str | Path, out: Path) -> Path:
+    """An adapter plus the ``lorakit.yaml`` of a run that names ``model_dir`` as its base model."""
+    import yaml
+
+    make_adapter(model_dir, out)
+    (out / "lorakit.yaml").write_text(yaml.safe_dump({"model": str(model_dir), "lora": {"r": 4}}))
+    return out

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_gpt2, make_llama
 
 import lorakit
-from conftest import make_gpt2, make_llama
 from lorakit.train.lm_loss import causal_lm_loss, split_head
 
 
