@@ -31,6 +31,8 @@ Variants (baseline in brackets):
     lorakit-eager   [peft-bf16] lorakit-auto without CUDA graphs (CUDA only: on a CPU it is lorakit-auto)
     lorakit-gc      [peft-gc] lorakit-fp32 plus its gradient checkpointing (the rerun skips the MLP output)
     lorakit-gc2     [peft-gc] the same, every 2nd decoder layer only (gradient_checkpointing: 2)
+    lorakit-int8    [peft-fp32] lorakit-fp32 with train.precision: int8 (frozen base Linears in int8, both matmuls
+                    int8 x int8 on oneDNN, activations per row; head, embeddings, norms and LoRA fp32)
     lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
                     torch.compile'd
 
@@ -62,6 +64,7 @@ BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline it
     "lorakit-eager": "peft-bf16",
     "lorakit-gc": "peft-gc",
     "lorakit-gc2": "peft-gc",
+    "lorakit-int8": "peft-fp32",
     "lorakit-compile": "peft-bf16",
 }
 VARIANTS = list(BASELINE)
@@ -138,6 +141,10 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         def loss_fn(batch):
             return model(**batch).loss
     else:
+        if variant == "lorakit-int8":  # as `lorakit train` with train.precision: int8
+            from lorakit.int8_model import quantize_int8
+
+            quantize_int8(model)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)

@@ -211,7 +211,7 @@ def open_adapter(
     name, source = _choose_model(None if model is None else str(model), adapter_dir, run_dir)
     base, tokenizer = models.load_model(name, dtype=dtype, device=device)
     if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
-        from .int8 import quantize_for_inference
+        from .int8_model import quantize_for_inference
 
         quantize_for_inference(base, quantize)
     try:

@@ -140,7 +140,7 @@ class _Run:
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
         self.precision_reason += int8_note(self.precision, ctx.device)  # says so when int8 is faster here
         if self.precision == "int8":
-            from lorakit.int8 import check_int8_model_spec
+            from lorakit.int8_model import check_int8_model_spec
 
             check_int8_model_spec(cfg.model)
         bf16 = self.precision == "bf16"
@@ -157,7 +157,7 @@ class _Run:
         torch.manual_seed(t.seed)
         model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=ctx.device)
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
-            from lorakit.int8 import describe_int8, quantize_int8
+            from lorakit.int8_model import describe_int8, quantize_int8
 
             self.base_note = describe_int8(quantize_int8(model))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
