@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit import int8, int8_model, merging, quant  # noqa: E402
+from lorakit import int8, merging, quant  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
 from lorakit.runs import open_adapter  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
@@ -109,27 +109,6 @@ def test_int8_against_fp32_within_the_rounding_bound():
     assert rel < 0.02
 
 
-def test_one_row_decoding_runs_fbgemm_within_the_same_bound():
-    """One row (greedy decoding) goes to fbgemm's dynamic int8 linear; its u8 step over [min, max] of the row is
-    at most the symmetric step s_r, so the same half-a-step bound holds."""
-    lin, x = layer_and_data()
-    layer = int8.Int8Linear.from_linear(lin)
-    W = lin.weight.detach()
-    for r in (0, 5, 9):  # 5 holds the outlier
-        row = x[r : r + 1]
-        with torch.profiler.profile() as prof:
-            got = layer.output(row)
-        names = {e.name for e in prof.events()}
-        assert "quantized::linear_dynamic" in names and "onednn::qlinear_pointwise" not in names
-        exact = row.double() @ W.double().t()
-        _, s = int8.quantize_rows(row)
-        bound = 0.5 * s.double() * W.double().abs().sum(1) + 0.5 * layer.weight_scale.double() * (
-            row.double().abs().sum(1, keepdim=True) + 0.5 * s.double() * W.shape[1]
-        )
-        assert ((got.double() - exact).abs() <= bound * 1.0001 + 1e-5).all()
-    assert set(layer._packed) == {"row"}  # no oneDNN pack made for one-row calls
-
-
 def test_packed_copies_are_made_once_and_dropped_when_moved():
     lin, x = layer_and_data()
     layer = int8.Int8Linear.from_linear(lin)
@@ -175,7 +154,7 @@ def test_lora_grads_under_int8_match_fp32(tmp_path):
     for quantize in (False, True):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if quantize:
-            int8_model.quantize_int8(model)
+            int8.quantize_int8(model)
             assert type(model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
             assert type(model.lm_head) is torch.nn.Linear  # head stays fp32
         torch.manual_seed(0)
@@ -201,13 +180,13 @@ def test_quantize_int8_errors(monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="quantize the base to int8 first"):
-        int8_model.quantize_int8(model)
+        int8.quantize_int8(model)
     with pytest.raises(ConfigError, match="unknown --quantize 'int4'"):
-        int8_model.quantize_for_inference(model, "int4")
+        int8.quantize_for_inference(model, "int4")
     with pytest.raises(ConfigError, match="4-bit base"):
-        int8_model.check_int8_model_spec({"name": "x", "quantization": "nf4"})
-    int8_model.check_int8_model_spec({"name": "x", "quantization": "none"})
-    int8_model.check_int8_model_spec("x")
+        int8.check_int8_model_spec({"name": "x", "quantization": "nf4"})
+    int8.check_int8_model_spec({"name": "x", "quantization": "none"})
+    int8.check_int8_model_spec("x")
 
 
 def test_a_machine_without_int8_kernels_gets_a_clear_error(monkeypatch, tmp_path):

@@ -170,7 +170,7 @@ def test_gradient_checkpointing_and_bf16_on_4bit_base(assets):
 
 
 def test_train_resume_and_run_files_on_4bit_base(assets, tmp_path, capsys):
-    full = train(cfg_for(assets, tmp_path / "full", steps=6, save_every=3, log_every=1), device="cpu")
+    train(cfg_for(assets, tmp_path / "full", steps=6, save_every=3, log_every=1), device="cpu")
     out = capsys.readouterr().out
     assert "4-bit base: nf4, double quant, compute dtype fp32" in out
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -190,6 +190,22 @@ def test_train_resume_and_run_files_on_4bit_base(assets, tmp_path, capsys):
     # generate / eval read the model mapping from the run: the base comes back 4-bit.
     model, _, info = open_adapter(tmp_path / "full")
     assert quant_info(model) == {"quantization": "nf4", "double_quant": True, "compute_dtype": "fp32", "layers": 14}
+    assert info.spec.quantization == "nf4" and info.model_source == "lorakit.yaml"
+    # Loading it on the full-precision base is allowed, with a note.
+    with pytest.warns(UserWarning, match="trained on a 4-bit base, now loaded on a full-precision one"):
+        model, _, _ = open_adapter(tmp_path / "full", model={"name": str(assets[0])})
+    assert quant_info(model) is None
+
+
+def test_bf16_checkpointed_run_says_its_compute_dtype(assets, tmp_path, capsys):
+    model = {"name": str(assets[0]), "quantization": "fp4", "double_quant": False}  # compute_dtype: auto
+    train(
+        cfg_for(assets, tmp_path / "r", model=model, steps=3, precision="bf16", gradient_checkpointing=True),
+        device="cpu",
+    )
+    out = capsys.readouterr().out
+    assert "4-bit base: fp4, compute dtype bf16" in out  # auto follows train.precision
+    assert "bf16; 4-bit base: fp4, compute dtype bf16" in out  # the end-of-run summary too
 
 
 def quant_info(model):
@@ -199,19 +215,32 @@ def quant_info(model):
 
 
 def test_model_mapping_in_yaml_validated(assets, tmp_path):
-    with pytest.raises(ConfigError, match="model.quantization"):
-        cfg_for(assets, tmp_path, model={"name": "x", "quantization": "int3"})
-    with pytest.raises(ConfigError, match="model.compute_dtype"):
-        cfg_for(assets, tmp_path, model={"name": "x", "compute_dtype": "fp8"})
-    with pytest.raises(ConfigError, match="model.quant"):
-        cfg_for(assets, tmp_path, model={"name": "x", "quant": "nf4"})
-    cfg = cfg_for(assets, tmp_path, model={"name": "x", "quantization": "fp4", "double_quant": False})
+    import yaml
+
+    from lorakit.train.config import load_run_config
+
+    def load(model):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({"model": model, "data": {"train": str(assets[1])}}))
+        return load_run_config(path)
+
+    with pytest.raises(ConfigError, match=r"'int3' for 'model.quantization': use one of nf4, fp4 or none"):
+        load({"name": "x", "quantization": "int3"})
+    with pytest.raises(ConfigError, match=r"'fp8' for 'model.compute_dtype': use auto, fp32, bf16, fp16"):
+        load({"name": "x", "compute_dtype": "fp8"})
+    with pytest.raises(ConfigError, match=r"unknown key 'model.quant'"):
+        load({"name": "x", "quant": "nf4"})
+    cfg = load({"name": "x", "quantization": "fp4", "double_quant": False})
     assert cfg.to_yaml_dict()["model"] == {
         "name": "x",
         "quantization": "fp4",
         "double_quant": False,
         "compute_dtype": "auto",
     }
+    assert load(str(assets[0])).model == str(assets[0])  # a plain name stays a name
+    # The model path inside a mapping resolves like a plain one (relative to the YAML file's folder).
+    (tmp_path / "m").symlink_to(assets[0])
+    assert load({"name": "m", "quantization": "nf4"}).model["name"] == str(tmp_path / "m")
 
 
 # ----------------------------------------------------------------------------- merge

@@ -19,31 +19,27 @@ lowering (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``): u8
 activations (codes + 128, zero point 128), s8 weights prepacked once per
 direction (the second copy, ``Qᵀ`` packed, exists only once a backward has run),
 int32 accumulation (VNNI on AVX512-VNNI / AVX-VNNI / AMX CPUs), fp32 output with
-the weight scale applied; exact up to the final fp32 scaling. One row at a time
-(greedy decoding) it costs more than fp32, so a single row goes to fbgemm's
-dynamic int8 linear instead (one activation scale per call = per row there; its
-own packed copy, made on first use). Every kernel call is in this module
-(:func:`int8_matmul`, :func:`int8_matmul_row`), so tests can check which kernel
-runs, and another kernel (torchao, a CUDA one) would replace those two functions.
-Measurements of every candidate: benchmarks/RESULTS.md, "int8_schemes".
+the weight scale applied. Every call to it goes through :func:`int8_matmul`, so
+tests can check that this kernel is the one that runs, and another kernel
+(torchao, a CUDA one) would replace that one function.
 
 :class:`Int8Linear` is the frozen layer (no grad, fp32 bias); :class:`Base8bit`
 gives the LoRA op of :mod:`lorakit.quant` the :class:`~lorakit.quant.QuantizedBase`
-interface over it, so LoRA layers need no int8 branch. :mod:`lorakit.int8_model`
-swaps a loaded model's Linear layers for them.
+interface over it, so LoRA layers need no int8 branch. :func:`quantize_int8`
+swaps a loaded model's Linear layers (the same ones a 4-bit base quantizes:
+not the output head, embeddings or norms, which stay fp32).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import warnings
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 
 __all__ = [
     "INT8_ALTERNATIVE",
@@ -52,13 +48,19 @@ __all__ = [
     "quantize_weight_int8",
     "quantize_rows",
     "int8_matmul",
-    "int8_matmul_row",
     "Int8Linear",
     "Base8bit",
     "measured_speedup",
+    "quantize_int8",
+    "is_int8_model",
+    "describe_int8",
+    "check_int8_model_spec",
+    "QUANTIZE_CHOICES",
+    "quantize_for_inference",
 ]
 
 INT8_ALTERNATIVE = "train.precision: fp32 (or bf16 on a CPU with AVX512-BF16/AMX), or --quantize none"
+QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
 _ZP = 128  # u8 activation codes are the int8 codes + 128 (oneDNN's fast x86 path is u8 x s8)
 
 
@@ -193,43 +195,6 @@ def int8_matmul(x2: Tensor, packed: Tensor, col_scale: Tensor, col_zp: Tensor, r
     return _qlinear(q, packed, col_scale, col_zp).mul_(s)
 
 
-@functools.cache
-def _has_row_kernel() -> bool:
-    """Whether fbgemm's dynamic int8 linear (the one-row decoding kernel) runs here."""
-    try:
-        layer = _fbgemm_pack(torch.ones(3, 4, dtype=torch.int8), torch.ones(3))
-        return torch.equal(torch.ops.quantized.linear_dynamic(torch.ones(1, 4), layer, False), torch.full((1, 3), 4.0))
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def _fbgemm_pack(codes: Tensor, scale: Tensor) -> Any:
-    """fbgemm's packed form of the same int8 codes and per-channel scales (no requantization)."""
-    with warnings.catch_warnings():  # torch marks its quantized-tensor API deprecated; the op itself is current
-        warnings.simplefilter("ignore")
-        zeros = torch.zeros(codes.shape[0], dtype=torch.int64)
-        qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), zeros, 0)
-        return torch.ops.quantized.linear_prepack(qw, None)
-
-
-def int8_matmul_row(x1: Tensor, packed: Any) -> Tensor:
-    """``x1 Wᵀ`` for ONE row (decoding): fbgemm's dynamic int8 linear, whose one activation scale is that row's.
-
-    oneDNN's int8 matmul costs more than fp32 at one row (per-call overhead); fbgemm's
-    ``quantized::linear_dynamic`` quantizes, multiplies and dequantizes in one call, about
-    0.3-0.5x the fp32 time. Its activation quantization is asymmetric (min/max, u8), as fine
-    as the symmetric one or finer.
-
-    Args:
-        x1: ``[1, K]`` float.
-        packed: From :func:`_fbgemm_pack`.
-
-    Returns:
-        ``[1, M]`` fp32.
-    """
-    return torch.ops.quantized.linear_dynamic(x1.float(), packed, False)
-
-
 # ----------------------------------------------------------------------------- the frozen layer
 
 
@@ -255,7 +220,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("qweight", codes)
         self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self._packed: dict[str, Any] = {}
+        self._packed: dict[str, Tensor] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> Int8Linear:
@@ -294,12 +259,7 @@ class Int8Linear(nn.Linear):
         return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
 
     def output(self, x2: Tensor) -> Tensor:
-        """``x2 Wᵀ`` (no bias) for ``x2 [N, in]``: fp32 ``[N, out]`` (one row, when decoding: fbgemm's kernel)."""
-        if x2.shape[0] == 1 and _has_row_kernel():
-            row = self._packed.get("row")
-            if row is None:
-                row = self._packed["row"] = _fbgemm_pack(self.qweight, self.weight_scale)
-            return int8_matmul_row(x2, row)
+        """``x2 Wᵀ`` (no bias) for ``x2 [N, in]``: fp32 ``[N, out]``."""
         return int8_matmul(x2, *self.packed("forward"), reuse=True)  # siblings reading one x share its codes
 
     def grad_input(self, dy: Tensor) -> Tensor:
@@ -379,3 +339,105 @@ def measured_speedup(dtype: torch.dtype = torch.float32, rows: int = 512, k: int
     t_float = median(lambda: (xf @ W.t(), dyf @ W))
     t_int8 = median(lambda: (layer.output(x), layer.grad_input(dy)))
     return t_int8 / t_float
+
+
+# ----------------------------------------------------------------------------- a model
+
+
+def is_int8_model(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is an :class:`Int8Linear`."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def quantize_int8(model: nn.Module, skip_modules: Sequence[str] | None = None) -> nn.Module:
+    """Replace a loaded model's Linear layers by :class:`Int8Linear` ones, in place.
+
+    The same layers a 4-bit base quantizes (:func:`lorakit.quant_model.modules_to_quantize`):
+    every ``nn.Linear`` (and GPT-2 ``Conv1D``) but the output head, weights tied to it and
+    ``_keep_in_fp32_modules``; embeddings and norms stay as they are. Each full-precision
+    weight is dropped as soon as its layer is quantized.
+
+    Args:
+        model: A model on the CPU, without LoRA layers (quantize first, then inject or load an adapter).
+        skip_modules: More module names (or name suffixes) to keep in full precision.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: no int8 kernel here (the message says what to use instead); a model not
+            on the CPU; a model that already has LoRA layers.
+    """
+    from .quant_model import modules_to_quantize
+
+    require_int8("int8 bases")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        raise ConfigError(
+            f"int8 bases run on the CPU (oneDNN's int8 kernels); the model is on {device}. "
+            f"Use {INT8_ALTERNATIVE} on {device.type}."
+        )
+    if any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError("the model already has LoRA layers; quantize the base to int8 first, then add LoRA.")
+    names = modules_to_quantize(model, skip_modules)
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear layer to quantize to int8 (besides the head).")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, Int8Linear.from_linear(old))
+        old.weight = None  # the full-precision copy goes now, not at the end
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def describe_int8(model: nn.Module) -> str:
+    """One line for run logs and summaries (``"int8 base: 14 Linear layers, ..."``), or ``""`` without any."""
+    n = sum(isinstance(m, Int8Linear) for m in model.modules())
+    if not n:
+        return ""
+    return f"int8 base: {n} Linear layers (int8 weights per output channel, int8 activations per row; head fp32)"
+
+
+def check_int8_model_spec(model: object) -> None:
+    """Refuse ``train.precision: int8`` on a 4-bit base (a run config's ``model`` value, before loading).
+
+    Raises:
+        ConfigError: ``model`` is a mapping with a ``quantization`` other than none.
+    """
+    q = model.get("quantization") if isinstance(model, dict) else None
+    if q is not None and str(q).lower() != "none":
+        raise ConfigError(
+            f"train.precision: int8 quantizes a full-precision base to int8 itself, but model.quantization is {q!r} "
+            "(a 4-bit base). Use one of them: model.quantization: none with precision int8, or a 4-bit base with "
+            "precision fp32/bf16."
+        )
+
+
+def quantize_for_inference(model: nn.Module, quantize: str) -> nn.Module:
+    """``--quantize`` of ``generate`` / ``chat`` / ``eval``: the loaded base's Linear layers to int8, in place.
+
+    Decoding on a CPU is memory-bound: int8 weights move a quarter of fp32's bytes.
+    Called before the adapter is loaded, so LoRA wraps the int8 layers and stays
+    unmerged in fp32 on top.
+
+    Args:
+        model: The loaded base model (CPU, no LoRA yet).
+        quantize: ``"none"`` or ``"int8"``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: an unknown value; a 4-bit base; no int8 kernels here or a model off the CPU.
+    """
+    q = str(quantize).lower()
+    if q not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}.")
+    if q == "none":
+        return model
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ConfigError("--quantize int8 needs a full-precision base, but this one is 4-bit; drop --quantize.")
+    return quantize_int8(model)

@@ -133,6 +133,20 @@ class ModelSpec:
         name = value.get("name")
         return cls(None if name is None else str(name), q, dq, cd)
 
+    def load_kwargs(self, precision: str | None = None) -> dict[str, Any]:
+        """The 4-bit keyword arguments of :func:`load_model` (none for a full-precision base).
+
+        Args:
+            precision: A training run's resolved ``train.precision``: ``compute_dtype: auto`` follows it.
+
+        Returns:
+            ``{quantization, double_quant, compute_dtype}`` or ``{}``.
+        """
+        if not self.quantized:
+            return {}
+        cd = precision if self.compute_dtype == "auto" and precision is not None else self.compute_dtype
+        return {"quantization": self.quantization, "double_quant": self.double_quant, "compute_dtype": cd}
+
     def to_dict(self) -> dict[str, Any]:
         """The mapping form, as a run config writes it."""
         return {

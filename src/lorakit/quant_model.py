@@ -25,7 +25,14 @@ from torch import nn
 from .errors import ConfigError, UnsupportedModuleError
 from .quant import COMPUTE_DTYPES, check_quantization, quantize_weight_4bit, require_bitsandbytes, resolve_compute_dtype
 
-__all__ = ["quantize", "modules_to_quantize", "prepare_quantized", "is_quantized_model", "quantization_info"]
+__all__ = [
+    "quantize",
+    "modules_to_quantize",
+    "prepare_quantized",
+    "is_quantized_model",
+    "quantization_info",
+    "describe_quantization",
+]
 
 
 def is_quantized_model(model: nn.Module) -> bool:
@@ -56,6 +63,15 @@ def quantization_info(model: nn.Module) -> dict[str, Any] | None:
         "compute_dtype": names.get(cd, str(cd)),
         "layers": len(layers),
     }
+
+
+def describe_quantization(model: nn.Module) -> str:
+    """One line for run logs and summaries: ``"4-bit base: nf4, double quant, compute dtype bf16"``, or ``""``."""
+    info = quantization_info(model)
+    if info is None:
+        return ""
+    dq = ", double quant" if info["double_quant"] else ""
+    return f"4-bit base: {info['quantization']}{dq}, compute dtype {info['compute_dtype']}"
 
 
 # ----------------------------------------------------------------------------- quantizing a model

@@ -16,8 +16,10 @@ Both are accepted wherever ``run_or_adapter`` appears.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ __all__ = [
     "METRICS_NAME",
     "AdapterInfo",
     "find_adapter_dir",
+    "choose_base_model",
     "natural_key",
     "open_adapter",
     "last_metrics",
@@ -55,6 +58,7 @@ class AdapterInfo:
         model_source: Which rule chose it: ``"argument"``, ``"lorakit.yaml"``,
             ``"adapter_config.json"`` or ``"default"``.
         config: The adapter's LoRA config.
+        spec: The base model as loaded (name and 4-bit settings).
     """
 
     adapter_dir: Path
@@ -62,6 +66,7 @@ class AdapterInfo:
     model: str | None
     model_source: str
     config: LoraConfig
+    spec: models.ModelSpec | None = None
 
 
 # --------------------------------------------------------------------------- open
@@ -126,22 +131,22 @@ def find_adapter_dir(run_or_adapter: str | os.PathLike[str]) -> tuple[Path, Path
     return path, run_dir
 
 
-def _run_model(run_dir: Path) -> tuple[bool, str | None]:
-    """(whether lorakit.yaml has a ``model`` key, its value: None = the default), relative paths resolved."""
+def _run_model(run_dir: Path) -> tuple[bool, models.ModelSpec]:
+    """(whether lorakit.yaml has a ``model`` key, its value as a spec: name None = the default), paths resolved."""
     file = run_dir / RUN_CONFIG_NAME
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{file} is not readable YAML ({e}); re-run training or fix the file.") from None
     if not isinstance(data, dict) or "model" not in data:
-        return False, None
-    if data["model"] is None:
-        return True, None
-    name = str(data["model"])
-    candidate = Path(name).expanduser()
+        return False, models.ModelSpec()
+    spec = models.ModelSpec.parse(data["model"])  # a name, or {name, quantization, double_quant, compute_dtype}
+    if spec.name is None:
+        return True, spec
+    candidate = Path(spec.name).expanduser()
     if not candidate.is_absolute() and (run_dir / candidate).exists():
-        return True, str(run_dir / candidate)
-    return True, name
+        return True, dataclasses.replace(spec, name=str(run_dir / candidate))
+    return True, spec
 
 
 def _resolves_locally(name: str) -> bool:
@@ -153,26 +158,61 @@ def _resolves_locally(name: str) -> bool:
     )
 
 
-def _choose_model(model: str | None, adapter_dir: Path, run_dir: Path | None) -> tuple[str | None, str]:
+def _choose_spec(model: Any, adapter_dir: Path, run_dir: Path | None) -> tuple[models.ModelSpec, str]:
+    trained = _run_model(run_dir)[1] if run_dir is not None else None  # what the run trained on
     if model is not None:
-        return model, "argument"
-    if run_dir is not None:
-        named, name = _run_model(run_dir)
-        if named:
-            return name, RUN_CONFIG_NAME
+        if isinstance(model, (str, os.PathLike)):  # a name: the run's 4-bit settings (if any) stay
+            spec = models.ModelSpec(str(model)) if trained is None else dataclasses.replace(trained, name=str(model))
+        else:
+            spec = models.ModelSpec.parse(model)
+        if trained is not None and trained.quantized != spec.quantized:
+            how = (
+                "on a 4-bit base, now loaded on a full-precision one: outputs differ from training's by the "
+                "quantization error"
+                if trained.quantized
+                else "on a full-precision base, now loaded on a 4-bit one: outputs differ by the quantization error"
+            )
+            warnings.warn(f"note: the adapter in {adapter_dir} was trained {how}.", stacklevel=3)
+        return spec, "argument"
+    if trained is not None and _run_model(run_dir)[0]:
+        return trained, RUN_CONFIG_NAME
     try:
         base = json.loads((adapter_dir / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         base = None  # read_adapter reports a broken config with a better message
     if isinstance(base, str) and base and _resolves_locally(base):
-        return base, CONFIG_NAME
-    return None, "default"
+        return models.ModelSpec(base), CONFIG_NAME
+    return models.ModelSpec(), "default"
+
+
+def _choose_model(model: Any, adapter_dir: Path, run_dir: Path | None) -> tuple[str | None, str]:
+    """(base model name, which rule chose it): :func:`_choose_spec` without the 4-bit settings."""
+    spec, source = _choose_spec(model, adapter_dir, run_dir)
+    return spec.name, source
+
+
+def choose_base_model(run_or_adapter: str | os.PathLike[str], model: Any = None) -> tuple[models.ModelSpec, str]:
+    """The base model :func:`open_adapter` would load, without loading it.
+
+    Args:
+        run_or_adapter: A run directory or an adapter directory.
+        model: An override, as :func:`open_adapter` takes it.
+
+    Returns:
+        ``(spec, source)``: the model spec (name, and the run's 4-bit settings) and which rule chose it.
+
+    Raises:
+        AdapterFormatError: the path holds no adapter.
+        ConfigError: ``lorakit.yaml`` is invalid.
+    """
+    adapter_dir, run_dir = find_adapter_dir(run_or_adapter)
+    return _choose_spec(model, adapter_dir, run_dir)
 
 
 def open_adapter(
     run_or_adapter: str | os.PathLike[str],
     *,
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | models.ModelSpec | dict[str, Any] | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
@@ -182,11 +222,14 @@ def open_adapter(
     The base model is, in order: ``model`` if given; else ``lorakit.yaml``'s
     ``model`` for a run directory; else the adapter's ``base_model_name_or_path``
     if it names something on local disk (a model directory, a ``.gguf`` file or
-    the default model's name; never the hub); else the embedded default.
+    the default model's name; never the hub); else the embedded default. A run
+    trained on a 4-bit base (``model: {name, quantization: nf4, ...}``) is opened on
+    the same 4-bit base; a different precision is allowed, with a note (a warning).
 
     Args:
         run_or_adapter: A run directory or an adapter directory (lorakit's or PEFT's).
-        model: Base model override (anything :func:`lorakit.models.resolve_model` takes).
+        model: Base model override: a name (anything :func:`lorakit.models.resolve_model` takes;
+            a run's 4-bit settings stay), or a mapping / :class:`lorakit.models.ModelSpec` (used as is).
         dtype: Weight dtype for the base model (``"fp32"``, ``"bf16"``, ``"fp16"``, a
             ``torch.dtype``); None or ``"auto"`` keeps the dtype the weights are stored in.
             The adapter's own weights stay float32.
@@ -208,8 +251,9 @@ def open_adapter(
     """
     adapter_dir, run_dir = find_adapter_dir(run_or_adapter)
     config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
-    name, source = _choose_model(None if model is None else str(model), adapter_dir, run_dir)
-    base, tokenizer = models.load_model(name, dtype=dtype, device=device)
+    spec, source = _choose_spec(model, adapter_dir, run_dir)
+    name = spec.name
+    base, tokenizer = models.load_model(name, dtype=dtype, device=device, **spec.load_kwargs())
     if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
         from .int8_model import quantize_for_inference
 
@@ -222,7 +266,7 @@ def open_adapter(
             f"{e} (base model {chosen!r}, chosen from {source}; pass --model / model= to use another)"
         ) from None
     base.eval()
-    return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config)
+    return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config, spec)
 
 
 def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 A run config has five sections; the key names are public::
 
     model: smollm2-135m-instruct      # a model dir or .gguf also works; omitted = default
+    # or, for QLoRA (a 4-bit base):  model: {name: ..., quantization: nf4, double_quant: true, compute_dtype: auto}
     lora:  {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}   # LoraConfig fields
     data:  {train: data/train.jsonl, eval: data/eval.jsonl, format: auto, max_seq_len: 512}
     train: {steps: 100, batch_size: 8, lr: 2.0e-4, schedule: constant, precision: auto}
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorakit.errors import ConfigError
 from lorakit.files import write_file_atomic
+from lorakit.models import ModelSpec
 
 __all__ = [
     "LORA_FIELDS",
@@ -140,11 +142,18 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     """A whole run config: ``model``, ``lora``, ``data``, ``train``, ``output``."""
 
-    model: str | None = None
+    model: str | dict[str, Any] | None = None
     lora: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_spec(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, dict):  # {name, quantization, double_quant, compute_dtype}: checked, defaults filled
+            return ModelSpec.parse(value).to_dict()
+        return value
 
     @field_validator("lora")
     @classmethod
@@ -306,7 +315,7 @@ def _explain(err: ValidationError, where: str, overridden: dict[str, str]) -> st
             lines.append(f"missing {what} in {where}; add it.")
             continue
         source = f" (from override {overridden[loc]!r})" if loc in overridden else ""
-        if e["type"] == "value_error" and loc in ("data", "train", "lora"):
+        if e["type"] == "value_error" and loc in ("data", "train", "lora", "model"):
             lines.append(f"{msg} (in {where}{source}).")
         else:
             lines.append(f"invalid value {e['input']!r} for '{loc}' in {where}{source}: {msg}.")
@@ -335,10 +344,14 @@ def _resolve_paths(cfg: RunConfig, base: Path, raw: dict[str, Any], stem: str) -
                 "fix the path in the config or pass it as an override."
             )
         setattr(data, key, resolved)
-    if cfg.model is not None:
-        candidate = near_yaml(Path(cfg.model))
+    name = cfg.model.get("name") if isinstance(cfg.model, dict) else cfg.model
+    if name is not None:
+        candidate = near_yaml(Path(name))
         if candidate.exists():
-            cfg.model = str(candidate)
+            if isinstance(cfg.model, dict):
+                cfg.model = {**cfg.model, "name": str(candidate)}
+            else:
+                cfg.model = str(candidate)
     out = cfg.output.dir if "dir" in (raw.get("output") or {}) else Path("runs") / stem
     cfg.output.dir = out.expanduser() if out.expanduser().is_absolute() else Path.cwd() / out
     return cfg

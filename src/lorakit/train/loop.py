@@ -131,7 +131,8 @@ class _Run:
     """One training run: set up in __init__, the loop in run()."""
 
     def __init__(self, cfg: RunConfig, ctx: DistContext, resume: bool) -> None:
-        from lorakit.models import load_model
+        from lorakit.models import ModelSpec, load_model
+        from lorakit.quant_model import describe_quantization
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
         self.say = print if ctx.main else (lambda *a, **k: None)
@@ -140,7 +141,7 @@ class _Run:
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
         self.precision_reason += int8_note(self.precision, ctx.device)  # says so when int8 is faster here
         if self.precision == "int8":
-            from lorakit.int8_model import check_int8_model_spec
+            from lorakit.int8 import check_int8_model_spec
 
             check_int8_model_spec(cfg.model)
         bf16 = self.precision == "bf16"
@@ -155,9 +156,16 @@ class _Run:
             raise ConfigError(f"lora section of the run config: {exc}") from None
         # Model: base weights in the compute dtype first, then LoRA params (fp32) on top.
         torch.manual_seed(t.seed)
-        model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=ctx.device)
+        spec = ModelSpec.parse(cfg.model)  # a 4-bit (QLoRA) base computes in the run's precision unless told
+        model, tokenizer = load_model(
+            spec.name,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            device=ctx.device,
+            **spec.load_kwargs(self.precision),
+        )
+        self.base_note = describe_quantization(model)  # "" for a full-precision base
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
-            from lorakit.int8_model import describe_int8, quantize_int8
+            from lorakit.int8 import describe_int8, quantize_int8
 
             self.base_note = describe_int8(quantize_int8(model))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
@@ -201,6 +209,7 @@ class _Run:
             self.say(
                 f"training {self.total_steps} steps (global batch {self.global_batch} rows, "
                 f"{ctx.world} process(es), {self.precision}: {self.precision_reason}) on {ctx.device}"
+                + (f", {self.base_note}" if self.base_note else "")
                 + (f", resuming after step {self.step}" if self.step else "")
             )
             bar = report.progress_bar(self.total_steps, self.step, enabled=True)
@@ -414,7 +423,7 @@ class _Run:
             lora=dict(self.cfg.lora),
             train=self.cfg.train.model_dump(mode="json"),
             precision=self.precision,
-            precision_reason=self.precision_reason,
+            precision_reason=self.precision_reason + (f"; {self.base_note}" if self.base_note else ""),
             steps=result.steps,
             train_loss=result.train_loss,
             eval_loss=result.eval_loss,
@@ -431,7 +440,7 @@ class _Run:
                 total_params=self.total_params,
                 peak_memory=result.peak_memory_bytes,
                 device_type=self.ctx.device.type,
-                precision=self.precision,
+                precision=self.precision + (f"; {self.base_note}" if self.base_note else ""),
                 train_loss=result.train_loss,
                 eval_loss=result.eval_loss,
             ),
