@@ -83,8 +83,9 @@ def main() -> None:
         f"Machine: {machine()}; commit {commit}.\n\n"
         f"`make demo` ({what}): **{_mmss(wall)}** wall clock in all; of that the training loop "
         f"({last['step']} steps of examples/quickstart.yaml, its own clock) {_mmss(last['elapsed_s'])}, "
-        f"final training loss {last['loss']:.3f}. The rest is process start-up, model loading, the eval pass "
-        f"and the base-vs-adapter answers."
+        f"final training loss {last['loss']:.3f}. The rest is "
+        + ("the clone, .venv and pip, the model conversion, " if args.fresh else "")
+        + "process start-up, model loading, the eval pass and the base-vs-adapter answers."
     )
     print(tail + "\n\n" + body)
     if not args.no_write:

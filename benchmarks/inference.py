@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct with a LoRA adapter (r=16 on all seven projections,
 random non-zero B so the adapter is really computed), batch 1, greedy, the
 same prompt for all; variants take turns on each repeat so machine load hits
 them alike. Also times one forward over a 8 x 128 batch (prefill-like).
+On the CPU also plain-int8 and lorakit-int8-unmerged: the base's Linears in int8
+(`--quantize int8`, lorakit.int8), the adapter unmerged in fp32 on top.
 
     python benchmarks/inference.py [--new-tokens 48] [--repeats 5]
 """
@@ -38,7 +40,16 @@ def _variants(base, peft):
     unmerged = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(init_lora_weights=False, **cfg)).eval()
     merged = lorakit.for_inference(copy.deepcopy(unmerged))
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg)).eval()
-    return {"plain": base, "lorakit-unmerged": unmerged, "lorakit-merged": merged, "peft-unmerged": peft_model}
+    variants = {"plain": base, "lorakit-unmerged": unmerged, "lorakit-merged": merged, "peft-unmerged": peft_model}
+    if next(base.parameters()).device.type == "cpu":  # --quantize int8: int8 base Linears, the adapter fp32 on top
+        from lorakit.int8_model import quantize_int8
+
+        variants["plain-int8"] = quantize_int8(copy.deepcopy(base)).eval()
+        torch.manual_seed(0)  # the same adapter as lorakit-unmerged
+        variants["lorakit-int8-unmerged"] = lorakit.inject(
+            quantize_int8(copy.deepcopy(base)), lorakit.LoraConfig(init_lora_weights=False, **cfg)
+        ).eval()
+    return variants
 
 
 def overhead_proxy(device: torch.device, repeats: int) -> list[str]:

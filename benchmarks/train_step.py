@@ -31,6 +31,8 @@ Variants (baseline in brackets):
     lorakit-eager   [peft-bf16] lorakit-auto without CUDA graphs (CUDA only: on a CPU it is lorakit-auto)
     lorakit-gc      [peft-gc] lorakit-fp32 plus its gradient checkpointing (the rerun skips the MLP output)
     lorakit-gc2     [peft-gc] the same, every 2nd decoder layer only (gradient_checkpointing: 2)
+    lorakit-int8    [peft-fp32] lorakit-fp32 with train.precision: int8 (frozen base Linears in int8, both matmuls
+                    int8 x int8 on oneDNN, activations per row; head, embeddings, norms and LoRA fp32)
     lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
                     torch.compile'd
 
@@ -62,6 +64,7 @@ BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline it
     "lorakit-eager": "peft-bf16",
     "lorakit-gc": "peft-gc",
     "lorakit-gc2": "peft-gc",
+    "lorakit-int8": "peft-fp32",
     "lorakit-compile": "peft-bf16",
 }
 VARIANTS = list(BASELINE)
@@ -138,6 +141,10 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         def loss_fn(batch):
             return model(**batch).loss
     else:
+        if variant == "lorakit-int8":  # as `lorakit train` with train.precision: int8
+            from lorakit.int8_model import quantize_int8
+
+            quantize_int8(model)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
@@ -271,9 +278,10 @@ def _workload_note(runs: list[dict]) -> str:
         r = next((x for x in runs if x["workload"] == workload and x["variant"].startswith("peft")), None)
         r = r or next((x for x in runs if x["workload"] == workload), None)
         if r:
+            lo, hi = min(r["longest_row"]), max(r["longest_row"])
             notes.append(
-                f"{workload} = {WORKLOADS[workload]} rows a step, longest row {min(r['longest_row'])}-"
-                f"{max(r['longest_row'])} tokens, on average {r['real_tokens']:.0f} real tokens "
+                f"{workload} = {WORKLOADS[workload]} rows a step, longest row {lo if lo == hi else f'{lo}-{hi}'} "
+                f"tokens, on average {r['real_tokens']:.0f} real tokens "
                 f"({r['labelled']:.0f} labelled) and {r['padded_tokens']:.0f} padded a step"
             )
     return "; ".join(notes)
@@ -326,6 +334,7 @@ def main() -> None:
             print("lorakit-eager: no CUDA graphs on a CPU, the same run as lorakit-auto; skipped")
         else:
             variants.append(v)
+    commit = git_rev()  # at the start: other work may be committed while the runs go on
     store = Path(__file__).with_name(f".train_step.{args.device}.json")
     runs = json.loads(store.read_text()) if args.keep and store.exists() else []
     runs = [r for r in runs if (r["workload"], r["variant"]) not in {(w, v) for w in args.workloads for v in variants}]
@@ -351,7 +360,7 @@ def main() -> None:
         else "peak RSS: VmHWM of the run's own fresh process, model and data included"
     )
     lines = [
-        f"Machine: {machine()}; commit {git_rev()}; device {args.device}; `python benchmarks/train_step.py "
+        f"Machine: {machine()}; commit {commit} at the start; device {args.device}; `python benchmarks/train_step.py "
         f"--steps {args.steps} --repeats {args.repeats}`.",
         "",
         f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight "
