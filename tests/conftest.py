@@ -10,9 +10,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 def make_llama(seed: int = 0, bias: bool = False, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
     model = LlamaForCausalLM(cfg).eval()
     if bias:  # random non-zero biases so bias handling is visible in outputs

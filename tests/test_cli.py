@@ -25,8 +25,12 @@ from lorakit.errors import TrainingInterrupted
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     tiny = make_tiny_model_dir(root / "tiny")
-    return {"root": root, "tiny": tiny, "run": make_run(tiny, root / "run"),
-            "data": write_chat_jsonl(root / "data.jsonl", n=4)}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "data": write_chat_jsonl(root / "data.jsonl", n=4),
+    }
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -63,8 +67,18 @@ def test_train_calls_the_loop(capsys, monkeypatch, tmp_path):
 
     fake_loop = types.SimpleNamespace(train=fake_train)
     monkeypatch.setitem(sys.modules, "lorakit.train.loop", fake_loop)
-    code, out, err = run_cli(capsys, "train", "cfg.yaml", "--set", "train.lr=1e-4", "--set", "train.steps=3",
-                             "--resume", "--model", "some/dir")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "cfg.yaml",
+        "--set",
+        "train.lr=1e-4",
+        "--set",
+        "train.steps=3",
+        "--resume",
+        "--model",
+        "some/dir",
+    )
     assert code == 0, err
     assert calls == [(Path("cfg.yaml"), ["train.lr=1e-4", "train.steps=3", "model=some/dir"], True)]
     assert f"lorakit generate {tmp_path / 'runs' / 'x'}" in out
@@ -82,7 +96,8 @@ def test_train_ctrl_c_exits_130_with_resume_note(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lorakit.train.loop", fake_loop)
     code, _, err = run_cli(capsys, "train", "cfg.yaml")
     assert code == 130 and err.strip() == (
-        "interrupted: stopped at step 7; checkpoint in runs/x/checkpoints/step-7; rerun with --resume")
+        "interrupted: stopped at step 7; checkpoint in runs/x/checkpoints/step-7; rerun with --resume"
+    )
 
 
 def test_train_config_error_is_a_user_error(capsys, tmp_path):
@@ -105,8 +120,12 @@ def test_train_then_use_the_run(capsys, env, tmp_path, monkeypatch):
     _, _, info = runs.open_adapter(run)
     assert info.model_source == "lorakit.yaml" and Path(info.model) == env["tiny"]
     outputs = {}
-    for args in (("generate", run, "-p", "say ab", "--max-new-tokens", 3), ("inspect", run),
-                 ("eval", run, "--data", env["data"], "--max-new-tokens", 3), ("merge", run, tmp_path / "m")):
+    for args in (
+        ("generate", run, "-p", "say ab", "--max-new-tokens", 3),
+        ("inspect", run),
+        ("eval", run, "--data", env["data"], "--max-new-tokens", 3),
+        ("merge", run, tmp_path / "m"),
+    ):
         code, outputs[args[0]], err = run_cli(capsys, *args)
         assert code == 0, (args, err)
     assert "last metrics: step=3" in outputs["inspect"] and "exact_match" in outputs["eval"]
@@ -126,8 +145,9 @@ def test_generate_compare_base_from_prompts_file(capsys, env, tmp_path, monkeypa
     monkeypatch.setenv("COLUMNS", columns)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("say ab\n\nsay cd\n")
-    code, out, err = run_cli(capsys, "generate", env["run"], "--compare-base", "--prompts-file", prompts,
-                             "--max-new-tokens", 3)
+    code, out, err = run_cli(
+        capsys, "generate", env["run"], "--compare-base", "--prompts-file", prompts, "--max-new-tokens", 3
+    )
     assert code == 0, err
     assert "say ab" in out and "say cd" in out
     assert "base model" in out and "with adapter" in out
@@ -138,8 +158,7 @@ def test_generate_with_model_override(capsys, env, tmp_path):
     other = make_tiny_model_dir(tmp_path / "other", seed=7)
     model, tokenizer, _ = runs.open_adapter(env["run"], model=other)
     expected = generation.generate(model, tokenizer, "say ab", max_new_tokens=4)
-    code, out, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 4,
-                             "--model", other)
+    code, out, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 4, "--model", other)
     assert code == 0, err
     assert out.rstrip("\n") == expected
 
@@ -201,22 +220,28 @@ def opened_models(monkeypatch):
 
 
 def _verb_args(verb: str, run: Path, data: Path) -> tuple:
-    return {"generate": ("generate", run, "-p", "say ab", "--max-new-tokens", 2),
-            "chat": ("chat", run, "--max-new-tokens", 2),
-            "eval": ("eval", run, "--data", data, "--max-new-tokens", 2)}[verb]
+    return {
+        "generate": ("generate", run, "-p", "say ab", "--max-new-tokens", 2),
+        "chat": ("chat", run, "--max-new-tokens", 2),
+        "eval": ("eval", run, "--data", data, "--max-new-tokens", 2),
+    }[verb]
 
 
-@pytest.mark.parametrize(("verb", "stored", "flag", "expected"), [
-    ("generate", "bf16", None, torch.bfloat16),  # no --dtype: auto = as stored
-    ("generate", "fp32", "bf16", torch.bfloat16),
-    ("generate", "bf16", "fp32", torch.float32),
-    ("chat", "fp32", "bf16", torch.bfloat16),
-    ("chat", "bf16", "auto", torch.bfloat16),
-    ("eval", "fp32", "fp16", torch.float16),
-    ("eval", "fp32", None, torch.float32),
-])
-def test_dtype_and_device_reach_the_model(capsys, env, bf16_run, opened_models, monkeypatch, verb, stored, flag,
-                                          expected):
+@pytest.mark.parametrize(
+    ("verb", "stored", "flag", "expected"),
+    [
+        ("generate", "bf16", None, torch.bfloat16),  # no --dtype: auto = as stored
+        ("generate", "fp32", "bf16", torch.bfloat16),
+        ("generate", "bf16", "fp32", torch.float32),
+        ("chat", "fp32", "bf16", torch.bfloat16),
+        ("chat", "bf16", "auto", torch.bfloat16),
+        ("eval", "fp32", "fp16", torch.float16),
+        ("eval", "fp32", None, torch.float32),
+    ],
+)
+def test_dtype_and_device_reach_the_model(
+    capsys, env, bf16_run, opened_models, monkeypatch, verb, stored, flag, expected
+):
     monkeypatch.setattr(sys, "stdin", io.StringIO("say ab\n"))
     run = bf16_run if stored == "bf16" else env["run"]
     extra = ("--dtype", flag) if flag else ()
@@ -231,11 +256,13 @@ def test_dtype_and_device_reach_the_model(capsys, env, bf16_run, opened_models, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generate_and_eval_on_cuda(capsys, env, opened_models):
-    code, _, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 2,
-                           "--device", "cuda", "--dtype", "bf16")
+    code, _, err = run_cli(
+        capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 2, "--device", "cuda", "--dtype", "bf16"
+    )
     assert code == 0, err
-    code, out, err = run_cli(capsys, "eval", env["run"], "--data", env["data"], "--max-new-tokens", 2,
-                             "--device", "cuda")
+    code, out, err = run_cli(
+        capsys, "eval", env["run"], "--data", env["data"], "--max-new-tokens", 2, "--device", "cuda"
+    )
     assert code == 0 and "eval_loss" in out, err
     for _, model in opened_models:
         assert {p.device.type for p in model.parameters()} == {"cuda"}
@@ -357,8 +384,12 @@ def test_ctrl_c_exits_130(capsys, env, monkeypatch):
 
 
 def test_subprocess_user_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 

@@ -73,16 +73,19 @@ def test_lora_A_init_has_peft_distribution(init):
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_gradients_reach_only_trainable(bias, input_ids):
     model = make_llama(bias=True)
-    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias, modules_to_save=["lm_head"],
-                             init_lora_weights=False)
+    cfg = lorakit.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], bias=bias, modules_to_save=["lm_head"], init_lora_weights=False
+    )
     lorakit.inject(model, cfg)
     model.train()
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     for name, p in model.named_parameters():
-        expected = (".lora_" in name or ".modules_to_save." in name
-                    or (bias == "all" and name.endswith("bias"))
-                    or (bias == "lora_only" and name.endswith("base_layer.bias")
-                        and (".q_proj." in name or ".v_proj." in name)))
+        expected = (
+            ".lora_" in name
+            or ".modules_to_save." in name
+            or (bias == "all" and name.endswith("bias"))
+            or (bias == "lora_only" and name.endswith("base_layer.bias") and (".q_proj." in name or ".v_proj." in name))
+        )
         assert p.requires_grad == expected, name
         if expected:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -118,9 +121,18 @@ def test_gradient_checkpointing_generate_and_trainer(tmp_path, input_ids):
     assert out.shape == (1, 9)
 
     data = [{"input_ids": input_ids[0], "labels": input_ids[0]}] * 16
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                             learning_rate=3e-2, lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -152,8 +164,10 @@ def test_safe_merge_refuses_nan():
 
 def test_bf16_base_merges_in_fp32(input_ids):
     base = make_llama()
-    model = lorakit.inject(copy.deepcopy(base).to(torch.bfloat16),
-                           lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model = lorakit.inject(
+        copy.deepcopy(base).to(torch.bfloat16),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+    )
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     expected = (layer.base_layer.weight.float() + layer.delta_weight("default")).to(torch.bfloat16)
@@ -247,8 +261,10 @@ def test_conv_layers_match_peft(tmp_path):
 
 
 def test_for_inference_and_back_is_exact(input_ids):
-    model = lorakit.inject(make_llama().to(torch.bfloat16),
-                           lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False))
+    model = lorakit.inject(
+        make_llama().to(torch.bfloat16),
+        lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False),
+    )
     model.train()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -275,8 +291,7 @@ def test_for_inference_shortcut_calls_the_base_layer_and_any_state_change_drops_
     from lorakit.adapters import disable_adapters, for_inference, for_training
     from lorakit.inject import lora_layers
 
-    model = lorakit.inject(llama, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
+    model = lorakit.inject(llama, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
         want = ref(input_ids).logits

@@ -16,10 +16,10 @@ import torch
 import lorakit
 from lorakit import losses, ops, swiglu
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
-from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.config import RunConfig
-from lorakit.train.schedule import make_optimizer
+from lorakit.train.graphs import LayerGraphs, graph_blocker
 from lorakit.train.recompute import enable_checkpointing
+from lorakit.train.schedule import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_llama  # noqa: E402
@@ -50,8 +50,17 @@ def test_lora_linear_on_cuda_matches_fp64(dtype, dropout):
     yr.backward(dy.double())
     xc = x.to(CUDA, copy=True).requires_grad_()
     Ac, Bc = A.to(CUDA, copy=True).requires_grad_(), B.to(CUDA, copy=True).requires_grad_()
-    y = ops.lora_linear(xc, W.to(CUDA, dtype), b.to(CUDA, dtype), Ac, Bc, s, dropout_p=0.3 if dropout else 0.0,
-                        dropout_mask=None if mask is None else mask.to(CUDA), compute_dtype=dtype)
+    y = ops.lora_linear(
+        xc,
+        W.to(CUDA, dtype),
+        b.to(CUDA, dtype),
+        Ac,
+        Bc,
+        s,
+        dropout_p=0.3 if dropout else 0.0,
+        dropout_mask=None if mask is None else mask.to(CUDA),
+        compute_dtype=dtype,
+    )
     y.backward(dy.to(CUDA, dtype))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert _rel(y, yr) < tol
@@ -62,7 +71,7 @@ def test_lora_linear_on_cuda_matches_fp64(dtype, dropout):
 def test_swiglu_and_chunked_ce_on_cuda_match_fp64():
     """The fused SwiGLU MLP (LoRA on gate, up, down) then the chunked head + loss, on CUDA vs float64."""
     g = torch.Generator().manual_seed(1)
-    H, I, V, N, r = 32, 64, 97, 29, 4
+    H, I, V, N, r = 32, 64, 97, 29, 4  # noqa: E741 - I: the MLP's inner width, as in the formulas
     x = torch.randn(N, H, generator=g)
     dims = [(I, H), (I, H), (H, I)]
     Ws = [torch.randn(o, i, generator=g) / math.sqrt(i) for o, i in dims]
@@ -95,13 +104,15 @@ def test_swiglu_and_chunked_ce_on_cuda_match_fp64():
 
 def _llama_on_cuda(dtype=torch.float32):
     model = make_llama(layers=3)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "o_proj", "down_proj"]))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
     if dtype != torch.float32:  # as the loop does for bf16: frozen base in bf16, adapters fp32
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
     fuse_swiglu_mlps(model)
@@ -133,7 +144,7 @@ def _train(model, graphs: bool, bf16: bool, steps=3, accum=2, side="left"):
     lg = LayerGraphs(model) if graphs else None
     batches, losses = _batches(side=side), []
     for step in range(steps):
-        for micro in batches[step * accum:(step + 1) * accum]:
+        for micro in batches[step * accum : (step + 1) * accum]:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
                 loss_sum, n = causal_lm_loss(model, micro)
             (loss_sum / n).backward()
@@ -172,12 +183,24 @@ def test_train_loop_with_and_without_cuda_graphs(tmp_path, capsys):
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=24)
     adapters = {}
     for mode in ("on", "off"):
-        cfg = RunConfig.model_validate({
-            "model": str(model_dir), "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-            "data": {"train": str(data)},
-            "train": {"steps": 4, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "precision": "fp32",
-                      "cuda_graphs": mode, "eval_every": 0, "save_every": 0},
-            "output": {"dir": str(tmp_path / mode)}})
+        cfg = RunConfig.model_validate(
+            {
+                "model": str(model_dir),
+                "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                "data": {"train": str(data)},
+                "train": {
+                    "steps": 4,
+                    "batch_size": 4,
+                    "grad_accum": 2,
+                    "lr": 1e-2,
+                    "precision": "fp32",
+                    "cuda_graphs": mode,
+                    "eval_every": 0,
+                    "save_every": 0,
+                },
+                "output": {"dir": str(tmp_path / mode)},
+            }
+        )
         lorakit.train(cfg, device="cuda")
         from safetensors.torch import load_file
 
@@ -191,8 +214,10 @@ def test_train_loop_with_and_without_cuda_graphs(tmp_path, capsys):
 def test_checkpointing_rerun_skip_on_cuda():
     """lorakit's checkpointing (MLP output not rerun) gives the grads of no checkpointing on the GPU."""
     torch.manual_seed(0)
-    model = lorakit.inject(make_llama(layers=3), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                     init_lora_weights=False))
+    model = lorakit.inject(
+        make_llama(layers=3),
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     fuse_swiglu_mlps(model)
     fuse_shared_inputs(model)
     model.to(CUDA).train()

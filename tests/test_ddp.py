@@ -34,14 +34,26 @@ assert result.steps == int(sys.argv[2]), result
 
 
 def _cfg(model: Path, data: Path, out: Path, batch_size: int, data_kw=None, **train_kw) -> RunConfig:
-    return RunConfig.model_validate({
-        "model": str(model),
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]},
-        "data": {"train": str(data), **(data_kw if data_kw is not None else {"eval_fraction": 0.25})},
-        "train": {"steps": 4, "batch_size": batch_size, "grad_accum": 1, "lr": 2e-2, "precision": "fp32",
-                  "eval_every": 2, "save_every": 2, "schedule": "cosine", "warmup_steps": 1, **train_kw},
-        "output": {"dir": str(out)},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": str(model),
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]},
+            "data": {"train": str(data), **(data_kw if data_kw is not None else {"eval_fraction": 0.25})},
+            "train": {
+                "steps": 4,
+                "batch_size": batch_size,
+                "grad_accum": 1,
+                "lr": 2e-2,
+                "precision": "fp32",
+                "eval_every": 2,
+                "save_every": 2,
+                "schedule": "cosine",
+                "warmup_steps": 1,
+                **train_kw,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 def _torchrun(tmp_path: Path, cfg: RunConfig, steps: int) -> None:
@@ -53,9 +65,23 @@ def _torchrun(tmp_path: Path, cfg: RunConfig, steps: int) -> None:
     torchrun = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         str(script), str(cfg_path), str(steps)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(script),
+            str(cfg_path),
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -112,8 +138,10 @@ def test_two_processes_with_grad_accum_and_a_short_last_batch_equal_one_process(
     _train_one_process(_cfg(model, data, tmp_path / "single", batch_size=8, **common))
     diff = _max_diff(tmp_path / "ddp", tmp_path / "single")
     assert diff < 1e-5, diff
-    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
-              for d in (tmp_path / "ddp", tmp_path / "single")]
+    losses = [
+        [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+        for d in (tmp_path / "ddp", tmp_path / "single")
+    ]
     assert [s for s, _ in losses[0]] == list(range(1, 7))
     for (_, a), (_, b) in zip(*losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)

@@ -36,8 +36,9 @@ def one_thread():
 
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean token loss on the labelled (assistant) tokens, labels unshifted as in training."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             ignore_index=-100).item()
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    ).item()
 
 
 @pytest.mark.slow
@@ -45,11 +46,21 @@ def test_quickstart_config_trains_default_model_and_peft_agrees(tmp_path, monkey
     peft = pytest.importorskip("peft")
     monkeypatch.delenv("LORAKIT_HOME", raising=False)  # the real cache: convert the default model once
     out = tmp_path / "run"
-    result = train(EXAMPLES / "quickstart.yaml", device="cpu", overrides=[
-        "train.steps=4", "train.batch_size=2", "train.warmup_steps=0", "train.schedule=constant",
-        "train.eval_every=0", "train.save_every=0", "train.precision=fp32", "data.max_seq_len=96",
-        f"output.dir={out}",
-    ])
+    result = train(
+        EXAMPLES / "quickstart.yaml",
+        device="cpu",
+        overrides=[
+            "train.steps=4",
+            "train.batch_size=2",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "train.precision=fp32",
+            "data.max_seq_len=96",
+            f"output.dir={out}",
+        ],
+    )
     assert result.steps == 4 and result.precision == "fp32"
     losses = [row["loss"] for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

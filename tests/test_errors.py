@@ -27,18 +27,21 @@ from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.models import load_model
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(r=0), r"r=0 is too small; it must be an integer >= 1"),
-    (dict(r=2.5), r"r=2.5 must be an integer"),
-    (dict(lora_alpha=-1), r"lora_alpha=-1 must be > 0"),
-    (dict(lora_dropout=1.0), r"lora_dropout=1.0 is out of range; use a value in \[0, 1\)"),
-    (dict(bias="some"), r"bias='some' is not a bias mode; use one of 'none', 'all', 'lora_only'"),
-    (dict(target_modules=3), r"target_modules=3 must be a list of module names or one regex string"),
-    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
-    (dict(layers_to_transform="1"), r"layers_to_transform='1' must be a layer index"),
-    (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]=0 is too small"),
-    (dict(use_rslora="yes"), r"use_rslora='yes' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(r=0), r"r=0 is too small; it must be an integer >= 1"),
+        (dict(r=2.5), r"r=2.5 must be an integer"),
+        (dict(lora_alpha=-1), r"lora_alpha=-1 must be > 0"),
+        (dict(lora_dropout=1.0), r"lora_dropout=1.0 is out of range; use a value in \[0, 1\)"),
+        (dict(bias="some"), r"bias='some' is not a bias mode; use one of 'none', 'all', 'lora_only'"),
+        (dict(target_modules=3), r"target_modules=3 must be a list of module names or one regex string"),
+        (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
+        (dict(layers_to_transform="1"), r"layers_to_transform='1' must be a layer index"),
+        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]=0 is too small"),
+        (dict(use_rslora="yes"), r"use_rslora='yes' must be true or false"),
+    ],
+)
 def test_config_errors(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         lorakit.LoraConfig(**kwargs)
@@ -119,10 +122,21 @@ def test_shape_mismatch(saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ModelMismatchError, match=r"shape mismatch for '.*lora_A.weight': the model expects \(4, 48\), "
-                                                 r"the adapter has \(4, 32\)"):
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"shape mismatch for '.*lora_A.weight': the model expects \(4, 48\), "
+        r"the adapter has \(4, 32\)",
+    ):
         lorakit.load_adapter(wide, saved)
     assert cfg["r"] == 4
 
@@ -209,17 +223,24 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     model = make_tiny_model_dir(root / "model")
     adapter = lorakit.inject(load_model(model)[0], lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
-    return {"root": root, "model": model, "data": write_chat_jsonl(root / "train.jsonl", n=8),
-            "run": lorakit.save_adapter(adapter, root / "run"), "wide": make_tiny_model_dir(root / "wide", hidden=48)}
+    return {
+        "root": root,
+        "model": model,
+        "data": write_chat_jsonl(root / "train.jsonl", n=8),
+        "run": lorakit.save_adapter(adapter, root / "run"),
+        "wide": make_tiny_model_dir(root / "wide", hidden=48),
+    }
 
 
 def _run_config(tiny, path, lora=None, data=None, train=None, model=None):
     """A YAML run config for the tiny model, with the given sections merged in."""
-    cfg = {"model": str(model or tiny["model"]), "lora": {"r": 4, "target_modules": ["q_proj"], **(lora or {})},
-           "data": {"train": str(tiny["data"]), **(data or {})},
-           "train": {"steps": 2, "batch_size": 4, "precision": "fp32", "eval_every": 0, "save_every": 0,
-                     **(train or {})},
-           "output": {"dir": str(path.parent / (path.stem + "-out"))}}
+    cfg = {
+        "model": str(model or tiny["model"]),
+        "lora": {"r": 4, "target_modules": ["q_proj"], **(lora or {})},
+        "data": {"train": str(tiny["data"]), **(data or {})},
+        "train": {"steps": 2, "batch_size": 4, "precision": "fp32", "eval_every": 0, "save_every": 0, **(train or {})},
+        "output": {"dir": str(path.parent / (path.stem + "-out"))},
+    }
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
 
@@ -240,31 +261,62 @@ def _bad_rows(tmp_path):
 # and the fix). TrainingInterrupted (a TrainingError; exit code 130, not 2) is provoked in test_train_loop.py.
 API_CASES = {
     "config": (ConfigError, lambda t, p: lorakit.LoraConfig(r=0), ["r=0", "integer >= 1"]),
-    "target": (TargetNotFoundError,
-               lambda t, p: lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_prj"])),
-               ["'q_prj'", "closest: q_proj"]),
-    "unsupported": (UnsupportedModuleError,
-                    lambda t, p: lorakit.inject(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
-                                                lorakit.LoraConfig(target_modules=["1"])),
-                    ["LayerNorm", "supported layers are", "exclude_modules"]),
-    "adapter_format": (AdapterFormatError, lambda t, p: lorakit.load_adapter(make_llama(), p / "nope"),
-                       ["nope", "does not exist", "pass the folder that holds adapter_config.json"]),
-    "adapter_name": (AdapterNotFoundError,
-                     lambda t, p: lorakit.set_adapter(
-                         lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_proj"])), "nope"),
-                     ["'nope'", "adapters: default"]),
-    "mismatch": (ModelMismatchError, lambda t, p: lorakit.load_adapter(load_model(t["wide"])[0], t["run"]),
-                 ["q_proj.lora_A.weight", "(4, 48)", "(4, 32)", "another base model"]),
-    "model_load": (ModelLoadError, lambda t, p: load_model(str(p / "no-model")),
-                   ["no-model", "not found", "pass a local model directory"]),
-    "data": (DataError, lambda t, p: lorakit.train(_run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})),
-             ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"]),
-    "forward_conflict": (ForwardConflictError, lambda t, p: _user_routed_mlp_then_fuse(),
-                         ["LlamaMLP", "user code", "undo that first"]),
-    "training": (TrainingError,
-                 lambda t, p: lorakit.train(_run_config(t, p / "c.yaml", lora={"init_lora_weights": False},
-                                                        train={"lr": 1e30, "max_grad_norm": None, "steps": 8})),
-                 ["became", "lower train.lr"]),
+    "target": (
+        TargetNotFoundError,
+        lambda t, p: lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_prj"])),
+        ["'q_prj'", "closest: q_proj"],
+    ),
+    "unsupported": (
+        UnsupportedModuleError,
+        lambda t, p: lorakit.inject(
+            nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), lorakit.LoraConfig(target_modules=["1"])
+        ),
+        ["LayerNorm", "supported layers are", "exclude_modules"],
+    ),
+    "adapter_format": (
+        AdapterFormatError,
+        lambda t, p: lorakit.load_adapter(make_llama(), p / "nope"),
+        ["nope", "does not exist", "pass the folder that holds adapter_config.json"],
+    ),
+    "adapter_name": (
+        AdapterNotFoundError,
+        lambda t, p: lorakit.set_adapter(
+            lorakit.inject(make_llama(), lorakit.LoraConfig(target_modules=["q_proj"])), "nope"
+        ),
+        ["'nope'", "adapters: default"],
+    ),
+    "mismatch": (
+        ModelMismatchError,
+        lambda t, p: lorakit.load_adapter(load_model(t["wide"])[0], t["run"]),
+        ["q_proj.lora_A.weight", "(4, 48)", "(4, 32)", "another base model"],
+    ),
+    "model_load": (
+        ModelLoadError,
+        lambda t, p: load_model(str(p / "no-model")),
+        ["no-model", "not found", "pass a local model directory"],
+    ),
+    "data": (
+        DataError,
+        lambda t, p: lorakit.train(_run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})),
+        ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"],
+    ),
+    "forward_conflict": (
+        ForwardConflictError,
+        lambda t, p: _user_routed_mlp_then_fuse(),
+        ["LlamaMLP", "user code", "undo that first"],
+    ),
+    "training": (
+        TrainingError,
+        lambda t, p: lorakit.train(
+            _run_config(
+                t,
+                p / "c.yaml",
+                lora={"init_lora_weights": False},
+                train={"lr": 1e30, "max_grad_norm": None, "steps": 8},
+            )
+        ),
+        ["became", "lower train.lr"],
+    ),
 }
 
 
@@ -288,21 +340,42 @@ def test_error_through_the_api_names_the_value_and_the_fix(case, tiny, tmp_path,
 # name -> (argv built from the fixture and tmp_path, fragments of the one `error:` line: the bad value and the fix)
 CLI_CASES = {
     "config": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"r": 0})], ["r=0", "integer >= 1"]),
-    "target": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["q_prj"]})],
-               ["'q_prj'", "closest: q_proj"]),
-    "unsupported": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["input_layernorm"]})],
-                    ["LlamaRMSNorm", "exclude_modules"]),
-    "adapter_format": (lambda t, p: ["generate", p / "nope", "-p", "x"],
-                       ["nope", "does not exist", "pass a run directory"]),
-    "mismatch": (lambda t, p: ["generate", t["run"], "-p", "x", "--model", t["wide"]],
-                 ["shape mismatch", "(4, 48)", "--model"]),
-    "model_load": (lambda t, p: ["train", _run_config(t, p / "c.yaml", model=p / "no-model")],
-                   ["no-model", "not found", "pass a local model directory"]),
-    "data": (lambda t, p: ["train", _run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})],
-             ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"]),
-    "training": (lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"init_lora_weights": False},
-                                                    train={"lr": 1e30, "max_grad_norm": None, "steps": 8})],
-                 ["became", "lower train.lr"]),
+    "target": (
+        lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["q_prj"]})],
+        ["'q_prj'", "closest: q_proj"],
+    ),
+    "unsupported": (
+        lambda t, p: ["train", _run_config(t, p / "c.yaml", lora={"target_modules": ["input_layernorm"]})],
+        ["LlamaRMSNorm", "exclude_modules"],
+    ),
+    "adapter_format": (
+        lambda t, p: ["generate", p / "nope", "-p", "x"],
+        ["nope", "does not exist", "pass a run directory"],
+    ),
+    "mismatch": (
+        lambda t, p: ["generate", t["run"], "-p", "x", "--model", t["wide"]],
+        ["shape mismatch", "(4, 48)", "--model"],
+    ),
+    "model_load": (
+        lambda t, p: ["train", _run_config(t, p / "c.yaml", model=p / "no-model")],
+        ["no-model", "not found", "pass a local model directory"],
+    ),
+    "data": (
+        lambda t, p: ["train", _run_config(t, p / "c.yaml", data={"train": _bad_rows(p)})],
+        ["x.jsonl:1", "invalid JSON", "expected one JSON object per line"],
+    ),
+    "training": (
+        lambda t, p: [
+            "train",
+            _run_config(
+                t,
+                p / "c.yaml",
+                lora={"init_lora_weights": False},
+                train={"lr": 1e30, "max_grad_norm": None, "steps": 8},
+            ),
+        ],
+        ["became", "lower train.lr"],
+    ),
 }
 
 

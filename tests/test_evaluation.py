@@ -17,8 +17,12 @@ from lorakit.examples import load_examples
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     tiny = make_tiny_model_dir(root / "tiny")
-    return {"root": root, "tiny": tiny, "run": make_run(tiny, root / "run"),
-            "data": write_chat_jsonl(root / "data.jsonl", n=5)}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "data": write_chat_jsonl(root / "data.jsonl", n=5),
+    }
 
 
 @pytest.fixture(scope="module")

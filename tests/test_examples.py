@@ -95,10 +95,14 @@ def test_prompt_completion_and_alpaca_use_chat_template(tmp_path, tok):
     path = _write(tmp_path, [{"prompt": "Say hi", "completion": "hi"}])
     (ex,), stats = load_examples(path, tok)
     assert stats.format == "prompt_completion"
-    assert tok.decode(ex["input_ids"]).endswith("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n")
+    assert tok.decode(ex["input_ids"]).endswith(
+        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n"
+    )
     assert _labelled(tok, ex) == "hi<|im_end|>\n"
 
-    path = _write(tmp_path, [{"instruction": "Add", "input": "1 1", "output": "2"}, {"instruction": "Go", "output": "ok"}])
+    path = _write(
+        tmp_path, [{"instruction": "Add", "input": "1 1", "output": "2"}, {"instruction": "Go", "output": "ok"}]
+    )
     (a, b), stats = load_examples(path, tok)
     assert stats.format == "alpaca"
     assert "<|im_start|>user\nAdd\n\n1 1<|im_end|>" in tok.decode(a["input_ids"])
@@ -166,7 +170,10 @@ BAD_ROWS = [
     ({"messages": []}, "'messages' must be a non-empty list"),
     ({"messages": "hi"}, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with 'role' and 'content'"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, r"messages\[0\] has unknown role \"bot\"; expected one of system"),
+    (
+        {"messages": [{"role": "bot", "content": "x"}]},
+        r"messages\[0\] has unknown role \"bot\"; expected one of system",
+    ),
     ({"messages": [{"role": "user", "content": ["x"]}]}, r"messages\[0\].content must be a string, got list"),
 ]
 
@@ -188,7 +195,11 @@ def test_unknown_first_row_lists_accepted_forms(tmp_path, tok):
 @pytest.mark.parametrize(
     "fmt, row, message",
     [
-        ("prompt_completion", {"prompt": "p"}, "missing key 'completion'; a prompt_completion row needs keys 'prompt' and 'completion'"),
+        (
+            "prompt_completion",
+            {"prompt": "p"},
+            "missing key 'completion'; a prompt_completion row needs keys 'prompt' and 'completion'",
+        ),
         ("prompt_completion", {"prompt": "p", "completion": 5}, "'completion' must be a string, got int 5"),
         ("alpaca", {"instruction": "i", "output": "o", "input": 3}, "'input' must be a string, got int"),
         ("alpaca", {"instruction": "i"}, "missing key 'output'"),
@@ -234,8 +245,13 @@ def test_truncation_keeps_beginning_and_drops_rows_without_labels(tmp_path, tok)
     path = _write(tmp_path, [long_prompt, short, long_text])
     examples, stats = load_examples(path, tok, max_seq_len=64)
     assert stats == DataStats(
-        rows=2, skipped=0, truncated=2, dropped_no_labels=1, tokens=stats.tokens,
-        label_tokens=stats.label_tokens, format="prompt_completion",
+        rows=2,
+        skipped=0,
+        truncated=2,
+        dropped_no_labels=1,
+        tokens=stats.tokens,
+        label_tokens=stats.label_tokens,
+        format="prompt_completion",
     )
     assert all(len(ex["input_ids"]) <= 64 for ex in examples)
     full, _ = load_examples(path, tok, max_seq_len=4096)
@@ -256,7 +272,9 @@ def test_collate_shapes_and_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
     batch = collate(rows, pad_token_id=0, pad_to_multiple_of=8)
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (2, 8) for k in ("input_ids", "labels", "attention_mask")}
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        k: (2, 8) for k in ("input_ids", "labels", "attention_mask")
+    }
     packed = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 0]}], 0, 8)
     assert set(packed) == {"input_ids", "labels", "position_ids"}
     assert packed["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2, 3, 4]]

@@ -15,8 +15,12 @@ from lorakit.models import load_model
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     tiny = make_tiny_model_dir(root / "tiny")
-    return {"root": root, "tiny": tiny, "run": make_run(tiny, root / "run"),
-            "data": write_chat_jsonl(root / "data.jsonl", n=5)}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "data": write_chat_jsonl(root / "data.jsonl", n=5),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +29,26 @@ def opened(env):
 
 
 def _reference_greedy(model, tokenizer, prompt: str, n: int) -> str:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_generate_matches_plain_transformers_greedy(opened):
     model, tokenizer, _ = opened
     assert generation.generate(model, tokenizer, "say abc", max_new_tokens=6) == _reference_greedy(
-        model, tokenizer, "say abc", 6)
+        model, tokenizer, "say abc", 6
+    )
 
 
 def test_compare_base_uses_base_and_adapter_answers(env, opened):

@@ -18,19 +18,29 @@ from lorakit.errors import AdapterFormatError
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     tiny = make_tiny_model_dir(root / "tiny")
-    return {"root": root, "tiny": tiny, "run": make_run(tiny, root / "run"),
-            "adapter": make_adapter(tiny, root / "adapter", seed=2)}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "adapter": make_adapter(tiny, root / "adapter", seed=2),
+    }
 
 
 def test_inspect_norms_equal_float64_reference(env, tmp_path):
     config = lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False,
-        rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3},
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        init_lora_weights=False,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3},
     )
     adapter = make_adapter(env["tiny"], tmp_path / "patterned", config)
     rows = inspection.inspect_adapter(adapter)
-    tensors = {k.removeprefix("base_model.model."): v.double()
-               for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    tensors = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()
+    }
     expected_scaling = {"q_proj": 8 / 2, "v_proj": 3 / 4, "embed_tokens": 8 / 4}
     modules = [r for r in rows if r["kind"] != "total"]
     assert len(modules) == 2 * 2 + 1

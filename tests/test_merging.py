@@ -20,8 +20,12 @@ from lorakit.errors import ConfigError
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     tiny = make_tiny_model_dir(root / "tiny")
-    return {"root": root, "tiny": tiny, "run": make_run(tiny, root / "run"),
-            "adapter": make_adapter(tiny, root / "adapter", seed=2)}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "adapter": make_adapter(tiny, root / "adapter", seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +69,89 @@ def test_merge_refuses_bad_dtype_and_existing_dir(env, tmp_path):
         merging.merge_to_dir(env["run"], tmp_path / "busy")
     merging.merge_to_dir(env["run"], tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "keep.txt").exists()
+
+
+# --------------------------------------------------------------------------- streaming over shards (issue 12)
+
+
+def _sharded_model(root):
+    """The tiny model re-saved in several safetensors shards (max_shard_size), as big checkpoints come."""
+    from lorakit.models import load_model
+
+    model, tok = load_model(make_tiny_model_dir(root / "one"))
+    model.save_pretrained(root / "sharded", max_shard_size="40KB")
+    tok.save_pretrained(root / "sharded")
+    return root / "sharded"
+
+
+def _all_tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_streaming_merge_equals_in_memory_merge_one_shard_at_a_time(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import safetensors
+
+    import lorakit
+
+    base = _sharded_model(tmp_path)
+    shards = sorted(base.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+    config = lorakit.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        init_lora_weights=False,
+        modules_to_save=["lm_head"],
+    )
+    adapter = make_adapter(base, tmp_path / "adapter", config=config, seed=3)
+
+    real_open, alive, peak = safetensors.safe_open, [], [0, 0]  # peak bytes of base tensors alive, open files
+
+    class Counting:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            peak[1] = max(peak[1], 1 + sum(1 for r in alive if r[0]() is not None and r[2] != self))
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            t = self.inner.get_tensor(name)
+            gc.collect()
+            alive[:] = [r for r in alive if r[0]() is not None]
+            alive.append((weakref.ref(t), t.numel() * t.element_size(), self))
+            peak[0] = max(peak[0], sum(r[1] for r in alive))
+            return t
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    for dtype in ("fp32", "bf16"):
+        alive.clear()
+        peak[:] = [0, 0]
+        out = merging.merge_to_dir(adapter, tmp_path / f"m-{dtype}", dtype=dtype, model=base)
+        assert sorted(p.name for p in out.glob("*.safetensors")) == [p.name for p in shards]  # the base's layout
+        assert 0 < peak[0] <= max(p.stat().st_size for p in shards)  # one shard's tensors at most
+        assert peak[0] < sum(p.stat().st_size for p in shards) / 2
+        assert peak[1] == 1  # one shard file open at a time
+        # Equal to the in-memory merge: load base + adapter, merge_and_unload, cast, save_pretrained.
+        model, _, _ = runs.open_adapter(adapter, model=base, dtype="fp32")
+        ref = lorakit.merge_and_unload(model).to(merging.MERGE_DTYPES[dtype])
+        ref.save_pretrained(tmp_path / f"ref-{dtype}")
+        got, want = _all_tensors(out), _all_tensors(tmp_path / f"ref-{dtype}")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -25,9 +25,17 @@ def _tiny_model_dir(path: Path, with_pad: bool = False) -> LlamaForCausalLM:
     """Save a tiny random llama + WordLevel tokenizer to ``path``; return the model."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, eos_token_id=1, bos_token_id=None, pad_token_id=None,
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=None,
     )
     model = LlamaForCausalLM(cfg).eval()
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
@@ -208,7 +216,7 @@ def test_default_model_end_to_end(monkeypatch):
     batch = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-    reply = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"default model says: {reply!r}", file=sys.stderr)
     # whole words only: "hi" must not match "this"
     assert re.search(r"\b(hello|hi|good|well|thanks?|i'm|i am)\b", reply.lower()), reply

@@ -18,18 +18,34 @@ import lorakit
 CASES = {
     "basic": (make_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
     "regex": (make_llama, dict(r=4, target_modules=r".*\.(k_proj|down_proj)")),
-    "patterns": (make_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                  rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6}, alpha_pattern={"v_proj": 32})),
+    "patterns": (
+        make_llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6},
+            alpha_pattern={"v_proj": 32},
+        ),
+    ),
     "rslora": (make_llama, dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj"])),
     "bias_all": (lambda: make_llama(bias=True), dict(r=4, target_modules=["q_proj"], bias="all")),
-    "bias_lora_only": (lambda: make_llama(bias=True), dict(r=4, target_modules=["q_proj", "gate_proj"], bias="lora_only")),
+    "bias_lora_only": (
+        lambda: make_llama(bias=True),
+        dict(r=4, target_modules=["q_proj", "gate_proj"], bias="lora_only"),
+    ),
     "modules_to_save": (make_llama, dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
-    "layers_to_transform": (make_llama, dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
-                                             layers_pattern="layers")),
+    "layers_to_transform": (
+        make_llama,
+        dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    ),
     "embedding": (make_llama, dict(r=4, target_modules=["embed_tokens", "q_proj"])),
     "exclude": (make_llama, dict(r=4, target_modules="all-linear", exclude_modules=["o_proj"])),
     "all_linear": (make_llama, dict(r=4, target_modules="all-linear")),
-    "gpt2_conv1d": (make_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "gpt2_conv1d": (
+        make_gpt2,
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
     "gpt2_all_linear": (make_gpt2, dict(r=4, target_modules="all-linear", fan_in_fan_out=True)),
 }
 
@@ -48,8 +64,11 @@ def load_in_peft_without_warnings(base: torch.nn.Module, path) -> peft.PeftModel
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = peft.PeftModel.from_pretrained(base, str(path)).eval()
-    complaints = [f"{w.category.__name__}: {w.message}" for w in caught
-                  if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    complaints = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, FutureWarning))
+    ]
     assert complaints == []
     return model
 
@@ -107,8 +126,12 @@ def test_merge_and_unload_equals_peft(tmp_path, input_ids):
 
 def test_two_adapters_non_default_name(tmp_path, input_ids):
     base = make_llama()
-    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    lorakit.add_adapter(model, "other", lorakit.LoraConfig(r=2, target_modules=["v_proj", "q_proj"], init_lora_weights=False))
+    model = lorakit.inject(
+        copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    lorakit.add_adapter(
+        model, "other", lorakit.LoraConfig(r=2, target_modules=["v_proj", "q_proj"], init_lora_weights=False)
+    )
     lorakit.set_adapter(model, "other")
     perturb_trainable(model)
     lorakit.save_adapter(model, tmp_path / "out")  # default
@@ -144,6 +167,14 @@ def test_saved_config_is_peft_readable(tmp_path):
     data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORA" and data["r"] == 4
     assert data["base_model_name_or_path"] == "models/tiny-llama"
-    assert sorted(data["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(data["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "a"))
     assert cfg.r == 4 and cfg.task_type == "CAUSAL_LM"

@@ -1,7 +1,7 @@
 """lorakit.rows' reusable reader (read_jsonl, read_row_file, parse_messages) and lorakit.examples.tokenize_row.
 
 The four row formats, label masks and their error messages are tested through
-load_examples / read_rows in test_data.py; here: what other row kinds (preference
+load_examples / read_rows in test_examples.py; here: what other row kinds (preference
 pairs) build on, checked against rows written by hand.
 """
 
@@ -56,8 +56,14 @@ def test_read_jsonl_reports_or_skips_bad_lines_with_file_and_line(tmp_path):
 
 
 def test_read_row_file_says_format_and_skips_without_warning(tmp_path):
-    path = _write(tmp_path, [json.dumps({"prompt": "a", "completion": "b"}), json.dumps({"text": "x"}),
-                             json.dumps({"prompt": "c", "completion": "d"})])
+    path = _write(
+        tmp_path,
+        [
+            json.dumps({"prompt": "a", "completion": "b"}),
+            json.dumps({"text": "x"}),
+            json.dumps({"prompt": "c", "completion": "d"}),
+        ],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read = read_row_file(path, on_error="skip")
@@ -70,9 +76,12 @@ def test_read_row_file_says_format_and_skips_without_warning(tmp_path):
 
 def test_parse_messages_validates_and_drops_extra_keys():
     assert parse_messages([{"role": "user", "content": "hi", "name": "x"}]) == [{"role": "user", "content": "hi"}]
-    for bad, message in [([], "non-empty list"), ([{"role": "user"}], r"messages\[0\] must be an object"),
-                         ([{"role": "robot", "content": "x"}], "unknown role"),
-                         ([{"role": "user", "content": 3}], "must be a string")]:
+    for bad, message in [
+        ([], "non-empty list"),
+        ([{"role": "user"}], r"messages\[0\] must be an object"),
+        ([{"role": "robot", "content": "x"}], "unknown role"),
+        ([{"role": "user", "content": 3}], "must be a string"),
+    ]:
         with pytest.raises(RowError, match=message):
             parse_messages(bad)
 
@@ -83,10 +92,11 @@ def test_tokenize_row_labels_only_the_answer():
     ids, labels, fell_back = tokenize_row(tok, Row("f:1", "chat", messages=messages))
     prompt = render_chat(tok, messages[:1], True)
     assert ids == render_chat(tok, messages, False) and ids[: len(prompt)] == prompt and not fell_back
-    assert labels == [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+    assert labels == [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
     assert tokenize_row(tok, Row("f:1", "chat", messages=messages), train_on_prompt=True).labels == ids
 
 
 def test_tokenize_row_chat_without_template_names_the_row():
     with pytest.raises(DataError, match=r"f:7: chat rows need a tokenizer with a chat template"):
-        tokenize_row(make_tokenizer(chat_template=None), Row("f:7", "chat", messages=[{"role": "user", "content": "x"}]))
+        row = Row("f:7", "chat", messages=[{"role": "user", "content": "x"}])
+        tokenize_row(make_tokenizer(chat_template=None), row)

@@ -114,8 +114,12 @@ def test_open_with_dtype_casts_the_base_and_keeps_the_adapter_fp32(env, opened, 
     assert _base_and_lora_dtypes(model) == ({torch.bfloat16}, {torch.float32})
     torch.testing.assert_close(logits(model).float(), logits(opened[0]), rtol=0.05, atol=0.05)
     stored_bf16 = make_run(make_tiny_model_dir(tmp_path / "bf16", dtype=torch.bfloat16), tmp_path / "run")
-    for dtype, expected in ((None, torch.bfloat16), ("auto", torch.bfloat16), ("fp16", torch.float16),
-                            (torch.float32, torch.float32)):
+    for dtype, expected in (
+        (None, torch.bfloat16),
+        ("auto", torch.bfloat16),
+        ("fp16", torch.float16),
+        (torch.float32, torch.float32),
+    ):
         model, _, _ = runs.open_adapter(stored_bf16, dtype=dtype)
         assert _base_and_lora_dtypes(model) == ({expected}, {torch.float32}), dtype
 
@@ -137,6 +141,7 @@ def test_adapter_for_another_model_says_how_the_base_was_chosen(env, tmp_path):
 def test_last_metrics_keeps_latest_value_of_each_key(tmp_path):
     assert runs.last_metrics(tmp_path) is None
     (tmp_path / "metrics.jsonl").write_text(
-        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "eval_loss": 1.7}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo'
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "eval_loss": 1.7}\n{"step": 3, "loss": 1.2}\n'
+        '{"step": 4, "lo'
     )
     assert runs.last_metrics(tmp_path) == {"step": 3, "loss": 1.2, "eval_loss": 1.7}

@@ -31,8 +31,13 @@ def test_pack_examples_layout():
 def test_packed_logits_equal_separate_runs(attn):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, attn_implementation=attn,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        attn_implementation=attn,
     )
     model = LlamaForCausalLM(config).eval()
     assert model.config._attn_implementation == attn
@@ -63,7 +68,9 @@ def test_packed_logits_equal_separate_runs(attn):
                 start += n
     second = rows[1]
     n0 = _lengths(second["position_ids"])[0]
-    assert not torch.allclose(leaky[1, n0 : len(second["input_ids"])], packed[1, n0 : len(second["input_ids"])], atol=1e-3)
+    assert not torch.allclose(
+        leaky[1, n0 : len(second["input_ids"])], packed[1, n0 : len(second["input_ids"])], atol=1e-3
+    )
 
 
 def _lengths(position_ids: list[int]) -> list[int]:
@@ -98,7 +105,10 @@ def test_bucketing_reduces_padding():
     exs = _varied()
 
     def padding(batches):
-        return sum(max(len(exs[i]["input_ids"]) for i in b) * len(b) - sum(len(exs[i]["input_ids"]) for i in b) for b in batches)
+        return sum(
+            max(len(exs[i]["input_ids"]) for i in b) * len(b) - sum(len(exs[i]["input_ids"]) for i in b)
+            for b in batches
+        )
 
     bucketed = padding(make_batches(exs, 8, seed=0, epoch=0, bucket=True))
     plain = padding(make_batches(exs, 8, seed=0, epoch=0, bucket=False))

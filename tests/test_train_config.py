@@ -18,7 +18,7 @@ lora: {r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: [q_proj, k_proj
 data: {train: data/train.jsonl, eval: data/eval.jsonl, eval_fraction: 0.0, format: auto, max_seq_len: 512, train_on_prompt: false, packing: false, on_error: raise}
 train: {steps: 100, epochs: null, batch_size: 8, grad_accum: 1, lr: 2.0e-4, weight_decay: 0.0, schedule: constant, warmup_steps: 0, max_grad_norm: 1.0, seed: 0, eval_every: 50, save_every: 50, precision: auto, gradient_checkpointing: false, log_every: 1}
 output: {dir: runs/quickstart}
-"""
+"""  # noqa: E501 - one YAML flow mapping per section, as a user writes it
 
 
 @pytest.fixture
@@ -108,8 +108,15 @@ def test_model_path_relative_to_yaml(project):
 def test_overrides(project):
     cfg = load_run_config(
         write(project, FULL),
-        ["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]", "model=null",
-         "train.steps=null", "train.epochs=3", "data.packing=true", "output.dir=/abs/out"],
+        [
+            "train.lr=1e-4",
+            "lora.target_modules=[q_proj,v_proj]",
+            "model=null",
+            "train.steps=null",
+            "train.epochs=3",
+            "data.packing=true",
+            "output.dir=/abs/out",
+        ],
     )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.lora["target_modules"] == ["q_proj", "v_proj"]
@@ -120,11 +127,9 @@ def test_overrides(project):
 
 
 def test_gradient_checkpointing_every_n(project):
-    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"),
-                          ["train.gradient_checkpointing=3"])
+    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"), ["train.gradient_checkpointing=3"])
     assert cfg.train.gradient_checkpointing == 3 and type(cfg.train.gradient_checkpointing) is int
-    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"),
-                          ["train.gradient_checkpointing=true"])
+    cfg = load_run_config(write(project, "data: {train: data/train.jsonl}\n"), ["train.gradient_checkpointing=true"])
     assert cfg.train.gradient_checkpointing is True
 
 
@@ -180,8 +185,11 @@ def test_unknown_key(project, text, message):
         ("train: {steps: 10, epochs: 2}", r"train\.steps \(10\) and train\.epochs \(2\) are both set; keep one"),
         ("train: [1, 2]", r"'train' in runs\.yaml must be a mapping"),
         ("train: {gradient_checkpointing: -2}", r"gradient_checkpointing must be true, false or a layer interval"),
-        ("train: {gradient_checkpointing: often}", r"^invalid value 'often' for 'train\.gradient_checkpointing' in "
-                                                   r"runs\.yaml: .*true, false or a layer interval N >= 1"),
+        (
+            "train: {gradient_checkpointing: often}",
+            r"^invalid value 'often' for 'train\.gradient_checkpointing' in "
+            r"runs\.yaml: .*true, false or a layer interval N >= 1",
+        ),
     ],
 )
 def test_wrong_value(project, text, message):
@@ -193,7 +201,9 @@ def test_wrong_value(project, text, message):
 
 def test_several_problems_listed(project):
     text = "data: {train: data/train.jsonl, max_seq_len: x}\ntrain: {batch_size: 0}\n"
-    with pytest.raises(ConfigError, match=r"^2 problems in runs\.yaml:\n  - .*data\.max_seq_len.*\n  - .*train\.batch_size"):
+    with pytest.raises(
+        ConfigError, match=r"^2 problems in runs\.yaml:\n  - .*data\.max_seq_len.*\n  - .*train\.batch_size"
+    ):
         load_run_config(write(project, text))
 
 

@@ -47,14 +47,19 @@ def batch_for(vocab):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("factory, targets", [
-    (make_llama, ["q_proj", "v_proj", "down_proj"]),
-    (make_llama, ["q_proj", "lm_head"]),  # adapted head: generic path
-    (make_gpt2, ["c_attn"]),
-])
+@pytest.mark.parametrize(
+    "factory, targets",
+    [
+        (make_llama, ["q_proj", "v_proj", "down_proj"]),
+        (make_llama, ["q_proj", "lm_head"]),  # adapted head: generic path
+        (make_gpt2, ["c_attn"]),
+    ],
+)
 def test_matches_full_logits_float64(factory, targets):
     base = factory().double()
-    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()  # no dropout
+    model = lorakit.inject(
+        base, lorakit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    ).eval()  # no dropout
     assert_matches_reference(model, batch_for(model.config.vocab_size), chunk_size=7)
 
 
@@ -93,9 +98,10 @@ def _left_padded(batch):
 def test_padding_mask_dropped_only_for_right_padding(padding):
     """Right padding runs mask-free (causal attention never lets a real token see it); the loss and
     gradients still equal the full model called with the mask. Left padding keeps its mask."""
-    model = lorakit.inject(make_llama().double(),
-                           lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
-                                              init_lora_weights=False))
+    model = lorakit.inject(
+        make_llama().double(),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False),
+    )
     batch = batch_for(model.config.vocab_size)
     if padding == "left":
         batch = _left_padded(batch)
@@ -112,15 +118,28 @@ def test_right_padding_with_sliding_window_float64():
 
     def qwen2(window: bool):
         torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=window, sliding_window=4,
-            max_window_layers=0)).double().eval()
+        return (
+            Qwen2ForCausalLM(
+                Qwen2Config(
+                    vocab_size=96,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=64,
+                    use_sliding_window=window,
+                    sliding_window=4,
+                    max_window_layers=0,
+                )
+            )
+            .double()
+            .eval()
+        )
 
     base = qwen2(window=True)
     assert base.config.layer_types == ["sliding_attention"] * 2
-    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False))
+    model = lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     batch = batch_for(base.config.vocab_size)
     seen = _backbone_masks(model)
     assert_matches_reference(model, batch)
@@ -136,12 +155,23 @@ def test_bidirectional_attention_keeps_the_mask():
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)
-    base = GemmaForCausalLM(GemmaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_bidirectional_attention=True)).double()
+    base = GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            use_bidirectional_attention=True,
+        )
+    ).double()
     assert base.model.layers[0].self_attn.is_causal is False
-    model = lorakit.inject(base.eval(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                           init_lora_weights=False))
+    model = lorakit.inject(
+        base.eval(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     seen = _backbone_masks(model)
     assert_matches_reference(model, batch_for(96))
     assert seen[0] is not None
@@ -149,8 +179,9 @@ def test_bidirectional_attention_keeps_the_mask():
 
 def test_token_type_ids_keep_the_mask():
     """token_type_ids can mean a prefix-LM mask (PaliGemma); such batches keep their padding mask."""
-    model = lorakit.inject(make_gpt2().double(), lorakit.LoraConfig(r=4, target_modules=["c_attn"],
-                                                                    init_lora_weights=False))
+    model = lorakit.inject(
+        make_gpt2().double(), lorakit.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    )
     batch = batch_for(96)
     batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     seen = _backbone_masks(model)

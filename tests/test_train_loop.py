@@ -54,14 +54,23 @@ TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]
 
 def make_cfg(assets, out: Path, lora=None, data=None, **train) -> RunConfig:
     model, data_file = assets
-    return RunConfig.model_validate({
-        "model": str(model),
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **(lora or {})},
-        "data": {"train": str(data_file), **(data or {})},
-        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "eval_every": 0,
-                  "save_every": 0, **train},
-        "output": {"dir": str(out)},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": str(model),
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **(lora or {})},
+            "data": {"train": str(data_file), **(data or {})},
+            "train": {
+                "steps": 4,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "precision": "fp32",
+                "eval_every": 0,
+                "save_every": 0,
+                **train,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -70,8 +79,20 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_loss_falls_and_run_dir_is_complete(assets, tmp_path):
     out = tmp_path / "run"
-    result = train(make_cfg(assets, out, data={"eval_fraction": 0.25}, steps=30, batch_size=8, lr=3e-2,
-                            eval_every=10, save_every=10, log_every=1), device="cpu")
+    result = train(
+        make_cfg(
+            assets,
+            out,
+            data={"eval_fraction": 0.25},
+            steps=30,
+            batch_size=8,
+            lr=3e-2,
+            eval_every=10,
+            save_every=10,
+            log_every=1,
+        ),
+        device="cpu",
+    )
     rows = read_metrics(out / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
@@ -94,9 +115,10 @@ def test_loss_falls_and_run_dir_is_complete(assets, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
     state = torch.load(out / "checkpoints/step-000030/trainer_state.pt", weights_only=True)
     assert state["step"] == 30
-    assert torch.equal(adapter(out / "checkpoints/step-000030")["base_model.model.model.layers.0.self_attn.q_proj"
-                                                                 ".lora_A.weight"],
-                       adapter(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(
+        adapter(out / "checkpoints/step-000030")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+        adapter(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+    )
     # a second, fresh run into the same folder is refused (it would mix two runs)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(make_cfg(assets, out), device="cpu")
@@ -188,8 +210,8 @@ def test_epochs_run_ceil_rows_over_batch_steps_and_see_every_row_once_per_epoch(
     assert len(seen) == 21
     lines = [json.loads(line) for line in assets[1].read_text().splitlines()]
     distinct = {json.dumps(r, sort_keys=True) for r in lines}
-    epochs = [[row for batch in seen[e * 7:(e + 1) * 7] for row in batch] for e in range(3)]
-    for epoch, batches in zip(epochs, (seen[e * 7:(e + 1) * 7] for e in range(3))):
+    epochs = [[row for batch in seen[e * 7 : (e + 1) * 7] for row in batch] for e in range(3)]
+    for epoch, batches in zip(epochs, (seen[e * 7 : (e + 1) * 7] for e in range(3))):
         assert sorted(len(b) for b in batches) == [2, 5, 5, 5, 5, 5, 5]
         assert len(epoch) == 32 and len(set(epoch)) == len(distinct)  # every row once
         assert Counter(epoch) == Counter(epochs[0])
@@ -198,8 +220,9 @@ def test_epochs_run_ceil_rows_over_batch_steps_and_see_every_row_once_per_epoch(
 
 @pytest.mark.parametrize("stop_in_step", [8, 10])  # the first step of epoch 1, and one inside it
 def test_resume_across_an_epoch_boundary_is_bit_identical(assets, tmp_path, monkeypatch, stop_in_step):
-    kw = dict(lora={"lora_dropout": 0.1}, steps=None, epochs=2, batch_size=5, save_every=5, schedule="cosine",
-              warmup_steps=2)
+    kw = dict(
+        lora={"lora_dropout": 0.1}, steps=None, epochs=2, batch_size=5, save_every=5, schedule="cosine", warmup_steps=2
+    )
     straight = tmp_path / "straight"
     straight_rows = _rows_seen(monkeypatch)
     train(make_cfg(assets, straight, **kw), device="cpu")
@@ -222,13 +245,15 @@ def test_resume_across_an_epoch_boundary_is_bit_identical(assets, tmp_path, monk
     resumed_rows = _rows_seen(monkeypatch)
     assert train(make_cfg(assets, resumed, **kw), resume=True, device="cpu").steps == 14
     # the resumed run reads the batches the uninterrupted one read from that step on
-    assert resumed_rows == straight_rows[stop_in_step - 1:]
+    assert resumed_rows == straight_rows[stop_in_step - 1 :]
     a, b = adapter(straight), adapter(resumed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    losses = [[(r["step"], r["loss"], r["lr"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
-              for d in (straight, resumed)]
+    losses = [
+        [(r["step"], r["loss"], r["lr"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+        for d in (straight, resumed)
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 14
 
 
@@ -276,8 +301,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, mon
 
     monkeypatch.setattr(loop, "_forward_loss", poisoned)
     good = out / "checkpoints" / "step-000002"
-    with pytest.raises(TrainingError, match=rf"loss became nan at step 4; the last good checkpoint is {good}; "
-                                            "lower train.lr"):
+    with pytest.raises(
+        TrainingError,
+        match=rf"loss became nan at step 4; the last good checkpoint is {good}; "
+        "lower train.lr",
+    ):
         train(make_cfg(assets, out, steps=6, save_every=2), device="cpu")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     state = torch.load(good / "trainer_state.pt", weights_only=True)
@@ -289,8 +317,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, mon
 
 def test_huge_lr_diverges_with_a_training_error(assets, tmp_path):
     with pytest.raises(TrainingError, match="became (nan|inf)"):
-        train(make_cfg(assets, tmp_path / "run", steps=8, lr=1e30, max_grad_norm=None,
-                       lora={"init_lora_weights": False}), device="cpu")
+        train(
+            make_cfg(assets, tmp_path / "run", steps=8, lr=1e30, max_grad_norm=None, lora={"init_lora_weights": False}),
+            device="cpu",
+        )
 
 
 def _first_step(assets, out, monkeypatch, precision):
@@ -315,8 +345,18 @@ def _first_step(assets, out, monkeypatch, precision):
     grads, weights = [], []
     monkeypatch.setattr(loop, "_forward_loss", forward)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    result = train(make_cfg(assets, out, lora={"init_lora_weights": False}, data={"packing": True, "max_seq_len": 128},
-                            steps=1, precision=precision, gradient_checkpointing=True), device="cpu")
+    result = train(
+        make_cfg(
+            assets,
+            out,
+            lora={"init_lora_weights": False},
+            data={"packing": True, "max_seq_len": 128},
+            steps=1,
+            precision=precision,
+            gradient_checkpointing=True,
+        ),
+        device="cpu",
+    )
     monkeypatch.undo()
     assert result.precision == precision and math.isfinite(result.train_loss)
     return seen, read_metrics(out / "metrics.jsonl")[0]["loss"], weights[0], grads[0]
@@ -342,10 +382,17 @@ def test_bf16_step_is_close_to_fp32(assets, tmp_path, monkeypatch):
 def test_yaml_path_with_overrides(assets, tmp_path):
     model, data_file = assets
     path = tmp_path / "run.yaml"
-    path.write_text(json.dumps({"model": str(model), "lora": {"r": 2, "target_modules": ["q_proj"]},
-                                "data": {"train": str(data_file)},
-                                "train": {"steps": 5, "precision": "fp32", "batch_size": 4},
-                                "output": {"dir": str(tmp_path / "out")}}))
+    path.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "lora": {"r": 2, "target_modules": ["q_proj"]},
+                "data": {"train": str(data_file)},
+                "train": {"steps": 5, "precision": "fp32", "batch_size": 4},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
     result = train(path, overrides=["train.steps=2", "train.eval_every=0"], device="cpu")
     assert result.steps == 2
     assert "steps: 2" in (tmp_path / "out" / "lorakit.yaml").read_text()

@@ -48,10 +48,17 @@ def make_tiny_model_dir(
     tok = make_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=None,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
     model.to(dtype).save_pretrained(path)
@@ -67,8 +74,14 @@ def write_chat_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> Path:
     rows = []
     for _ in range(n):
         word = "".join(rng.choice("abcdef") for _ in range(rng.randint(2, 5)))
-        rows.append({"messages": [{"role": "user", "content": f"say {word}"},
-                                  {"role": "assistant", "content": f"{word} {word}"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"say {word}"},
+                    {"role": "assistant", "content": f"{word} {word}"},
+                ]
+            }
+        )
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
