@@ -12,10 +12,22 @@ from lorakit.errors import ConfigError, ModelMismatchError
 
 def _specs(g):
     dt = torch.float64
-    return [LoraSpec(torch.randn(6, 5, dtype=dt, generator=g), torch.randn(6, dtype=dt, generator=g),
-                     torch.randn(3, 5, dtype=dt, generator=g), torch.randn(6, 3, dtype=dt, generator=g), 0.5),
-            LoraSpec(torch.randn(4, 5, dtype=dt, generator=g), None,
-                     torch.randn(2, 5, dtype=dt, generator=g), torch.randn(4, 2, dtype=dt, generator=g), 2.0)]
+    return [
+        LoraSpec(
+            torch.randn(6, 5, dtype=dt, generator=g),
+            torch.randn(6, dtype=dt, generator=g),
+            torch.randn(3, 5, dtype=dt, generator=g),
+            torch.randn(6, 3, dtype=dt, generator=g),
+            0.5,
+        ),
+        LoraSpec(
+            torch.randn(4, 5, dtype=dt, generator=g),
+            None,
+            torch.randn(2, 5, dtype=dt, generator=g),
+            torch.randn(4, 2, dtype=dt, generator=g),
+            2.0,
+        ),
+    ]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])

@@ -160,21 +160,37 @@ def test_training_run_files_are_readable(tiny, tmp_path, one_thread):
     from lorakit.train.config import RunConfig
     from lorakit.train.loop import train
 
-    cfg = RunConfig.model_validate({
-        "model": str(tiny),
-        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(write_chat_jsonl(tmp_path / "train.jsonl", n=8)), "eval_fraction": 0.25},
-        "train": {"steps": 4, "batch_size": 2, "lr": 1e-2, "precision": "fp32", "eval_every": 2, "save_every": 2,
-                  "log_every": 1},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": str(tiny),
+            "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"train": str(write_chat_jsonl(tmp_path / "train.jsonl", n=8)), "eval_fraction": 0.25},
+            "train": {
+                "steps": 4,
+                "batch_size": 2,
+                "lr": 1e-2,
+                "precision": "fp32",
+                "eval_every": 2,
+                "save_every": 2,
+                "log_every": 1,
+            },
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
     with umask(0o022):
         train(cfg, device="cpu")
     run = tmp_path / "run"
     written = {str(p.relative_to(run)) for p in run.rglob("*")}
-    assert {"adapter_config.json", "adapter_model.safetensors", "lorakit.yaml", "metrics.jsonl", "loss.png",
-            "README.md", "checkpoints/step-000002/trainer_state.pt",
-            "checkpoints/step-000004/adapter_config.json"} <= written, written
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorakit.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "README.md",
+        "checkpoints/step-000002/trainer_state.pt",
+        "checkpoints/step-000004/adapter_config.json",
+    } <= written, written
     assert wrong_modes(run, 0o022) == []
     assert leftovers(run) == [] and leftovers(run / "checkpoints") == []
 
@@ -213,8 +229,11 @@ def test_model_cache_is_readable(tiny, tmp_path, monkeypatch):
     from lorakit import models as lk_models
 
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(lk_models, "_read_gguf", lambda gguf: (AutoModelForCausalLM.from_pretrained(tiny),
-                                                               AutoTokenizer.from_pretrained(tiny)))
+    monkeypatch.setattr(
+        lk_models,
+        "_read_gguf",
+        lambda gguf: (AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)),
+    )
     gguf = tmp_path / "tiny.Q8_0.gguf"
     gguf.write_bytes(b"GGUF-not-really")
     with umask(0o022):

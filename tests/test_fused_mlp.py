@@ -34,8 +34,9 @@ def saved_bytes(model, ids):
 
 
 def test_fused_mlp_matches_own_forward_float64(input_ids):
-    model = lorakit.inject(make_llama(bias=True).double(), lorakit.LoraConfig(
-        r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    model = lorakit.inject(
+        make_llama(bias=True).double(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    ).train()
     twin = copy.deepcopy(model)
     assert fuse_swiglu_mlps(model) == 2
     ref_loss, ref_grads = loss_and_grads(twin, input_ids)

@@ -20,8 +20,10 @@ from lorakit.layers import LoraLinear
 def lora_llama(dropout=0.0, targets="all-linear"):
     model = make_llama(bias=True).double()
     torch.manual_seed(1)
-    return lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout,
-                                                    init_lora_weights=False)).train()
+    return lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, init_lora_weights=False),
+    ).train()
 
 
 def lora_fn_nodes(loss):
@@ -102,8 +104,10 @@ def test_dropout_one_mask_per_group_as_lora_linear_multi():
     fuse_shared_inputs(model)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
-    specs = [ops.LoraSpec(m.weight, m.bias, m.lora_A["default"].weight, m.lora_B["default"].weight,
-                          m.scaling["default"]) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    specs = [
+        ops.LoraSpec(m.weight, m.bias, m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"])
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj)
+    ]
     torch.manual_seed(3)
     got = qkv(attn, x)
     torch.manual_seed(3)
@@ -154,12 +158,23 @@ def test_sibling_with_another_input_computes_alone_then_group_stops_fusing(input
 
 def test_cross_attention_with_checkpointing_matches_per_module():
     torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-                     dropout=0.0)
+    cfg = BartConfig(
+        vocab_size=50,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        dropout=0.0,
+    )
     base = BartForConditionalGeneration(cfg).double()
-    lorakit.inject(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
-                                            init_lora_weights=False))
+    lorakit.inject(
+        base,
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False),
+    )
     base.train()
     fused = copy.deepcopy(base)
     assert fuse_shared_inputs(fused) == 3  # encoder self, decoder self, decoder cross
@@ -213,8 +228,9 @@ def test_several_adapters_merged_disabled_take_the_per_module_path(input_ids):
     for m in (plain, fused):
         lorakit.unmerge(m)
     with lorakit.disable_adapters(plain), lorakit.disable_adapters(fused):
-        assert torch.equal(plain(input_ids=input_ids, labels=input_ids).loss,
-                           fused(input_ids=input_ids, labels=input_ids).loss)
+        assert torch.equal(
+            plain(input_ids=input_ids, labels=input_ids).loss, fused(input_ids=input_ids, labels=input_ids).loss
+        )
 
 
 def test_for_inference_and_back(input_ids):

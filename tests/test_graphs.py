@@ -23,8 +23,10 @@ from lorakit.train.recompute import enable_checkpointing
 
 
 def _lora(model, dropout=0.0):
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     return model
 
 
@@ -215,11 +217,15 @@ def test_cuda_graphs_on_without_cuda_is_a_config_error(tmp_path):
 
     from lorakit.errors import ConfigError
 
-    cfg = RunConfig.model_validate({
-        "model": str(make_tiny_model_dir(tmp_path / "m")), "lora": {"r": 2, "target_modules": ["q_proj"]},
-        "data": {"train": str(write_chat_jsonl(tmp_path / "t.jsonl", n=8))},
-        "train": {"steps": 1, "batch_size": 2, "cuda_graphs": "on", "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "run")}})
+    cfg = RunConfig.model_validate(
+        {
+            "model": str(make_tiny_model_dir(tmp_path / "m")),
+            "lora": {"r": 2, "target_modules": ["q_proj"]},
+            "data": {"train": str(write_chat_jsonl(tmp_path / "t.jsonl", n=8))},
+            "train": {"steps": 1, "batch_size": 2, "cuda_graphs": "on", "precision": "fp32"},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
     with pytest.raises(ConfigError, match="cuda_graphs is on, but CUDA graphs need a CUDA device"):
         lorakit.train(cfg, device="cpu")
 

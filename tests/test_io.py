@@ -24,9 +24,17 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 def biased_llama(seed: int) -> LlamaForCausalLM:
     """A tiny Llama whose projections have biases (so bias='all' / 'lora_only' adapters train them)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -55,8 +63,17 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 def saved_adapter(tmp_path, bias: str, modules_to_save: list[str] | None = None):
     """An adapter (LoRA + trained biases) from another model, so every value it holds differs from the target's."""
     source = biased_llama(seed=1)
-    lorakit.inject(source, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, bias=bias,
-                                              modules_to_save=modules_to_save, init_lora_weights=False))
+    lorakit.inject(
+        source,
+        lorakit.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=TARGETS,
+            bias=bias,
+            modules_to_save=modules_to_save,
+            init_lora_weights=False,
+        ),
+    )
     with torch.no_grad():
         for name, p in source.named_parameters():
             if name.endswith("bias"):
@@ -88,8 +105,10 @@ def test_failed_load_leaves_model_unchanged(tmp_path, bias, how, existing):
     break_last(adapter, how)
     model = biased_llama(seed=0)
     if existing:  # shares q_proj with the loaded adapter, so a wrapper it already has gets the new adapter too
-        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], bias="lora_only",
-                                                 init_lora_weights=False))
+        lorakit.inject(
+            model,
+            lorakit.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], bias="lora_only", init_lora_weights=False),
+        )
     before = snapshot(model)
     with pytest.raises(ModelMismatchError if how == "shape" else AdapterFormatError):
         lorakit.load_adapter(model, adapter, adapter_name="new")

@@ -155,7 +155,11 @@ def test_gradcheck_swiglu():  # chunked cross-entropy's gradcheck: tests/test_lo
 
     def mlp(x, Ag, Bg, Au, Bu, Ad, Bd):
         (Wg, _, _), (Wu, _, _) = specs
-        gate, up, down = LoraSpec(Wg, None, Ag, Bg, 0.5), LoraSpec(Wu, None, Au, Bu, 2.0), LoraSpec(Wd, None, Ad, Bd, 1.0)
+        gate, up, down = (
+            LoraSpec(Wg, None, Ag, Bg, 0.5),
+            LoraSpec(Wu, None, Au, Bu, 2.0),
+            LoraSpec(Wd, None, Ad, Bd, 1.0),
+        )
         return lora_swiglu_mlp(x, gate, up, down)
 
     args = (_dbl(2, 3, 5, seed=9), specs[0][1], specs[0][2], specs[1][1], specs[1][2], Ad, Bd)

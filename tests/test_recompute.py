@@ -15,8 +15,16 @@ from lorakit import ops, rerun
 from lorakit.fusion import fuse_swiglu_mlps
 from lorakit.train.recompute import disable_checkpointing, enable_checkpointing
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    head_dim=8,
+)
 
 
 class MatmulCounter(TorchDispatchMode):
@@ -36,8 +44,12 @@ class MatmulCounter(TorchDispatchMode):
 
 def lora(model, dropout=0.0):
     torch.manual_seed(1)
-    return lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                    lora_dropout=dropout, init_lora_weights=False)).train()
+    return lorakit.inject(
+        model,
+        lorakit.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False
+        ),
+    ).train()
 
 
 def run(model, ids, seed=7):
@@ -111,11 +123,15 @@ def test_compute_output_false_keeps_backward_inputs():
         torch.testing.assert_close(full, skipped)
 
 
-@pytest.mark.parametrize("make, marked", [
-    (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)), 2),
-    (lambda: GemmaForCausalLM(GemmaConfig(**SMALL)), 2),  # gelu MLP: per-module down_proj path
-    (lambda: Gemma2ForCausalLM(Gemma2Config(**SMALL)), 0),  # a norm after the MLP saves its output: no skip
-], ids=["qwen2", "gemma", "gemma2"])
+@pytest.mark.parametrize(
+    "make, marked",
+    [
+        (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)), 2),
+        (lambda: GemmaForCausalLM(GemmaConfig(**SMALL)), 2),  # gelu MLP: per-module down_proj path
+        (lambda: Gemma2ForCausalLM(Gemma2Config(**SMALL)), 0),  # a norm after the MLP saves its output: no skip
+    ],
+    ids=["qwen2", "gemma", "gemma2"],
+)
 def test_other_layouts(input_ids, make, marked):
     torch.manual_seed(0)
     base = lora(make().double())
