@@ -404,7 +404,7 @@ def test_log_line_per_request(stack, caplog):
 
 
 def test_sigterm_finishes_running_requests(files):
-    """A real `serve` process: SIGTERM mid-stream lets the stream finish, then the process exits cleanly."""
+    """`lorakit serve` as a process: SIGTERM mid-stream lets the stream finish, then the process exits cleanly."""
     import os
     import signal
     import subprocess
@@ -413,9 +413,9 @@ def test_sigterm_finishes_running_requests(files):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from lorakit.serve import serve; serve({str(files['model'])!r}, {{'a': {str(files['a'])!r}}}, port={port})"
+    command = ["-m", "lorakit", "serve", "--model", str(files["model"]), "--adapter", f"a={files['a']}"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, *command, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -445,3 +445,26 @@ def test_sigterm_finishes_running_requests(files):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapter", "nameonly"], "NAME=PATH"),
+        (["--adapter", "a=x", "--adapter", "a=y"], "given twice"),
+        (["--port", "70000"], "--port"),
+    ],
+)
+def test_cli_serve_bad_arguments(args, message, capsys):
+    from lorakit.cli import main
+
+    assert main(["serve", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_an_adapter_that_does_not_fit(files, tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["serve", "--model", str(files["model"]), "--adapter", f"bad={_mismatched(files, tmp_path)}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.decoder.layers" in err and "match no module" in err

@@ -1,8 +1,8 @@
 """The ``lorakit`` command: one thin function per verb (parse -> call the library -> print).
 
-Verbs: ``train``, ``generate``, ``chat``, ``eval``, ``merge``, ``inspect``. The work
-is done by :mod:`lorakit.train.loop`, :mod:`lorakit.runs`, :mod:`lorakit.generation`,
-:mod:`lorakit.evaluation`, :mod:`lorakit.merging` and :mod:`lorakit.inspection`;
+Verbs: ``train``, ``generate``, ``chat``, ``eval``, ``merge``, ``inspect``, ``serve``. The
+work is done by :mod:`lorakit.train.loop`, :mod:`lorakit.runs`, :mod:`lorakit.generation`,
+:mod:`lorakit.evaluation`, :mod:`lorakit.merging`, :mod:`lorakit.inspection` and :mod:`lorakit.serve`;
 this module only turns arguments into calls and results into text.
 
 Exit codes: 0 success; 2 a user error (any :class:`~lorakit.errors.LorakitError`,
@@ -373,6 +373,76 @@ def inspect(run_or_adapter: RunArg) -> None:
     metrics = runs.last_metrics(run_or_adapter)
     if metrics:
         console.print("last metrics: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()), markup=False)
+
+
+@app.command()
+def serve(
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter", help="NAME=PATH: serve the adapter (or run) directory PATH as model NAME; repeat for more."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base model (model dir, .gguf file or default name).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; the default serves this machine only.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests generated together.")] = 8,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-token",
+            envvar="LORAKIT_ADMIN_TOKEN",
+            help="Turn on /v1/load_lora_adapter and /v1/unload_lora_adapter, guarded by this bearer token.",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Largest max_tokens a request may ask.")
+    ] = 4096,
+    dtype: DtypeOpt = LoadDtype.auto,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Serve the base model and adapters over OpenAI's API until Ctrl-C (one log line per request)."""
+    from lorakit.serve import ServeLimits
+    from lorakit.serve import serve as run_server
+
+    adapters: dict[str, str] = {}
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{item!r}: use NAME=PATH, e.g. --adapter quick=runs/quickstart.")
+        if name in adapters:
+            raise typer.BadParameter(f"adapter name {name!r} is given twice.")
+        adapters[name] = path
+    _quiet_transformers()
+    run_server(
+        model,
+        adapters,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        admin_token=admin_token,
+        limits=ServeLimits(max_tokens=max_tokens),
+        dtype=dtype.value,
+        device=device,
+    )
+
+
+def _print_preferences(result: dict[str, Any]) -> None:
+    """``lorakit eval``'s lines for a pairs file (TRL's metric names)."""
+    console = _console()
+    hits = round(result["rewards/accuracies"] * result["pairs"])
+    console.print(f"rewards/accuracies  {result['rewards/accuracies']:.3f}  ({hits}/{result['pairs']} pairs)")
+    for name in ("rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        console.print(f"{name:<19} {result[name]:.4f}")
+    console.print(
+        f"eval_loss           {result['eval_loss']:.4f}  ({result['loss_type']}, beta {result['beta']}, "
+        f"reference: {result['reference']})",
+        markup=False,
+    )
 
 
 def _common_prefix(names: list[str]) -> str:
