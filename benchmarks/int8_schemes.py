@@ -9,7 +9,7 @@ decoding row (N=1, memory-bound).
 Quality: SmolLM2-135M-Instruct with every Linear but the head fake-quantized in fp32
 (the same rounding the kernels do), KL(fp32 || scheme) of the next-token distribution
 per token and top-1 agreement, on 8 x 64 tokens of examples/data/quickstart_train.jsonl;
-SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl.
+SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl (or README.md's text).
 
     python benchmarks/int8_schemes.py [--repeats 20] [--no-quality]
 """
@@ -162,29 +162,44 @@ def quality_table() -> str:
     linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
     with torch.no_grad():
         ref = model(ids).logits.float().log_softmax(-1)
-    # Per input channel max |x| on the calibration tokens (SmoothQuant) and each layer's original weight.
-    amax: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda m, a, n=n: amax.__setitem__(
-                n, torch.maximum(amax.get(n, a[0].new_zeros(a[0].shape[-1])), a[0].abs().flatten(0, -2).amax(0))
+    # Per input channel max |x| on calibration tokens (SmoothQuant) and each layer's original weight.
+    # Calibration sets: quickstart_eval (the eval text's domain) and the README's prose (another domain).
+    readme = tok((ROOT / "README.md").read_text()[:6000], return_tensors="pt").input_ids[:, : 8 * 64]
+    amaxes: dict[str, dict[str, torch.Tensor]] = {"same": {}, "readme": {}}
+    for key, tokens in (("same", calib), ("readme", readme.view(-1, 64))):
+        amax = amaxes[key]
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda m, a, n=n, amax=amax: amax.__setitem__(
+                    n, torch.maximum(amax.get(n, a[0].new_zeros(a[0].shape[-1])), a[0].abs().flatten(0, -2).amax(0))
+                )
             )
-        )
-        for n, m in linears.items()
-    ]
-    with torch.no_grad():
-        model(calib)
-    for h in hooks:
-        h.remove()
+            for n, m in linears.items()
+        ]
+        with torch.no_grad():
+            model(tokens)
+        for h in hooks:
+            h.remove()
     orig = {n: m.weight.data.clone() for n, m in linears.items()}
 
-    def scheme(act: str | None, where=lambda n: True, smooth: float | None = None, outlier: float | None = None):
+    def scheme(
+        act: str | None,
+        where=lambda n: True,
+        smooth: float | None = None,
+        outlier: float | None = None,
+        calib: str = "same",
+        w_free: bool = False,
+    ):
+        amax = amaxes[calib]
+
         def fwd(n, m):
             W = orig[n]
             if not where(n):
                 return lambda x: F.linear(x, W, m.bias)
             s = None
-            if smooth is not None:
+            if smooth is not None and w_free:  # from the activations only: siblings reading one x share it
+                s = amax[n].clamp_min(1e-5) ** smooth
+            elif smooth is not None:
                 s = amax[n].clamp_min(1e-5) ** smooth / W.abs().amax(0).clamp_min(1e-5) ** (1 - smooth)
             Wq = _fq_weight(W * s if s is not None else W)
 
@@ -215,6 +230,11 @@ def quality_table() -> str:
         "SmoothQuant a=0.5 + a8 per tensor": scheme("tensor", smooth=0.5),
         "SmoothQuant a=0.5 + a8 per row": scheme("row", smooth=0.5),
         "SmoothQuant a=0.8 + a8 per row": scheme("row", smooth=0.8),
+        "SmoothQuant a=0.5 + a8 per row, calibrated on README prose": scheme("row", smooth=0.5, calib="readme"),
+        "smoothing s=max|x|^0.5 (no W term) + a8 per row": scheme("row", smooth=0.5, w_free=True),
+        "smoothing s=max|x|^0.5 (no W term), README calibration": scheme(
+            "row", smooth=0.5, w_free=True, calib="readme"
+        ),
     }
     lines = ["| scheme | KL per token | top-1 agreement |", "|---|---|---|"]
     for name, make in schemes.items():
@@ -235,9 +255,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
-    speed = speed_table(args.repeats)
+    speed = "" if args.no_speed else speed_table(args.repeats)
     print(speed, flush=True)
     quality = "" if args.no_quality else quality_table()
     body = (

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit import int8, merging, quant  # noqa: E402
+from lorakit import int8, int8_model, merging, quant  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
 from lorakit.runs import open_adapter  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
@@ -68,12 +68,18 @@ def test_quantizers_round_to_nearest_in_float64():
     assert (q.double() - want).abs().max() <= 1 and (q.double() != want).float().mean() < 1e-3
 
 
-def test_forward_and_grad_input_equal_float64_of_the_same_codes():
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_forward_and_grad_input_equal_float64_of_the_same_codes(smoothed):
     lin, x = layer_and_data()
-    layer = int8.Int8Linear.from_linear(lin)
+    smooth = torch.rand(lin.in_features, generator=torch.Generator().manual_seed(4)) * 3 + 0.2 if smoothed else None
+    layer = int8.Int8Linear.from_linear(lin, smooth)
     Q, w = layer.qweight.double(), layer.weight_scale.double()
+    inv = torch.ones(lin.in_features, dtype=torch.float64) if smooth is None else 1 / smooth.double()
+    if smoothed:  # W diag(s) is what was quantized; x diag(1/s) is what gets quantized
+        assert torch.equal(layer.qweight, int8.quantize_weight_int8(lin.weight * smooth)[0])
+        torch.testing.assert_close(layer.input_scale.double(), inv)
     # forward: s_r * w_c * sum_k (q_rk - 128) Q_ck, the sum exact in float64 (as in int32)
-    q, s = int8.quantize_rows(x)
+    q, s = int8.quantize_rows(x, layer.input_scale)
     want = (q.double() - 128) @ Q.t() * w * s.double()
     got = layer.output(x)
     assert got.dtype == torch.float32
@@ -81,10 +87,10 @@ def test_forward_and_grad_input_equal_float64_of_the_same_codes():
     # bias and leading dims through forward()
     y = layer(x.view(1, *x.shape))
     torch.testing.assert_close(y[0], got + lin.bias, rtol=0, atol=0)
-    # input gradient: dY diag(w) quantized per row, then (r - 128) Q, scaled by t_r
+    # input gradient: dY diag(w) quantized per row, then (r - 128) Q, scaled by t_r and by 1/s per column
     dy = torch.randn(x.shape[0], lin.out_features, generator=torch.Generator().manual_seed(1))
     r, t = int8.quantize_rows(dy * layer.weight_scale)
-    want = (r.double() - 128) @ Q * t.double()
+    want = (r.double() - 128) @ Q * t.double() * inv
     got = layer.grad_input(dy)
     assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-12).all()
 
@@ -107,6 +113,60 @@ def test_int8_against_fp32_within_the_rounding_bound():
     exact = dy.double() @ W.double()
     rel = ((layer.grad_input(dy).double() - exact).norm() / exact.norm()).item()
     assert rel < 0.02
+
+
+def test_one_row_decoding_runs_fbgemm_within_the_same_bound():
+    """One row (greedy decoding) goes to fbgemm's dynamic int8 linear; its u8 step over [min, max] of the row is
+    at most the symmetric step s_r, so the same half-a-step bound holds."""
+    lin, x = layer_and_data()
+    layer = int8.Int8Linear.from_linear(lin)
+    W = lin.weight.detach()
+    for r in (0, 5, 9):  # 5 holds the outlier
+        row = x[r : r + 1]
+        with torch.profiler.profile() as prof:
+            got = layer.output(row)
+        names = {e.name for e in prof.events()}
+        assert "quantized::linear_dynamic" in names and "onednn::qlinear_pointwise" not in names
+        exact = row.double() @ W.double().t()
+        _, s = int8.quantize_rows(row)
+        bound = 0.5 * s.double() * W.double().abs().sum(1) + 0.5 * layer.weight_scale.double() * (
+            row.double().abs().sum(1, keepdim=True) + 0.5 * s.double() * W.shape[1]
+        )
+        assert ((got.double() - exact).abs() <= bound * 1.0001 + 1e-5).all()
+    assert set(layer._packed) == {"row"}  # no oneDNN pack made for one-row calls
+
+
+def test_smoothing_tames_an_outlier_channel_and_siblings_share_codes(tmp_path):
+    """SmoothQuant against plain per-row quantization on inputs with one huge channel (as LLM activations have)."""
+    lin, x = layer_and_data(n=64)
+    x[:, 11] *= 60.0  # a systematic outlier channel
+    exact = x.double() @ lin.weight.double().t()
+    s = (x.abs().amax(0).clamp_min(1e-5) ** 0.5) / (lin.weight.detach().abs().amax(0) ** 0.5)
+    errs = []
+    for smooth in (None, s):
+        layer = int8.Int8Linear.from_linear(lin, smooth)
+        errs.append(((layer.output(x).double() - exact).norm() / exact.norm()).item())
+        torch.testing.assert_close(layer.dequantized(), lin.weight.detach(), atol=0.05, rtol=0.05)
+    assert errs[1] < errs[0] / 2, errs
+    # A model: q/k/v (and gate/up) read one input, so they share one smoothing tensor and one quantization.
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model_dir(tmp_path / "m", hidden=64)
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = int8_model.calibration_ids(AutoTokenizer.from_pretrained(path))
+    assert ids.shape[0] == 1 and ids.shape[1] > 100
+    int8_model.quantize_int8(model, calibration=ids)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.input_scale is attn.k_proj.input_scale is attn.v_proj.input_scale
+    assert mlp.gate_proj.input_scale is mlp.up_proj.input_scale and mlp.down_proj.input_scale is not None
+    assert "SmoothQuant on 14" in int8_model.describe_int8(model)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        model(torch.randint(0, 250, (2, 8)))
+    gemms = sum(e.name == "onednn::qlinear_pointwise" for e in prof.events())
+    rows = sum(e.name == "aten::aminmax" for e in prof.events())
+    assert gemms == 14 and rows == 8  # per layer: q/k/v once, o once, gate/up once, down once
 
 
 def test_packed_copies_are_made_once_and_dropped_when_moved():
@@ -154,7 +214,7 @@ def test_lora_grads_under_int8_match_fp32(tmp_path):
     for quantize in (False, True):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if quantize:
-            int8.quantize_int8(model)
+            int8_model.quantize_int8(model)
             assert type(model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
             assert type(model.lm_head) is torch.nn.Linear  # head stays fp32
         torch.manual_seed(0)
@@ -180,13 +240,13 @@ def test_quantize_int8_errors(monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="quantize the base to int8 first"):
-        int8.quantize_int8(model)
+        int8_model.quantize_int8(model)
     with pytest.raises(ConfigError, match="unknown --quantize 'int4'"):
-        int8.quantize_for_inference(model, "int4")
+        int8_model.quantize_for_inference(model, "int4")
     with pytest.raises(ConfigError, match="4-bit base"):
-        int8.check_int8_model_spec({"name": "x", "quantization": "nf4"})
-    int8.check_int8_model_spec({"name": "x", "quantization": "none"})
-    int8.check_int8_model_spec("x")
+        int8_model.check_int8_model_spec({"name": "x", "quantization": "nf4"})
+    int8_model.check_int8_model_spec({"name": "x", "quantization": "none"})
+    int8_model.check_int8_model_spec("x")
 
 
 def test_a_machine_without_int8_kernels_gets_a_clear_error(monkeypatch, tmp_path):

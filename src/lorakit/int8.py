@@ -19,27 +19,31 @@ lowering (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``): u8
 activations (codes + 128, zero point 128), s8 weights prepacked once per
 direction (the second copy, ``Qᵀ`` packed, exists only once a backward has run),
 int32 accumulation (VNNI on AVX512-VNNI / AVX-VNNI / AMX CPUs), fp32 output with
-the weight scale applied. Every call to it goes through :func:`int8_matmul`, so
-tests can check that this kernel is the one that runs, and another kernel
-(torchao, a CUDA one) would replace that one function.
+the weight scale applied; exact up to the final fp32 scaling. One row at a time
+(greedy decoding) it costs more than fp32, so a single row goes to fbgemm's
+dynamic int8 linear instead (one activation scale per call = per row there; its
+own packed copy, made on first use). Every kernel call is in this module
+(:func:`int8_matmul`, :func:`int8_matmul_row`), so tests can check which kernel
+runs, and another kernel (torchao, a CUDA one) would replace those two functions.
+Measurements of every candidate: benchmarks/RESULTS.md, "int8_schemes".
 
 :class:`Int8Linear` is the frozen layer (no grad, fp32 bias); :class:`Base8bit`
 gives the LoRA op of :mod:`lorakit.quant` the :class:`~lorakit.quant.QuantizedBase`
-interface over it, so LoRA layers need no int8 branch. :func:`quantize_int8`
-swaps a loaded model's Linear layers (the same ones a 4-bit base quantizes:
-not the output head, embeddings or norms, which stay fp32).
+interface over it, so LoRA layers need no int8 branch. :mod:`lorakit.int8_model`
+swaps a loaded model's Linear layers for them.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
 
 __all__ = [
     "INT8_ALTERNATIVE",
@@ -48,20 +52,15 @@ __all__ = [
     "quantize_weight_int8",
     "quantize_rows",
     "int8_matmul",
+    "int8_matmul_row",
     "Int8Linear",
     "Base8bit",
     "measured_speedup",
-    "quantize_int8",
-    "is_int8_model",
-    "describe_int8",
-    "check_int8_model_spec",
-    "QUANTIZE_CHOICES",
-    "quantize_for_inference",
 ]
 
 INT8_ALTERNATIVE = "train.precision: fp32 (or bf16 on a CPU with AVX512-BF16/AMX), or --quantize none"
-QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
 _ZP = 128  # u8 activation codes are the int8 codes + 128 (oneDNN's fast x86 path is u8 x s8)
+_HALF_ZP = torch.tensor(_ZP + 0.5)
 
 
 # ----------------------------------------------------------------------------- can this machine do it
@@ -123,19 +122,25 @@ def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
-def quantize_rows(x2: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows(x2: Tensor, in_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric int8 quantization per row, as u8 codes with zero point 128: ``x ≈ s * (q - 128)``.
+
+    Three passes over ``x``: min/max per row, ``x / s + 128.5`` and the cast to u8
+    (which truncates: ``floor(v + 128.5) = round(v) + 128`` for ``|v| <= 127``,
+    rounding ties up instead of to even).
 
     Args:
         x2: ``[N, K]`` float.
+        in_scale: Optional fp32 ``[K]``: quantize ``x2 * in_scale`` (SmoothQuant's ``1 / s``; one more pass).
 
     Returns:
         ``(q uint8 [N, K], s fp32 [N, 1])``; an all-zero row gets scale 1.
     """
-    x = x2.float()
-    amax = x.abs().amax(dim=1, keepdim=True)
+    x = x2.float() if in_scale is None else x2.float() * in_scale
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    amax = torch.maximum(hi, lo.neg_())
     s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(x / s).add_(_ZP).to(torch.uint8)  # in [1, 255]: |x / s| <= 127
+    q = torch.addcmul(_HALF_ZP, x, s.reciprocal()).to(torch.uint8)  # in [1, 255]: |x / s| <= 127
     return q, s
 
 
@@ -154,45 +159,91 @@ class _LastRows(threading.local):
     its version counter tells whether it was written to since.
     """
 
-    entry: tuple[Tensor, int, Tensor, Tensor] | None = None
+    entry: tuple[Tensor, int, Tensor | None, Tensor, Tensor] | None = None
 
-    def get(self, x2: Tensor) -> tuple[Tensor, Tensor] | None:
+    def get(self, x2: Tensor, in_scale: Tensor | None) -> tuple[Tensor, Tensor] | None:
         e = self.entry
         if e is None:
             return None
-        x, version, q, s = e
+        x, version, scale, q, s = e
         same = x.data_ptr() == x2.data_ptr() and x.shape == x2.shape and x.stride() == x2.stride()
-        return (q, s) if same and x.dtype == x2.dtype and version == x2._version else None
+        same = same and x.dtype == x2.dtype and version == x2._version and scale is in_scale
+        return (q, s) if same else None
 
-    def put(self, x2: Tensor, q: Tensor, s: Tensor) -> None:
-        self.entry = (x2, x2._version, q, s)
+    def put(self, x2: Tensor, in_scale: Tensor | None, q: Tensor, s: Tensor) -> None:
+        self.entry = (x2, x2._version, in_scale, q, s)
 
 
 _LAST = _LastRows()
 
 
-def int8_matmul(x2: Tensor, packed: Tensor, col_scale: Tensor, col_zp: Tensor, reuse: bool = False) -> Tensor:
-    """``x2 Qᵀ diag(col_scale)`` with ``x2`` quantized per row: the one place the int8 kernel is called.
+def int8_matmul(
+    x2: Tensor,
+    packed: Tensor,
+    col_scale: Tensor,
+    col_zp: Tensor,
+    reuse: bool = False,
+    in_scale: Tensor | None = None,
+) -> Tensor:
+    """``(x2 diag(in_scale)) Qᵀ diag(col_scale)``, ``x2`` quantized per row: the oneDNN int8 kernel's one call.
 
     Args:
         x2: ``[N, K]`` float.
         packed: ``Q [M, K]`` int8, prepacked by ``torch.ops.onednn.qlinear_prepack``.
         col_scale: fp32 ``[M]``, applied to the int32 accumulators' columns.
         col_zp: int64 zeros ``[M]`` (oneDNN's weight zero points).
-
-        reuse: Reuse the codes of the last call when it quantized this very ``x2`` (unchanged since).
+        reuse: Reuse the codes of the last call when it quantized this very ``x2`` (unchanged since)
+            with this very ``in_scale`` tensor.
+        in_scale: Optional fp32 ``[K]`` multiplying ``x2``'s columns before quantization (SmoothQuant).
 
     Returns:
         ``[N, M]`` fp32: ``s_r · col_scale_c · Σ_k (q_rk - 128) Q_ck``.
     """
     reuse = reuse and not x2.is_inference()  # inference-mode tensors have no version counter
-    got = _LAST.get(x2) if reuse else None
+    got = _LAST.get(x2, in_scale) if reuse else None
     if got is None:
-        got = quantize_rows(x2)
+        got = quantize_rows(x2, in_scale)
         if reuse:
-            _LAST.put(x2, *got)
+            _LAST.put(x2, in_scale, *got)
     q, s = got
     return _qlinear(q, packed, col_scale, col_zp).mul_(s)
+
+
+@functools.cache
+def _has_row_kernel() -> bool:
+    """Whether fbgemm's dynamic int8 linear (the one-row decoding kernel) runs here."""
+    try:
+        layer = _fbgemm_pack(torch.ones(3, 4, dtype=torch.int8), torch.ones(3))
+        return torch.equal(torch.ops.quantized.linear_dynamic(torch.ones(1, 4), layer, False), torch.full((1, 3), 4.0))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _fbgemm_pack(codes: Tensor, scale: Tensor) -> Any:
+    """fbgemm's packed form of the same int8 codes and per-channel scales (no requantization)."""
+    with warnings.catch_warnings():  # torch marks its quantized-tensor API deprecated; the op itself is current
+        warnings.simplefilter("ignore")
+        zeros = torch.zeros(codes.shape[0], dtype=torch.int64)
+        qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def int8_matmul_row(x1: Tensor, packed: Any) -> Tensor:
+    """``x1 Wᵀ`` for ONE row (decoding): fbgemm's dynamic int8 linear, whose one activation scale is that row's.
+
+    oneDNN's int8 matmul costs more than fp32 at one row (per-call overhead); fbgemm's
+    ``quantized::linear_dynamic`` quantizes, multiplies and dequantizes in one call, about
+    0.3-0.5x the fp32 time. Its activation quantization is asymmetric (min/max, u8), as fine
+    as the symmetric one or finer.
+
+    Args:
+        x1: ``[1, K]`` float.
+        packed: From :func:`_fbgemm_pack`.
+
+    Returns:
+        ``[1, M]`` fp32.
+    """
+    return torch.ops.quantized.linear_dynamic(x1.float(), packed, False)
 
 
 # ----------------------------------------------------------------------------- the frozen layer
@@ -202,34 +253,45 @@ class Int8Linear(nn.Linear):
     """A frozen Linear with int8 weights (per-output-channel scales) and both matmuls in int8.
 
     Buffers: ``qweight`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out]``; ``bias`` fp32
-    (frozen) or None. The oneDNN-packed copies (``Q`` for forward, ``Qᵀ`` for the input
-    gradient, each one byte per weight) are made on first use and dropped when the
-    module moves (``_apply``). It is an ``nn.Linear`` (as bitsandbytes' layers are) so that
-    target matching (``all-linear``) and LoRA wrapping treat it as one; it holds no
-    float weight (``weight`` is a dequantized copy made on each read, for code outside
-    the LoRA op that wants one).
+    (frozen) or None; ``input_scale`` fp32 ``[in]`` or None: SmoothQuant's ``1 / s`` (Xiao et al.
+    2023), with ``W diag(s)`` quantized and ``x diag(1 / s)`` multiplied, so outlier input
+    channels are tamed before the per-row quantization (:func:`lorakit.int8_model.quantize_int8`
+    calibrates ``s``; siblings reading one input share one tensor). The oneDNN-packed
+    copies (``Q`` for forward, ``Qᵀ`` for the input gradient, each one byte per weight)
+    are made on first use and dropped when the module moves (``_apply``). It is an
+    ``nn.Linear`` (as bitsandbytes' layers are) so that target matching (``all-linear``)
+    and LoRA wrapping treat it as one; it holds no float weight (``weight`` is a
+    dequantized copy made on each read, for code outside the LoRA op that wants one).
 
     Attributes:
         in_features: Input width.
         out_features: Output width.
     """
 
-    def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, input_scale: Tensor | None = None) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: no float weight
         self.out_features, self.in_features = codes.shape
         self.register_buffer("qweight", codes)
         self.register_buffer("weight_scale", scale)
+        self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self._packed: dict[str, Tensor] = {}
+        self._packed: dict[str, Any] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
-        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``, stored ``[in, out]``)."""
-        weight = linear.weight.detach()
+    def from_linear(cls, linear: nn.Module, smooth: Tensor | None = None) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``, stored ``[in, out]``).
+
+        Args:
+            linear: The layer.
+            smooth: Optional SmoothQuant factors ``s`` ``[in]`` (positive): ``W diag(s)`` is quantized.
+        """
+        weight = linear.weight.detach().float()
         if type(linear).__name__ == "Conv1D":
             weight = weight.t()
-        codes, scale = quantize_weight_int8(weight)
-        return cls(codes, scale, linear.bias)
+        if smooth is None:
+            return cls(*quantize_weight_int8(weight), linear.bias)
+        smooth = smooth.float()
+        return cls(*quantize_weight_int8(weight * smooth), linear.bias, smooth.reciprocal())
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         self._packed = {}
@@ -240,7 +302,10 @@ class Int8Linear(nn.Linear):
         got = self._packed.get(direction)
         if got is None:
             q = self.qweight if direction == "forward" else self.qweight.t().contiguous()
-            scale = self.weight_scale if direction == "forward" else torch.ones(q.shape[0])
+            if direction == "forward":
+                scale = self.weight_scale
+            else:  # dY W = (dY diag(w) Q) diag(input_scale)
+                scale = torch.ones(q.shape[0]) if self.input_scale is None else self.input_scale
             zp = torch.zeros(q.shape[0], dtype=torch.int64)
             got = self._packed[direction] = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), zp)
         return got
@@ -255,17 +320,23 @@ class Int8Linear(nn.Linear):
         return Base8bit(self)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``W ≈ diag(weight_scale) Q`` as ``[out, in]`` in ``dtype``."""
-        return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
+        """``W ≈ diag(weight_scale) Q diag(input_scale)`` as ``[out, in]`` in ``dtype``."""
+        w = self.qweight.float() * self.weight_scale[:, None]
+        return (w if self.input_scale is None else w * self.input_scale).to(dtype)
 
     def output(self, x2: Tensor) -> Tensor:
-        """``x2 Wᵀ`` (no bias) for ``x2 [N, in]``: fp32 ``[N, out]``."""
-        return int8_matmul(x2, *self.packed("forward"), reuse=True)  # siblings reading one x share its codes
+        """``x2 Wᵀ`` (no bias) for ``x2 [N, in]``: fp32 ``[N, out]`` (one row, when decoding: fbgemm's kernel)."""
+        if x2.shape[0] == 1 and _has_row_kernel():
+            row = self._packed.get("row")
+            if row is None:
+                row = self._packed["row"] = _fbgemm_pack(self.qweight, self.weight_scale)
+            return int8_matmul_row(x2 if self.input_scale is None else x2 * self.input_scale, row)
+        # siblings reading one x (and sharing one input_scale) share its codes
+        return int8_matmul(x2, *self.packed("forward"), reuse=True, in_scale=self.input_scale)
 
     def grad_input(self, dy: Tensor) -> Tensor:
         """``dY W`` for ``dy [N, out]``: fp32 ``[N, in]`` (the weight scale folded into ``dY`` first)."""
-        packed, ones, zp = self.packed("grad_input")
-        return int8_matmul(dy.float() * self.weight_scale, packed, ones, zp)
+        return int8_matmul(dy, *self.packed("grad_input"), in_scale=self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.output(x.reshape(-1, self.in_features))
@@ -339,105 +410,3 @@ def measured_speedup(dtype: torch.dtype = torch.float32, rows: int = 512, k: int
     t_float = median(lambda: (xf @ W.t(), dyf @ W))
     t_int8 = median(lambda: (layer.output(x), layer.grad_input(dy)))
     return t_int8 / t_float
-
-
-# ----------------------------------------------------------------------------- a model
-
-
-def is_int8_model(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is an :class:`Int8Linear`."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
-
-
-def quantize_int8(model: nn.Module, skip_modules: Sequence[str] | None = None) -> nn.Module:
-    """Replace a loaded model's Linear layers by :class:`Int8Linear` ones, in place.
-
-    The same layers a 4-bit base quantizes (:func:`lorakit.quant_model.modules_to_quantize`):
-    every ``nn.Linear`` (and GPT-2 ``Conv1D``) but the output head, weights tied to it and
-    ``_keep_in_fp32_modules``; embeddings and norms stay as they are. Each full-precision
-    weight is dropped as soon as its layer is quantized.
-
-    Args:
-        model: A model on the CPU, without LoRA layers (quantize first, then inject or load an adapter).
-        skip_modules: More module names (or name suffixes) to keep in full precision.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ConfigError: no int8 kernel here (the message says what to use instead); a model not
-            on the CPU; a model that already has LoRA layers.
-    """
-    from .quant_model import modules_to_quantize
-
-    require_int8("int8 bases")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device.type != "cpu":
-        raise ConfigError(
-            f"int8 bases run on the CPU (oneDNN's int8 kernels); the model is on {device}. "
-            f"Use {INT8_ALTERNATIVE} on {device.type}."
-        )
-    if any(".lora_" in n for n, _ in model.named_parameters()):
-        raise ConfigError("the model already has LoRA layers; quantize the base to int8 first, then add LoRA.")
-    names = modules_to_quantize(model, skip_modules)
-    if not names:
-        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear layer to quantize to int8 (besides the head).")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, Int8Linear.from_linear(old))
-        old.weight = None  # the full-precision copy goes now, not at the end
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def describe_int8(model: nn.Module) -> str:
-    """One line for run logs and summaries (``"int8 base: 14 Linear layers, ..."``), or ``""`` without any."""
-    n = sum(isinstance(m, Int8Linear) for m in model.modules())
-    if not n:
-        return ""
-    return f"int8 base: {n} Linear layers (int8 weights per output channel, int8 activations per row; head fp32)"
-
-
-def check_int8_model_spec(model: object) -> None:
-    """Refuse ``train.precision: int8`` on a 4-bit base (a run config's ``model`` value, before loading).
-
-    Raises:
-        ConfigError: ``model`` is a mapping with a ``quantization`` other than none.
-    """
-    q = model.get("quantization") if isinstance(model, dict) else None
-    if q is not None and str(q).lower() != "none":
-        raise ConfigError(
-            f"train.precision: int8 quantizes a full-precision base to int8 itself, but model.quantization is {q!r} "
-            "(a 4-bit base). Use one of them: model.quantization: none with precision int8, or a 4-bit base with "
-            "precision fp32/bf16."
-        )
-
-
-def quantize_for_inference(model: nn.Module, quantize: str) -> nn.Module:
-    """``--quantize`` of ``generate`` / ``chat`` / ``eval``: the loaded base's Linear layers to int8, in place.
-
-    Decoding on a CPU is memory-bound: int8 weights move a quarter of fp32's bytes.
-    Called before the adapter is loaded, so LoRA wraps the int8 layers and stays
-    unmerged in fp32 on top.
-
-    Args:
-        model: The loaded base model (CPU, no LoRA yet).
-        quantize: ``"none"`` or ``"int8"``.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ConfigError: an unknown value; a 4-bit base; no int8 kernels here or a model off the CPU.
-    """
-    q = str(quantize).lower()
-    if q not in QUANTIZE_CHOICES:
-        raise ConfigError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}.")
-    if q == "none":
-        return model
-    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
-        raise ConfigError("--quantize int8 needs a full-precision base, but this one is 4-bit; drop --quantize.")
-    return quantize_int8(model)

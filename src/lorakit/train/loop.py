@@ -141,7 +141,7 @@ class _Run:
         self.precision, self.precision_reason = resolve_precision(t.precision, ctx.device)
         self.precision_reason += int8_note(self.precision, ctx.device)  # says so when int8 is faster here
         if self.precision == "int8":
-            from lorakit.int8 import check_int8_model_spec
+            from lorakit.int8_model import check_int8_model_spec
 
             check_int8_model_spec(cfg.model)
         bf16 = self.precision == "bf16"
@@ -165,9 +165,9 @@ class _Run:
         )
         self.base_note = describe_quantization(model)  # "" for a full-precision base
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
-            from lorakit.int8 import describe_int8, quantize_int8
+            from lorakit.int8_model import calibration_ids, describe_int8, quantize_int8
 
-            self.base_note = describe_int8(quantize_int8(model))
+            self.base_note = describe_int8(quantize_int8(model, calibration=calibration_ids(tokenizer)))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = inject(model, lora_config)
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward

@@ -1,0 +1,253 @@
+"""Int8 bases at the model level: which Linear layers go int8, ``--quantize``, run-log lines.
+
+:func:`quantize_int8` swaps a loaded model's Linear layers for
+:class:`lorakit.int8.Int8Linear` (the same ones a 4-bit base quantizes: not the
+output head, embeddings or norms, which stay fp32); the layer, its kernels and
+the LoRA interface are :mod:`lorakit.int8`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ModelLoadError
+from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8
+
+__all__ = [
+    "QUANTIZE_CHOICES",
+    "is_int8_model",
+    "quantize_int8",
+    "input_maxima",
+    "smoothing_factors",
+    "calibration_ids",
+    "CALIBRATION_TEXT",
+    "describe_int8",
+    "check_int8_model_spec",
+    "quantize_for_inference",
+]
+
+QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; measured best of 0.5 / 0.8 here)
+# The calibration text SmoothQuant's per-channel maxima come from: ordinary prose, a list, numbers and code,
+# as a chat exchange (what fine-tuning data looks like); about 300 tokens.
+CALIBRATION_TEXT = (
+    "Can you explain how a bicycle stays upright, and give me a short checklist for a safe ride? "
+    "Also, what is 17 * 23, and how would I write a Python function that adds two numbers?",
+    "Sure! A moving bicycle stays upright mostly because the rider keeps steering the front wheel under "
+    "the center of mass; the geometry of the fork (the trail) and the spinning wheels help it self-correct. "
+    "Checklist before a ride:\n1. Tyres pumped to the pressure printed on the sidewall.\n2. Brakes grip "
+    "firmly.\n3. Chain is clean and oiled.\n4. Lights and a helmet at night.\n\n17 * 23 = 391.\n\n"
+    "```python\ndef add(a: int, b: int) -> int:\n    return a + b\n```\n"
+    "In 1885 John Kemp Starley built the Rover, the first 'safety bicycle', in Coventry, England. "
+    "Today more than 1,000,000,000 bicycles are in use worldwide; ask me anything else!",
+)
+
+
+def is_int8_model(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is an :class:`Int8Linear`."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def input_maxima(model: nn.Module, names: Sequence[str], ids: Tensor) -> tuple[dict[str, Tensor], list[list[str]]]:
+    """Per input channel max ``|x|`` of the named Linear layers over one forward of ``ids``, and who shares an input.
+
+    Args:
+        model: The full-precision model.
+        names: Module names (Linear layers).
+        ids: Token ids ``[B, T]``.
+
+    Returns:
+        ``(maxima, groups)``: ``{name: [in] fp32}``, and the names grouped by the input tensor
+        they read (q/k/v read one, gate/up one), in model order.
+    """
+    maxima: dict[str, Tensor] = {}
+    reads: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            m = x.float().abs().flatten(0, -2).amax(0)
+            maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
+            reads.setdefault(name, x.data_ptr())
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        if n in reads:
+            groups.setdefault(reads[n], []).append(n)
+    return maxima, list(groups.values())
+
+
+def smoothing_factors(
+    model: nn.Module, names: Sequence[str], ids: Tensor, alpha: float = SMOOTH_ALPHA
+) -> dict[str, Tensor]:
+    """SmoothQuant's per-input-channel factors ``s = max|x|^α / max|W|^(1-α)``, one tensor per shared input.
+
+    ``max|W|`` is over every layer of the group (q/k/v share one ``s``, so their inputs
+    quantize once). A channel that never fired gets ``s = 1``.
+
+    Args:
+        model: The full-precision model.
+        names: The Linear layers to be quantized.
+        ids: Calibration token ids ``[B, T]`` (:func:`calibration_ids`).
+        alpha: Migration strength: 0 leaves ``x`` alone, 1 moves all of its range into ``W``.
+
+    Returns:
+        ``{name: s}``, siblings mapped to the same tensor.
+    """
+    maxima, groups = input_maxima(model, names, ids)
+    out: dict[str, Tensor] = {}
+    for group in groups:
+        x_max = torch.stack([maxima[n] for n in group]).amax(0)
+        w_max = torch.stack([_weight(model.get_submodule(n)).abs().amax(0) for n in group]).amax(0)
+        s = x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+        s = torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
+        out.update({n: s for n in group})
+    return out
+
+
+def calibration_ids(tokenizer) -> Tensor:  # noqa: ANN001 - any transformers tokenizer
+    """Token ids of lorakit's built-in calibration text (a chat exchange when the tokenizer has a template).
+
+    Returns:
+        ``[1, T]`` int64.
+    """
+    messages = [{"role": "user", "content": CALIBRATION_TEXT[0]}, {"role": "assistant", "content": CALIBRATION_TEXT[1]}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    else:
+        ids = tokenizer(CALIBRATION_TEXT[0] + "\n" + CALIBRATION_TEXT[1])["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    w = module.weight.detach().float()
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def quantize_int8(
+    model: nn.Module,
+    skip_modules: Sequence[str] | None = None,
+    calibration: Tensor | None = None,
+    alpha: float = SMOOTH_ALPHA,
+) -> nn.Module:
+    """Replace a loaded model's Linear layers by :class:`Int8Linear` ones, in place.
+
+    The same layers a 4-bit base quantizes (:func:`lorakit.quant_model.modules_to_quantize`):
+    every ``nn.Linear`` (and GPT-2 ``Conv1D``) but the output head, weights tied to it and
+    ``_keep_in_fp32_modules``; embeddings and norms stay as they are. Each full-precision
+    weight is dropped as soon as its layer is quantized. With ``calibration`` ids, the
+    layers are smoothed first (SmoothQuant, :func:`smoothing_factors`): on the default
+    model that cuts the KL divergence of the logits to fp32's about fourfold
+    (benchmarks/RESULTS.md, "int8_schemes").
+
+    Args:
+        model: A model on the CPU, without LoRA layers (quantize first, then inject or load an adapter).
+        skip_modules: More module names (or name suffixes) to keep in full precision.
+        calibration: Token ids ``[B, T]`` to calibrate SmoothQuant's factors on
+            (:func:`calibration_ids`); None: no smoothing.
+        alpha: SmoothQuant's migration strength.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: no int8 kernel here (the message says what to use instead); a model not
+            on the CPU; a model that already has LoRA layers.
+    """
+    from .quant_model import modules_to_quantize
+
+    require_int8("int8 bases")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        raise ConfigError(
+            f"int8 bases run on the CPU (oneDNN's int8 kernels); the model is on {device}. "
+            f"Use {INT8_ALTERNATIVE} on {device.type}."
+        )
+    if any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError("the model already has LoRA layers; quantize the base to int8 first, then add LoRA.")
+    names = modules_to_quantize(model, skip_modules)
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear layer to quantize to int8 (besides the head).")
+    smooth = smoothing_factors(model, names, calibration, alpha) if calibration is not None else {}
+    shared: dict[int, Tensor] = {}  # id(s) -> the one input_scale tensor siblings share
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        s = smooth.get(name)
+        new = Int8Linear.from_linear(old, s)
+        if s is not None:
+            new.input_scale = shared.setdefault(id(s), new.input_scale)
+        setattr(parent, child, new)
+        old.weight = None  # the full-precision copy goes now, not at the end
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def describe_int8(model: nn.Module) -> str:
+    """One line for run logs and summaries (``"int8 base: 14 Linear layers, ..."``), or ``""`` without any."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        return ""
+    smoothed = sum(m.input_scale is not None for m in layers)
+    how = f", SmoothQuant on {smoothed}" if smoothed else ""
+    return (
+        f"int8 base: {len(layers)} Linear layers (int8 weights per output channel, int8 activations per row{how}; "
+        "head, embeddings, norms and LoRA fp32)"
+    )
+
+
+def check_int8_model_spec(model: object) -> None:
+    """Refuse ``train.precision: int8`` on a 4-bit base (a run config's ``model`` value, before loading).
+
+    Raises:
+        ConfigError: ``model`` is a mapping with a ``quantization`` other than none.
+    """
+    q = model.get("quantization") if isinstance(model, dict) else None
+    if q is not None and str(q).lower() != "none":
+        raise ConfigError(
+            f"train.precision: int8 quantizes a full-precision base to int8 itself, but model.quantization is {q!r} "
+            "(a 4-bit base). Use one of them: model.quantization: none with precision int8, or a 4-bit base with "
+            "precision fp32/bf16."
+        )
+
+
+def quantize_for_inference(model: nn.Module, quantize: str, tokenizer=None) -> nn.Module:  # noqa: ANN001
+    """``--quantize`` of ``generate`` / ``chat`` / ``eval``: the loaded base's Linear layers to int8, in place.
+
+    Decoding on a CPU is memory-bound: int8 weights move a quarter of fp32's bytes.
+    Called before the adapter is loaded, so LoRA wraps the int8 layers and stays
+    unmerged in fp32 on top.
+
+    Args:
+        model: The loaded base model (CPU, no LoRA yet).
+        quantize: ``"none"`` or ``"int8"``.
+        tokenizer: The model's tokenizer: SmoothQuant calibrated on :data:`CALIBRATION_TEXT`, as training does.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: an unknown value; a 4-bit base; no int8 kernels here or a model off the CPU.
+    """
+    q = str(quantize).lower()
+    if q not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}.")
+    if q == "none":
+        return model
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ConfigError("--quantize int8 needs a full-precision base, but this one is 4-bit; drop --quantize.")
+    return quantize_int8(model, calibration=calibration_ids(tokenizer) if tokenizer is not None else None)
