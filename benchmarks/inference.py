@@ -32,7 +32,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _variants(base, peft):
+def _variants(base, peft, tok=None):
     import lorakit
 
     cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
@@ -42,12 +42,13 @@ def _variants(base, peft):
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg)).eval()
     variants = {"plain": base, "lorakit-unmerged": unmerged, "lorakit-merged": merged, "peft-unmerged": peft_model}
     if next(base.parameters()).device.type == "cpu":  # --quantize int8: int8 base Linears, the adapter fp32 on top
-        from lorakit.int8_model import quantize_int8
+        from lorakit.int8_model import calibration_ids, quantize_int8
 
-        variants["plain-int8"] = quantize_int8(copy.deepcopy(base)).eval()
+        calib = calibration_ids(tok) if tok is not None else None  # SmoothQuant calibrated as the CLI does
+        variants["plain-int8"] = quantize_int8(copy.deepcopy(base), calibration=calib).eval()
         torch.manual_seed(0)  # the same adapter as lorakit-unmerged
         variants["lorakit-int8-unmerged"] = lorakit.inject(
-            quantize_int8(copy.deepcopy(base)), lorakit.LoraConfig(init_lora_weights=False, **cfg)
+            quantize_int8(copy.deepcopy(base), calibration=calib), lorakit.LoraConfig(init_lora_weights=False, **cfg)
         ).eval()
     return variants
 
@@ -115,7 +116,7 @@ def main() -> None:
     device = torch.device(args.device)
     base, tok = load_bench_model(device)
     base.eval()
-    variants = _variants(base, peft)
+    variants = _variants(base, peft, tok)
     merged, unmerged = variants["lorakit-merged"], variants["lorakit-unmerged"]
 
     prompt = tok.apply_chat_template(

@@ -142,9 +142,9 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
             return model(**batch).loss
     else:
         if variant == "lorakit-int8":  # as `lorakit train` with train.precision: int8
-            from lorakit.int8_model import quantize_int8
+            from lorakit.int8_model import calibration_ids, quantize_int8
 
-            quantize_int8(model)
+            quantize_int8(model, calibration=calibration_ids(tok))  # SmoothQuant calibrated as the run does
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
