@@ -279,3 +279,18 @@ def test_merge_writes_dequantized_base_plus_delta(assets, qrun, tmp_path):
 def test_merge_refuses_4bit_output(qrun, tmp_path):
     with pytest.raises(ConfigError, match="does not write a re-quantized 4-bit merged model"):
         merging.merge_adapter(qrun, tmp_path / "m", dtype="nf4")
+
+
+def test_cli_merge_of_a_4bit_run(assets, qrun, tmp_path, capsys):
+    from lorakit import cli
+
+    code = cli.main(["merge", str(qrun), str(tmp_path / "m"), "--dtype", "bf16", "--base", str(assets[0])])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "adapter trained on a 4-bit base (nf4); merged into the original full-precision weights" in out
+    assert "model.layers.0.self_attn.q_proj: ||W - dequant(W4)|| / ||ΔW|| = " in out
+    assert "largest merged-vs-unmerged logit difference on the probe inputs: " in out
+    code = cli.main(["merge", str(qrun), str(tmp_path / "q"), "--dtype", "nf4"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: --dtype nf4") and "re-quantized 4-bit" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()

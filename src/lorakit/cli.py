@@ -271,7 +271,9 @@ def chat(
 @app.command("eval")
 def eval_(
     run_or_adapter: RunArg,
-    data: Annotated[Path, typer.Option("--data", help="A JSONL file (chat, prompt/completion, alpaca or text rows).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="A JSONL file (chat, prompt/completion, alpaca or text rows, or DPO pairs).")
+    ],
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=2, help="Cut examples to this many tokens.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     max_new_tokens: Annotated[
@@ -286,10 +288,22 @@ def eval_(
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = Quantize.none,
 ) -> None:
-    """Eval loss, perplexity and exact match of greedy answers on a JSONL file."""
-    from lorakit import evaluation
+    """Eval loss, perplexity and exact match of greedy answers on a JSONL file.
+
+    On preference pairs (prompt, chosen, rejected): the reward accuracy and margins of
+    the adapter against its DPO reference (the run's starting adapter, or the base).
+    """
+    from lorakit import evaluation, runs
+    from lorakit.pairs import first_pair_line
 
     lm, tokenizer, _ = _open(run_or_adapter, model, dtype, device, quantize)
+    if first_pair_line(data):
+        _print_preferences(
+            evaluation.evaluate_preferences(
+                lm, tokenizer, data, run_dir=runs.find_adapter_dir(run_or_adapter)[1], batch_size=batch_size
+            )
+        )
+        return
     result = evaluation.evaluate(
         lm,
         tokenizer,
@@ -314,28 +328,42 @@ def eval_(
         console.print(f"exact_match  {result['exact_match']:.3f}  ({hits}/{result['exact_match_rows']})")
 
 
-class MergeDtype(str, Enum):
-    """Weight dtypes ``lorakit merge`` writes."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
 @app.command()
 def merge(
     run_or_adapter: RunArg,
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged transformers model.")],
-    dtype: Annotated[MergeDtype, typer.Option("--dtype", help="Weight dtype of the merged model.")] = MergeDtype.fp32,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the merged model: fp32 or bf16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     model: ModelOpt = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="4-bit runs: merge into these full-precision weights instead of dequant(W4)."),
+    ] = None,
+    probe: Annotated[
+        bool, typer.Option("--probe/--no-probe", help="Compare merged and unmerged logits on a few probe inputs.")
+    ] = True,
 ) -> None:
-    """Fold the adapter into the base weights and save a plain transformers model directory."""
+    """Fold the adapter into the base weights (shard by shard) and save a plain transformers model directory."""
     from lorakit import merging
 
     _quiet_transformers()
 
-    out = merging.merge_to_dir(run_or_adapter, out_dir, dtype=dtype.value, model=model, overwrite=force)
-    _console().print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    report = merging.merge_adapter(
+        run_or_adapter, out_dir, dtype=dtype, model=model, base=base, overwrite=force, probe=probe
+    )
+    console = _console()
+    if report.quantization is not None:
+        q = report.quantization
+        what = "the original full-precision weights" if base is not None else "dequant(W4), the weights it trained on"
+        console.print(f"adapter trained on a 4-bit base ({q.quantization}); merged into {what}")
+    for module, ratio in report.layer_ratios:
+        console.print(f"  {module}: ||W - dequant(W4)|| / ||ΔW|| = {ratio:.3g}")
+    if report.max_probe_diff is not None:
+        console.print(f"largest merged-vs-unmerged logit difference on the probe inputs: {report.max_probe_diff:.3g}")
+    console.print(
+        f"merged model written to {report.out_dir} ({report.shards} shard(s) streamed; load it with "
+        "AutoModelForCausalLM.from_pretrained)"
+    )
 
 
 @app.command()

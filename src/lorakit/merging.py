@@ -184,13 +184,15 @@ def merge_adapter(
     """
     if dtype in ("nf4", "fp4", "int4", "4bit"):
         raise ConfigError(
-            f"dtype={dtype!r}: lorakit does not write a re-quantized 4-bit merged model. Rounding "
+            f"--dtype {dtype} (dtype={dtype!r}): lorakit does not write a re-quantized 4-bit merged model. Rounding "
             "dequant(W4) + ΔW back to 4 bits moves each weight by up to half a quantization step, which is "
             "usually larger than the update the adapter learned, so most of the fine-tune is lost. Merge to "
             "bf16 (--dtype bf16) and quantize that when you load it, or keep the adapter separate on the 4-bit base."
         )
     if dtype not in MERGE_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported for merge; use one of {', '.join(MERGE_DTYPES)}.")
+        raise ConfigError(
+            f"--dtype {dtype} (dtype={dtype!r}) is not supported for merge; use one of {', '.join(MERGE_DTYPES)}."
+        )
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the merged model needs a directory. Choose another path.")
