@@ -199,3 +199,20 @@ def test_public_and_generate_batch(tmp_path):
     assert generate(model, tok, prompts[0], max_new_tokens=8, adapter_name="b") == alone[0]
     with pytest.raises(lorakit.ConfigError, match="one per prompt"):
         generate_batch(model, tok, [prompt_ids(tok, "x")], adapter_names=["a", "b"])
+
+
+def test_stacked_decoding_sees_weight_changes():
+    """The decoding path caches stacked adapter weights; an in-place update (an optimizer step) must show."""
+    model = _model(embed=False)
+    ids = torch.randint(0, 96, (len(ROWS), 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), adapter_batch(model, ROWS):
+        before = model(input_ids=ids).logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.b." in name:
+                p.mul_(-2.0)
+    with torch.no_grad(), adapter_batch(model, ROWS):
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before[1], after[1], atol=1e-4)
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(after[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)

@@ -50,7 +50,8 @@ _OWNER = "lorakit.mixed"
 _SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
 _FUSION_OWNER = "lorakit.fusion"
 _STACK_TOKENS = 1  # at most this many tokens per row (decoding steps): the stacked path
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, A stack, B stack, spans)
+# layer -> (names, their (A, B) parameters, their versions, A stack, B stack, spans)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class AdapterRows:
@@ -170,18 +171,23 @@ def _stack(layer: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Ten
     The cache holds one stack per layer, rebuilt when the set of adapters or any of their weights
     change (tensor identity and version counter), so steady decoding builds nothing.
     """
-    weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    key = tuple((n, id(a), _version(a), id(b), _version(b)) for n, (a, b) in zip(names, weights))
+    a_mods, b_mods = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules  # hot path: dict lookups
+    weights = [(a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"]) for n in names]
     cached = _STACKS.get(layer)
-    if cached is not None and cached[0] == key:
-        return cached[1:]
+    if (
+        cached is not None
+        and cached[0] == names
+        and all(a is ca and b is cb for (a, b), (ca, cb) in zip(weights, cached[1]))
+        and cached[2] == [(_version(a), _version(b)) for a, b in weights]
+    ):
+        return cached[3:]
     spans, start = {}, 0
     for n, (a, _) in zip(names, weights):
         spans[n] = (start, start + a.shape[0])
         start += a.shape[0]
     A = torch.cat([a.detach() for a, _ in weights], 0)
     B = torch.cat([b.detach() for _, b in weights], 1)
-    _STACKS[layer] = (key, A, B, spans)
+    _STACKS[layer] = (list(names), weights, [(_version(a), _version(b)) for a, b in weights], A, B, spans)
     return A, B, spans
 
 
@@ -241,15 +247,17 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     """
     names = list(adapter_names)
     _check_names(model, names)
-    layers = [layer for _, layer in lora_layers(model)]
-    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    modules = list(model.modules())
+    layers = [m for m in modules if isinstance(m, LoraLayer)]
+    wrappers = [m for m in modules if isinstance(m, ModulesToSaveWrapper)]
     merged = [layer for layer in layers if layer.merged_adapters]
     if merged:
         raise ConfigError(
             f"adapter_batch needs unmerged adapters, but {merged[0].merged_adapters} are merged into "
             f"the base weights; call lorakit.unmerge(model) (or lorakit.for_training) first."
         )
-    owners = {routing.forward_owner(m) for m in model.modules()} - {None, _SHORTCUT_OWNER, _FUSION_OWNER}
+    routes = {m: owner for m in modules if (owner := routing.forward_owner(m)) is not None}
+    owners = set(routes.values()) - {None, _SHORTCUT_OWNER, _FUSION_OWNER}
     if owners:
         raise ConfigError(
             f"adapter_batch cannot route this model: {', '.join(sorted(map(str, owners)))} replaced "
@@ -257,7 +265,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = AdapterRows(names, device)
-    was_fused = any(routing.forward_owner(m) == _FUSION_OWNER for m in model.modules())
+    was_fused = _FUSION_OWNER in routes.values()
     if was_fused:
         fusion.unfuse_mlps(model)
     routed: list[nn.Module] = []
