@@ -45,7 +45,7 @@ def _moved_model(model_dir, tmp_path):
     )
     lorakit.save_adapter(start, tmp_path / "start")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ref = setup_dpo_model(model, {}, tmp_path / "start")
+    ref = setup_dpo_model(model, None, tmp_path / "start")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".default." in n:
@@ -56,7 +56,7 @@ def _moved_model(model_dir, tmp_path):
 def test_setup_fresh_and_from_adapter(tiny, tmp_path):
     model_dir, _, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert setup_dpo_model(model, LORA, None) is None
+    assert setup_dpo_model(model, lorakit.LoraConfig(**LORA), None) is None
     assert lorakit.list_adapters(model) == ["default"]
     model, ref = _moved_model(model_dir, tmp_path)
     assert ref == "reference" and lorakit.list_adapters(model) == ["default", "reference"]
@@ -67,15 +67,13 @@ def test_setup_fresh_and_from_adapter(tiny, tmp_path):
 def test_setup_errors(tiny, tmp_path):
     model_dir, _, root = tiny
     with pytest.raises(AdapterFormatError, match="does not exist"):
-        setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), {}, tmp_path / "nowhere")
+        setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), None, tmp_path / "nowhere")
     other = make_tiny_model_dir(root / "wider", hidden=48)
     lorakit.save_adapter(
         lorakit.inject(AutoModelForCausalLM.from_pretrained(other), lorakit.LoraConfig(**LORA)), tmp_path / "other"
     )
     with pytest.raises(ModelMismatchError, match="does not fit the base model"):
-        setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), {}, tmp_path / "other")
-    with pytest.raises(ConfigError, match="lora section"):
-        setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), {"r": 0}, None)
+        setup_dpo_model(AutoModelForCausalLM.from_pretrained(model_dir), None, tmp_path / "other")
 
 
 def test_precomputed_reference_gives_the_same_loss_and_is_reused(tiny, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from tiny import make_tokenizer
 
 from lorakit.errors import DataError
-from lorakit.pairs import collate_pairs, is_pairs_file, load_pairs, read_pairs
+from lorakit.pairs import collate_pairs, first_pair_line, load_pairs, read_pairs
 
 PAIR = {"prompt": "say abc", "chosen": "abc abc", "rejected": "no"}
 
@@ -116,7 +116,7 @@ def test_prompt_that_leaves_no_answer_is_an_error(tmp_path):
     assert stats.prompt_truncated == 2 and all(len(p["prompt_ids"]) == 32 for p in pairs)
 
 
-def test_is_pairs_file(tmp_path):
-    assert is_pairs_file(write(tmp_path / "p.jsonl", ["", PAIR]))
-    assert not is_pairs_file(write(tmp_path / "s.jsonl", [{"prompt": "p", "completion": "c"}]))
-    assert not is_pairs_file(tmp_path / "missing.jsonl")
+def test_first_pair_line(tmp_path):
+    assert first_pair_line(write(tmp_path / "p.jsonl", ["", PAIR])) == 2
+    assert not first_pair_line(write(tmp_path / "s.jsonl", [{"prompt": "p", "completion": "c"}]))
+    assert not first_pair_line(tmp_path / "missing.jsonl")

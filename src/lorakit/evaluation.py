@@ -5,6 +5,9 @@ What the ``lorakit eval`` verb runs, as a library function::
     model, tokenizer, info = open_adapter("runs/quickstart")   # lorakit.runs
     evaluate(model, tokenizer, "data/eval.jsonl")   # {"eval_loss": ..., "perplexity": ..., "exact_match": ...}
 
+On a file of preference pairs (:mod:`lorakit.pairs`) it reports the adapter's reward
+accuracy and margins against its DPO reference instead (:func:`evaluate_preferences`).
+
 Data is read and tokenized as training does (:mod:`lorakit.rows`, :mod:`lorakit.examples`);
 answers come from :mod:`lorakit.generation`.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +24,11 @@ import torch
 from .errors import ConfigError
 from .examples import IGNORE_INDEX, collate, load_examples
 from .generation import generate_batch, prompt_ids
+from .io import load_adapter
+from .preference import evaluate_pairs
 from .rows import Row, read_rows
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_preferences"]
 
 
 def evaluate(
@@ -117,3 +123,63 @@ def _exact_matches(
         max_new_tokens = max(len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) for r in rows) + 16
     answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [a.strip() == r.reference.strip() for a, r in zip(answers, rows)]
+
+
+def evaluate_preferences(
+    model: Any,
+    tokenizer: Any,
+    data_path: str | os.PathLike[str],
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Reward accuracy and margins of the model's adapter against its DPO reference on a pairs file.
+
+    The reference and the DPO settings come from the run's ``lorakit.yaml`` when there
+    is one: its ``adapter`` (loaded as a second, frozen adapter ``reference``) or else
+    the base model (adapters disabled), its ``dpo`` section (β, loss) and its
+    ``data.max_seq_len`` / ``data.max_prompt_len``. Without a run config: the base, β = 0.1.
+
+    Args:
+        model: The model with the adapter to judge active (from :func:`lorakit.runs.open_adapter`).
+        tokenizer: Its tokenizer.
+        data_path: A JSONL file of preference rows.
+        run_dir: The run directory, or None for a plain adapter.
+        max_seq_len: Cut prompt + answer to this many tokens (None: the run's, else 1024).
+        batch_size: Pairs per forward.
+
+    Returns:
+        :func:`lorakit.preference.evaluate_pairs`' result plus ``"beta"``, ``"loss_type"`` and
+        ``"reference"`` (what the rewards are measured against).
+
+    Raises:
+        DataError: the file is missing or a row is malformed.
+        AdapterFormatError, ModelMismatchError: the run's starting adapter cannot be loaded.
+    """
+    import yaml
+
+    from .runs import RUN_CONFIG_NAME
+
+    cfg: dict[str, Any] = {}
+    if run_dir is not None and (Path(run_dir) / RUN_CONFIG_NAME).is_file():
+        cfg = yaml.safe_load((Path(run_dir) / RUN_CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    dpo, data = cfg.get("dpo") or {}, cfg.get("data") or {}
+    reference_adapter, reference = None, "the base model (adapters disabled)"
+    if cfg.get("method") == "dpo" and cfg.get("adapter"):
+        load_adapter(model, cfg["adapter"], adapter_name="reference")
+        reference_adapter, reference = "reference", f"the starting adapter {cfg['adapter']}"
+    beta, loss_type = dpo.get("beta", 0.1), dpo.get("loss_type", "sigmoid")
+    result = evaluate_pairs(
+        model,
+        tokenizer,
+        data_path,
+        reference_adapter=reference_adapter,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=dpo.get("label_smoothing", 0.0),
+        max_seq_len=max_seq_len or data.get("max_seq_len") or 1024,
+        max_prompt_len=data.get("max_prompt_len"),
+        batch_size=batch_size,
+    )
+    return {**result, "beta": beta, "loss_type": loss_type, "reference": reference}

@@ -52,7 +52,7 @@ __all__ = [
     "tokenize_pair",
     "load_pairs",
     "collate_pairs",
-    "is_pairs_file",
+    "first_pair_line",
 ]
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -181,24 +181,27 @@ def read_pairs(path: str | Path, on_error: str = "raise") -> tuple[list[PairRow]
     return records.items, records.skipped, records.first_skip
 
 
-def is_pairs_file(path: str | Path) -> bool:
-    """True when the first JSON object of a JSONL file has ``chosen`` and ``rejected`` keys.
+def first_pair_line(path: str | Path) -> int:
+    """The line of a JSONL file's first row when that row is a preference pair, else 0.
+
+    A row is a pair when it has ``chosen`` and ``rejected`` keys. Unreadable files,
+    files without rows and files whose first row is something else give 0.
 
     Args:
-        path: The file (unreadable or empty files give False).
+        path: The file.
 
     Returns:
-        Whether the file looks like preference pairs.
+        The 1-based line number of the first row, or 0.
     """
     try:
         with Path(path).open(encoding="utf-8") as f:
-            for line in f:
+            for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     obj = json.loads(line)
-                    return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
+                    return lineno if isinstance(obj, dict) and "chosen" in obj and "rejected" in obj else 0
     except (OSError, ValueError):
-        return False
-    return False
+        return 0
+    return 0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

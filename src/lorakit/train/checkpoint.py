@@ -112,6 +112,10 @@ def run_fingerprint(cfg: RunConfig, world_size: int, precision: str) -> str:
     }
     flat = {k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES}
     flat.update({"model": cfg.model, "world_size": world_size, "precision (resolved)": precision})
+    if cfg.method == "sft":  # the DPO keys left out: SFT fingerprints stay as they were, older runs still resume
+        flat = {k: v for k, v in flat.items() if not k.startswith("dpo.") and k != "data.max_prompt_len"}
+    else:
+        flat.update({"method": cfg.method, "adapter": cfg.adapter})
     return json.dumps(flat, sort_keys=True, default=str)
 
 

@@ -9,10 +9,17 @@ A run config has five sections; the key names are public::
     train: {steps: 100, batch_size: 8, lr: 2.0e-4, schedule: constant, precision: auto}
     output: {dir: runs/quickstart}
 
+and, for preference tuning (:mod:`lorakit.train.dpo`), three more top-level keys and one data key::
+
+    method: dpo                       # sft (the default: the sections above) | dpo
+    adapter: runs/sft                 # optional: start from this adapter; it is also the frozen reference
+    dpo:   {beta: 0.1, loss_type: sigmoid, label_smoothing: 0.0, precompute_reference: false}
+    data:  {train: data/pairs.jsonl, max_seq_len: 1024, max_prompt_len: 512}
+
 Relative paths are resolved when the file is loaded, so the config means the same
 thing wherever it is run from:
 
-* ``data.train``, ``data.eval`` and ``model``: relative to the YAML file's folder
+* ``data.train``, ``data.eval``, ``model`` and ``adapter``: relative to the YAML file's folder
   if the path exists there, else relative to the current working directory.
   (``model`` stays a plain name, such as the default model's, if neither exists.)
 * ``output.dir``: relative to the current working directory; if omitted, it is
@@ -42,6 +49,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "OutputConfig",
+    "DpoConfig",
     "RunConfig",
     "load_run_config",
     "dump_run_config",
@@ -82,6 +90,7 @@ class DataConfig(_Section):
     train_on_prompt: bool = False
     packing: bool = False
     on_error: Literal["raise", "skip"] = "raise"
+    max_prompt_len: int | None = Field(None, gt=0)  # method dpo: most prompt tokens (None: only max_seq_len limits)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
@@ -133,6 +142,15 @@ class TrainConfig(_Section):
         return self
 
 
+class DpoConfig(_Section):
+    """The ``dpo`` section (``method: dpo``): the objective; see :mod:`lorakit.preference`."""
+
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # cDPO (sigmoid) / robust DPO
+    precompute_reference: bool = False  # reference log-probs once, cached in the run dir
+
+
 class OutputConfig(_Section):
     """The ``output`` section: the run directory."""
 
@@ -143,8 +161,11 @@ class RunConfig(_Section):
     """A whole run config: ``model``, ``lora``, ``data``, ``train``, ``output``."""
 
     model: str | dict[str, Any] | None = None
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: str | None = None  # method dpo: the starting adapter (and frozen reference)
     lora: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -177,8 +198,10 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "data": tuple(DataConfig.model_fields),
     "train": tuple(TrainConfig.model_fields),
     "output": tuple(OutputConfig.model_fields),
+    "dpo": tuple(DpoConfig.model_fields),
 }
-_TOP_KEYS = ("model", *_SECTIONS)
+_SCALARS = ("model", "method", "adapter")  # top-level keys that are values, not sections
+_TOP_KEYS = (*_SCALARS, *_SECTIONS)
 
 
 def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
@@ -252,10 +275,10 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or not all(parts) or len(parts) > 2 or (parts[0] == "model") != (len(parts) == 1):
+        if not sep or not all(parts) or len(parts) > 2 or (parts[0] in _SCALARS) != (len(parts) == 1):
             raise ConfigError(
                 f"bad override {item!r}; expected SECTION.KEY=VALUE (e.g. train.lr=1e-4, "
-                "lora.target_modules=[q_proj,v_proj]) or model=VALUE."
+                "lora.target_modules=[q_proj,v_proj]) or model=VALUE / method=VALUE / adapter=VALUE."
             )
         try:
             value = yaml.safe_load(text)
@@ -263,7 +286,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             problem = getattr(e, "problem", None) or str(e)
             raise ConfigError(f"bad override {item!r}: the value is not valid YAML ({problem}).") from None
         if len(parts) == 1:
-            raw["model"] = value
+            raw[parts[0]] = value
         else:
             section, name = parts
             if section not in _SECTIONS:
@@ -291,7 +314,7 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
     for top, value in raw.items():
         if top not in _TOP_KEYS:
             _unknown(str(top), _TOP_KEYS, where)
-        if top == "model":
+        if top in _SCALARS:
             continue
         if value is None:
             raw[top] = value = {}
@@ -352,6 +375,8 @@ def _resolve_paths(cfg: RunConfig, base: Path, raw: dict[str, Any], stem: str) -
                 cfg.model = {**cfg.model, "name": str(candidate)}
             else:
                 cfg.model = str(candidate)
+    if cfg.adapter is not None:
+        cfg.adapter = str(near_yaml(Path(cfg.adapter)))
     out = cfg.output.dir if "dir" in (raw.get("output") or {}) else Path("runs") / stem
     cfg.output.dir = out.expanduser() if out.expanduser().is_absolute() else Path.cwd() / out
     return cfg

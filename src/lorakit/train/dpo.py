@@ -64,10 +64,13 @@ class DpoObjective:
         loss_type: One of :data:`lorakit.preference.LOSS_TYPES`.
         label_smoothing: ε of cDPO / robust DPO.
         reference_adapter: The frozen reference adapter's name, or None (adapters disabled).
+        precompute_reference: :meth:`prepare` computes (or reads back) every pair's reference log-probs.
+        adapter_dir: The reference adapter's files (part of the cache key), or None.
 
     Attributes:
         metric_names: The names of the metric sums :meth:`loss` returns (TRL's).
         unit: What the loss is averaged over (``"pairs"``).
+        card: The method's lines for the model card.
 
     Raises:
         ConfigError: a bad ``beta`` / ``loss_type`` / ``label_smoothing``.
@@ -77,11 +80,28 @@ class DpoObjective:
     unit = "pairs"
 
     def __init__(
-        self, pad_token_id: int, beta: float, loss_type: str, label_smoothing: float, reference_adapter: str | None
+        self,
+        pad_token_id: int,
+        beta: float,
+        loss_type: str,
+        label_smoothing: float,
+        reference_adapter: str | None,
+        precompute_reference: bool = False,
+        adapter_dir: str | Path | None = None,
     ) -> None:
         check_dpo_args(beta, loss_type, label_smoothing)
         self.pad_token_id, self.beta, self.loss_type = pad_token_id, beta, loss_type
         self.label_smoothing, self.reference_adapter = label_smoothing, reference_adapter
+        self.precompute_reference, self.adapter_dir = precompute_reference, adapter_dir
+        reference = f"the starting adapter {adapter_dir}, frozen" if adapter_dir else "the base (adapters disabled)"
+        self.card = {
+            "method": "dpo",
+            "beta": beta,
+            "loss_type": loss_type,
+            "label_smoothing": label_smoothing,
+            "reference": reference,
+            "precompute_reference": precompute_reference,
+        }
 
     def collate(self, rows: list[dict[str, Any]], pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         """One batch of pairs (chosen rows first), with precomputed reference log-probs if the rows have them.
@@ -130,6 +150,44 @@ class DpoObjective:
         metrics = pair_metrics(terms, c, r)
         return terms.losses.sum(), len(c), [metrics[name] for name in self.metric_names]
 
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        splits: dict[str, list[dict[str, Any]]],
+        *,
+        run_dir: Path,
+        precision: str,
+        batch_size: int,
+        to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        autocast: Any,
+        write: bool,
+        say: Callable[..., Any],
+    ) -> None:
+        """Before the first step: with ``precompute_reference``, every pair's reference log-probs, cached.
+
+        Args:
+            model: The model, adapters in place.
+            splits: ``{"train": pairs, "eval": pairs}``; the pairs get ``ref_chosen`` / ``ref_rejected``.
+            run_dir: Where the cache lives (:data:`REFERENCE_CACHE`).
+            precision: The resolved precision (part of the cache key).
+            batch_size: Pairs per reference forward.
+            to_device: Moves a batch to the model's device.
+            autocast: The run's autocast context.
+            write: Write the cache (the main process).
+            say: For what happened.
+        """
+        if not self.precompute_reference:
+            return
+        key = reference_key(model, list(splits.values()), self.adapter_dir, precision)
+        precomputed_reference(
+            run_dir,
+            key,
+            splits,
+            lambda pairs: self.reference_logps(model, pairs, batch_size, to_device, autocast),
+            write,
+            say,
+        )
+
     def reference_logps(
         self,
         model: torch.nn.Module,
@@ -161,28 +219,23 @@ class DpoObjective:
         return torch.cat(chosen), torch.cat(rejected)
 
 
-def setup_dpo_model(model: torch.nn.Module, lora: dict[str, Any], adapter: str | Path | None) -> str | None:
+def setup_dpo_model(model: torch.nn.Module, lora: LoraConfig, adapter: str | Path | None) -> str | None:
     """Puts the trainable adapter and the reference on ``model``, in place.
 
     Args:
         model: The base model.
-        lora: The run config's ``lora`` section (used when there is no ``adapter``).
+        lora: The fresh adapter's config (used when there is no ``adapter``).
         adapter: A starting adapter dir (a run dir works: its adapter is at the root), or None.
 
     Returns:
         The reference adapter's name, or None when the reference is the base.
 
     Raises:
-        ConfigError: a bad ``lora`` section.
         AdapterFormatError: ``adapter`` holds no adapter.
         ModelMismatchError: the adapter was trained on another base.
     """
     if adapter is None:
-        try:
-            config = LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
-        except ConfigError as exc:
-            raise ConfigError(f"lora section of the run config: {exc}") from None
-        inject(model, config)
+        inject(model, lora)
         return None
     try:
         load_adapter(model, adapter, is_trainable=True)

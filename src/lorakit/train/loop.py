@@ -40,10 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lorakit.adapters import inject
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
-from lorakit.examples import collate
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
@@ -51,10 +49,10 @@ from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
-from lorakit.train.data import load_run_data
 from lorakit.train.device import DistContext, int8_note, resolve_precision, setup_distributed
 from lorakit.train.graphs import setup_graphs
 from lorakit.train.lm_loss import causal_lm_loss
+from lorakit.train.objective import add_adapters, check_method, load_data, make_objective
 from lorakit.train.recompute import enable_checkpointing
 from lorakit.train.report import TrainResult
 from lorakit.train.schedule import lr_factor, make_optimizer
@@ -154,6 +152,7 @@ class _Run:
             lora_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.lora})
         except ConfigError as exc:
             raise ConfigError(f"lora section of the run config: {exc}") from None
+        check_method(cfg)  # method-specific values (the dpo section, adapter) as well
         # Model: base weights in the compute dtype first, then LoRA params (fp32) on top.
         torch.manual_seed(t.seed)
         spec = ModelSpec.parse(cfg.model)  # a 4-bit (QLoRA) base computes in the run's precision unless told
@@ -169,7 +168,8 @@ class _Run:
 
             self.base_note = describe_int8(quantize_int8(model, calibration=calibration_ids(tokenizer)))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
-        self.model = inject(model, lora_config)
+        self.model = model
+        reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
         if t.gradient_checkpointing:  # per layer; the rerun skips the MLP output LoRA does not need
@@ -180,8 +180,21 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
 
-        self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_run_data(
-            cfg.data, tokenizer, t.seed, t.batch_size, self.say
+        self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_data(
+            cfg, tokenizer, t.seed, t.batch_size, self.say
+        )
+        # What a micro-batch's loss is (SFT: token cross-entropy; DPO: pair losses against the reference).
+        self.objective = make_objective(cfg, self.pad_id, reference, lambda m, b: _forward_loss(m, b))
+        self.objective.prepare(
+            model,
+            {"train": self.train_rows, "eval": self.eval_rows},
+            run_dir=self.run_dir,
+            precision=self.precision,
+            batch_size=t.batch_size,
+            to_device=self._to_device,
+            autocast=self.autocast,
+            write=ctx.main,
+            say=self.say,
         )
         self.global_batch = t.batch_size * t.grad_accum * ctx.world
         self.batches_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
@@ -217,7 +230,8 @@ class _Run:
         self.start_step = self.step
         consistent = True  # False while params and optimizer state are half-updated
         t0 = time.perf_counter()
-        window = [0.0, 0]  # loss sum, label tokens since the last metrics row
+        names = self.objective.metric_names
+        window = [0.0] * (2 + len(names))  # loss sum, count, metric sums since the last metrics row
         try:
             batches, batches_epoch = None, -1
             while self.step < self.total_steps:
@@ -225,7 +239,7 @@ class _Run:
                 if epoch != batches_epoch:
                     batches, batches_epoch = make_batches(self.train_rows, self.global_batch, t.seed, epoch), epoch
                 torch.manual_seed(_step_seed(t.seed, self.step, ctx.rank))  # dropout: a function of (seed, step)
-                loss_sum, n_label, n_tok = self._accumulate(batches[index])
+                loss_sum, n_label, n_tok, metric_sums = self._accumulate(batches[index])
                 loss = loss_sum / max(n_label, 1)
                 if not math.isfinite(loss):
                     raise self._diverged("loss", loss)
@@ -243,8 +257,7 @@ class _Run:
                 consistent = True
                 self.tokens += n_tok
                 self.train_loss = loss
-                window[0] += loss_sum
-                window[1] += n_label
+                window = [w + v for w, v in zip(window, [loss_sum, n_label, *metric_sums])]
                 elapsed = self.elapsed_before + time.perf_counter() - t0
                 last = self.step == self.total_steps
                 if ctx.main and (self.step % t.log_every == 0 or last):
@@ -255,12 +268,14 @@ class _Run:
                             "lr": lr,
                             "tokens": self.tokens,
                             "elapsed_s": round(elapsed, 3),
+                            **{n: s / max(window[1], 1) for n, s in zip(names, window[2:])},
                         }
                     )
-                    window = [0.0, 0]
+                    window = [0.0] * len(window)
                 if bar is not None:
                     rate = self.tokens / max(elapsed, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                    shown = {n: f"{s / max(n_label, 1):.3f}" for n, s in zip(names, metric_sums) if "rewards/" in n}
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", **shown)
                     bar.update(1)
                     if bar.disable:  # not a terminal (CI logs, pipes): a plain line every ~10% instead
                         report.log_progress(
@@ -274,9 +289,9 @@ class _Run:
                             self.step - self.start_step,
                         )
                 if self.eval_batches and t.eval_every and (self.step % t.eval_every == 0 or last):
-                    self.eval_loss = self._evaluate()
+                    self.eval_loss, eval_metrics = self._evaluate()
                     if ctx.main:
-                        logger.log({"step": self.step, "eval_loss": self.eval_loss})
+                        logger.log({"step": self.step, "eval_loss": self.eval_loss, **eval_metrics})
                 if ctx.main and ((t.save_every and self.step % t.save_every == 0) or last):
                     self._save_checkpoint(self.elapsed_before + time.perf_counter() - t0)
         except KeyboardInterrupt:
@@ -307,53 +322,55 @@ class _Run:
             dist.barrier()
         return result
 
-    def _accumulate(self, global_batch: list[int]) -> tuple[float, int, int]:
-        """Forward + backward this rank's micro-batches; all-reduce; grads /= global label tokens."""
+    def _accumulate(self, global_batch: list[int]) -> tuple[float, int, int, list[float]]:
+        """Forward + backward this rank's micro-batches; all-reduce; grads /= the global count.
+
+        The count is what the objective's loss is a sum over (label tokens for SFT, pairs for DPO).
+        Returns ``(loss sum, count, input tokens, metric sums)`` of the global batch.
+        """
         ctx, bs = self.ctx, self.cfg.train.batch_size
         micro = [global_batch[i : i + bs] for i in range(0, len(global_batch), bs)][ctx.rank :: ctx.world]
-        stats = torch.zeros(3, dtype=torch.float32, device=ctx.device)  # loss sum, label tokens, input tokens
+        k = 3 + len(self.objective.metric_names)
+        stats = torch.zeros(k, dtype=torch.float32, device=ctx.device)  # loss sum, count, input tokens, metrics
         for rows in micro:
             # Graphs are recorded per shape: pad to coarse buckets so few shapes occur.
-            cpu_batch = collate(
-                [self.train_rows[i] for i in rows],
-                self.pad_id,
-                pad_to_multiple_of=8 if self.graphs is None else GRAPH_PAD,
-            )
+            pad = 8 if self.graphs is None else GRAPH_PAD
+            cpu_batch = self.objective.collate([self.train_rows[i] for i in rows], pad)
             with self.autocast:
-                loss_sum, n_tokens = _forward_loss(self.model, self._to_device(cpu_batch))
+                loss_sum, count, metrics = self.objective.loss(self.model, self._to_device(cpu_batch))
             loss_sum.backward()
             stats[0] += loss_sum.detach().float()
-            stats[1:] += stats.new_tensor([n_tokens, _input_tokens(cpu_batch)])
+            stats[1:] += stats.new_tensor([count, _input_tokens(cpu_batch), *metrics])
         grads = [
             p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
             for p in self.params
         ]
         flat = ctx.all_reduce(torch.cat([*[g.float() for g in grads], stats]))  # one all-reduce per step
-        loss_sum, n_label, n_tok = flat[-3:].tolist()
-        flat = flat[:-3].div_(max(n_label, 1))  # one kernel, not one per parameter
+        loss_sum, n_label, n_tok, *metric_sums = flat[-k:].tolist()
+        flat = flat[:-k].div_(max(n_label, 1))  # one kernel, not one per parameter
         offset = 0
         for p in self.params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-        return loss_sum, int(n_label), int(n_tok)
+        return loss_sum, int(n_label), int(n_tok), metric_sums
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
 
-    def _evaluate(self) -> float:
-        """Mean token loss over the eval set (sharded across ranks), without grad."""
-        ctx = self.ctx
+    def _evaluate(self) -> tuple[float, dict[str, float]]:
+        """Mean loss over the eval set (sharded across ranks), without grad; and the objective's eval metrics."""
+        ctx, names = self.ctx, self.objective.metric_names
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        total = torch.zeros(2 + len(names), dtype=torch.float64, device=ctx.device)  # loss sum, count, metrics
         with torch.no_grad():
             for rows in self.eval_batches[ctx.rank :: ctx.world]:
-                batch = self._to_device(collate([self.eval_rows[i] for i in rows], self.pad_id, pad_to_multiple_of=8))
+                batch = self._to_device(self.objective.collate([self.eval_rows[i] for i in rows], 8))
                 with self.autocast:
-                    loss_sum, n_tokens = _forward_loss(self.model, batch)
-                total += torch.stack([loss_sum.double(), total.new_tensor(n_tokens)])
+                    loss_sum, count, metrics = self.objective.loss(self.model, batch)
+                total += torch.cat([loss_sum.double().reshape(1), total.new_tensor([count, *metrics])])
         self.model.train()
-        loss_sum, n = ctx.all_reduce(total).tolist()
-        return loss_sum / max(n, 1)
+        loss_sum, n, *sums = ctx.all_reduce(total).tolist()
+        return loss_sum / max(n, 1), {f"eval_{name}": s / max(n, 1) for name, s in zip(names, sums)}
 
     # ------------------------------------------------------------------ stopping
 
@@ -429,6 +446,7 @@ class _Run:
             eval_loss=result.eval_loss,
             trainable_params=self.trainable,
             total_params=self.total_params,
+            method=self.objective.card,
         )
         self.say(
             report.format_summary(

@@ -10,6 +10,11 @@ The :class:`TrainResult` that ``train()`` returns comes back on every rank.
   rate of the row's step, ``tokens`` the input tokens (padding excluded) trained on so
   far by all processes, ``elapsed_s`` the training time so far (resumed runs continue it);
 * eval rows: ``{"step", "eval_loss"}``: mean token loss over the eval set.
+
+A ``method: dpo`` run's loss is the mean DPO loss per pair, and its rows add TRL's metrics
+(means over the pairs since the previous row): ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; its eval
+rows add the same with an ``eval_`` prefix. ``loss.png`` then gains a reward-margin panel.
 """
 
 from __future__ import annotations
@@ -108,14 +113,26 @@ def plot_loss(metrics_path: str | os.PathLike[str], png_path: str | os.PathLike[
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot()
+    margins = [(r["step"], r["rewards/margins"]) for r in rows if "rewards/margins" in r]
+    eval_margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
+    fig = Figure(figsize=(6, 6.5 if margins else 4), dpi=100)
+    ax = fig.add_subplot(2, 1, 1) if margins else fig.add_subplot()
+    if margins:  # DPO: the reward margin (chosen − rejected) is what the preference looks like
+        mx = fig.add_subplot(2, 1, 2, sharex=ax)
+        mx.plot(*zip(*margins), label="train reward margin", linewidth=1.2, color="tab:green")
+        if eval_margins:
+            mx.plot(*zip(*eval_margins), "o-", label="eval reward margin", linewidth=1.2, markersize=4)
+        mx.axhline(0.0, color="grey", linewidth=0.8)
+        mx.set_xlabel("step")
+        mx.set_ylabel("rewards/margins")
+        mx.grid(alpha=0.3)
+        mx.legend()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2, markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean per token)")
+    ax.set_ylabel("loss (mean per pair)" if margins else "loss (mean per token)")
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
@@ -145,6 +162,7 @@ def write_model_card(
     eval_loss: float | None,
     trainable_params: int,
     total_params: int,
+    method: dict[str, Any] | None = None,
 ) -> Path:
     """Write the run's ``README.md`` model card (atomically).
 
@@ -161,11 +179,13 @@ def write_model_card(
         eval_loss: Final eval loss, or None.
         trainable_params: Trainable (adapter) parameter count.
         total_params: All parameters of the injected model.
+        method: For a run other than SFT, its method and settings (e.g. ``{"method": "dpo", "beta": 0.1}``).
 
     Returns:
         The README path.
     """
     path = Path(path)
+    method_lines = "".join(f"\n- `{k}`: `{v!r}`" for k, v in (method or {}).items())
     pct = 100 * trainable_params / total_params if total_params else 0.0
     data_lines = "\n".join(f"- {role}: `{file}` ({rows:,d} examples)" for role, file, rows in data)
     lora_lines = "\n".join(f"- `{k}`: `{v!r}`" for k, v in lora.items()) or "- (lorakit defaults)"
@@ -186,7 +206,7 @@ This folder is a PEFT-format LoRA adapter (`adapter_config.json` +
 - trainable parameters: {trainable_params:,d} of {total_params:,d} ({pct:.4f}%)
 
 ## Training
-{train_lines}
+{train_lines}{method_lines}
 - precision: **{precision}** ({precision_reason})
 - steps trained: {steps}
 
