@@ -304,13 +304,6 @@ def eval_(
             )
         )
         return
-    if first_pair_line(data):
-        _print_preferences(
-            evaluation.evaluate_preferences(
-                lm, tokenizer, data, run_dir=runs.find_adapter_dir(run_or_adapter)[1], batch_size=batch_size
-            )
-        )
-        return
     result = evaluation.evaluate(
         lm,
         tokenizer,
@@ -463,20 +456,6 @@ def serve(
         limits=ServeLimits(max_tokens=max_tokens),
         dtype=dtype.value,
         device=device,
-    )
-
-
-def _print_preferences(result: dict[str, Any]) -> None:
-    """``lorakit eval``'s lines for a pairs file (TRL's metric names)."""
-    console = _console()
-    hits = round(result["rewards/accuracies"] * result["pairs"])
-    console.print(f"rewards/accuracies  {result['rewards/accuracies']:.3f}  ({hits}/{result['pairs']} pairs)")
-    for name in ("rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        console.print(f"{name:<19} {result[name]:.4f}")
-    console.print(
-        f"eval_loss           {result['eval_loss']:.4f}  ({result['loss_type']}, beta {result['beta']}, "
-        f"reference: {result['reference']})",
-        markup=False,
     )
 
 
