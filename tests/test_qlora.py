@@ -294,3 +294,13 @@ def test_cli_merge_of_a_4bit_run(assets, qrun, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: --dtype nf4") and "re-quantized 4-bit" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+def test_generate_on_a_4bit_base_from_the_cli(assets, qrun, capsys):
+    from lorakit import cli
+
+    code = cli.main(["generate", str(qrun), "-p", "say abc", "--max-new-tokens", "3"])  # the run's 4-bit base
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    model, _, _ = open_adapter(qrun, model=str(assets[0]), quantize="fp4")  # a name + 4 bits asked for
+    assert quant_info(model)["quantization"] == "fp4"

@@ -86,6 +86,8 @@ class Quantize(str, Enum):
 
     none = "none"
     int8 = "int8"
+    nf4 = "nf4"
+    fp4 = "fp4"
 
 
 QuantizeOpt = Annotated[
@@ -93,7 +95,7 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         help="int8: the base's Linear layers in int8 (weights and matmuls, CPU; faster decoding), the adapter fp32 "
-        "on top; none: as stored.",
+        "on top; nf4 / fp4: a 4-bit (QLoRA) base; none: as stored (a run trained on a 4-bit base reopens on it).",
     ),
 ]
 

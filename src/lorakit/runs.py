@@ -236,7 +236,8 @@ def open_adapter(
         device: Where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); None = the CPU.
         quantize: ``"int8"``: the base's Linear layers (not the head) become int8 with both
             matmuls in int8 (:mod:`lorakit.int8`, CPU), the adapter unmerged in fp32 on top;
-            None / ``"none"``: as loaded.
+            ``"nf4"`` / ``"fp4"``: the base loaded in 4 bits (:mod:`lorakit.quant`);
+            None / ``"none"``: as loaded (a run trained on a 4-bit base reopens on it).
 
     Returns:
         ``(model, tokenizer, info)``: the model in eval mode with the adapter
@@ -253,6 +254,9 @@ def open_adapter(
     config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
     spec, source = _choose_spec(model, adapter_dir, run_dir)
     name = spec.name
+    if quantize is not None and str(quantize).lower() in ("nf4", "fp4"):  # a 4-bit base asked for by name
+        spec = dataclasses.replace(spec, quantization=str(quantize).lower())
+        quantize = None
     base, tokenizer = models.load_model(name, dtype=dtype, device=device, **spec.load_kwargs())
     if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
         from .int8_model import quantize_for_inference
