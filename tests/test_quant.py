@@ -136,6 +136,17 @@ def test_quantize_equals_transformers_bitsandbytes(tmp_path):
         assert type(ours.lm_head) is nn.Linear and ours.is_loaded_in_4bit
 
 
+def test_public_entry_point_and_lazy_import():
+    import subprocess
+
+    import lorakit
+
+    assert lorakit.quantize is quant_model.quantize
+    code = "import sys, lorakit; assert 'bitsandbytes' not in sys.modules; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr  # import lorakit never loads bitsandbytes
+
+
 def test_quantize_frees_each_full_precision_weight():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])

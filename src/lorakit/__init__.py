@@ -56,6 +56,7 @@ from .errors import (
 )
 from .inject import print_trainable_parameters, trainable_parameters
 from .io import load_adapter, save_adapter
+from .quant_model import quantize
 from .mixed import adapter_batch
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ __all__ = [
     "CombineResult",
     "save_adapter",
     "load_adapter",
+    "quantize",
     "train",
     "LorakitError",
     "ConfigError",
