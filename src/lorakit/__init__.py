@@ -56,8 +56,8 @@ from .errors import (
 )
 from .inject import print_trainable_parameters, trainable_parameters
 from .io import load_adapter, save_adapter
-from .quant_model import quantize
 from .mixed import adapter_batch
+from .quant_model import quantize
 
 if TYPE_CHECKING:
     import torch
