@@ -61,17 +61,25 @@ def input_maxima(model: nn.Module, names: Sequence[str], ids: Tensor) -> tuple[d
 
     Returns:
         ``(maxima, groups)``: ``{name: [in] fp32}``, and the names grouped by the input tensor
-        they read (q/k/v read one, gate/up one), in model order.
+        they read (q/k/v read one, gate/up one: consecutive calls on the very same tensor
+        object, never an address, which a later tensor may reuse), in call order.
     """
     maxima: dict[str, Tensor] = {}
-    reads: dict[str, int] = {}
+    groups: list[list[str]] = []
+    last: list[Tensor] = []  # the input the current group reads, kept alive: siblings get this very tensor
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            m = x.float().abs().flatten(0, -2).amax(0)
+            x = args[0]
+            m = x.detach().float().abs().flatten(0, -2).amax(0)
             maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
-            reads.setdefault(name, x.data_ptr())
+            if any(name in g for g in groups):
+                return
+            if last and last[0] is x:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+                last[:] = [x]
 
         return record
 
@@ -82,11 +90,8 @@ def input_maxima(model: nn.Module, names: Sequence[str], ids: Tensor) -> tuple[d
     finally:
         for h in handles:
             h.remove()
-    groups: dict[int, list[str]] = {}
-    for n in names:
-        if n in reads:
-            groups.setdefault(reads[n], []).append(n)
-    return maxima, list(groups.values())
+        last.clear()
+    return maxima, groups
 
 
 def smoothing_factors(
