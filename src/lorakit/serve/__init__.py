@@ -1,7 +1,8 @@
 """``lorakit serve``: one base model, many adapters, OpenAI's HTTP API (FastAPI + uvicorn).
 
 Layout: :mod:`.registry` loads, validates and unloads adapters; :mod:`.engine` batches
-every running request step by step, one adapter per row; :mod:`.app` is the HTTP side.
+every running request step by step, one adapter per row; :mod:`.schema` holds OpenAI's
+request bodies and error shape; :mod:`.app` is the HTTP side.
 :func:`serve` wires them and runs uvicorn; :func:`build_app` does the same without
 running it (tests, embedding in another ASGI server). Inference code only: nothing here
 imports :mod:`lorakit.train`.
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .app import APIError, ServeLimits, create_app
+from .app import create_app
 from .engine import Engine, Request, SamplingParams
 from .registry import AdapterInfo, AdapterRegistry
+from .schema import APIError, ServeLimits
 
 __all__ = [
     "serve",

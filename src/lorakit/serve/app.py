@@ -14,16 +14,14 @@ body over the size limit. A failing request never stops the server.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
@@ -34,167 +32,23 @@ from ..errors import (
     ModelMismatchError,
     TargetNotFoundError,
 )
-from .engine import Engine, SamplingParams
+from .engine import Engine
 from .engine import Request as EngineRequest
+from .schema import (
+    APIError,
+    ChatBody,
+    CompletionBody,
+    LoadBody,
+    RequestBody,
+    ServeLimits,
+    UnloadBody,
+    chat_prompt_ids,
+    completion_prompt_ids,
+    sampling_params,
+    sse,
+)
 
-__all__ = ["APIError", "create_app", "ServeLimits"]
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
-            status_code=self.status,
-        )
-
-
-class ServeLimits(BaseModel):
-    """Bounds on what one request may ask.
-
-    Attributes:
-        max_request_bytes: largest request body accepted.
-        max_tokens: largest ``max_tokens`` accepted.
-    """
-
-    max_request_bytes: int = 1 << 20
-    max_tokens: int = 4096
-
-
-# ------------------------------------------------------------------------- schema (OpenAI's fields)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias, ...)
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens tokens whatever comes
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int]
-
-
-class _ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[_ContentPart]
-
-
-class ChatBody(_Body):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class LoadBody(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class UnloadBody(BaseModel):
-    lora_name: str
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-def _prompt_ids(tokenizer: Any, body: CompletionBody) -> list[int]:
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(
-                400,
-                f"prompt holds {len(prompt)} strings; this server answers one prompt per request (n=1).",
-                param="prompt",
-            )
-        prompt = prompt[0]
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-
-def _chat_ids(tokenizer: Any, body: ChatBody) -> list[int]:
-    messages = [
-        {
-            "role": m.role if m.role != "developer" else "system",
-            "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
-        }
-        for m in body.messages
-    ]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def _params(
-    body: _Body, max_tokens: int | None, prompt_len: int, context: int, limits: ServeLimits, prompt_field: str
-) -> SamplingParams:
-    if prompt_len == 0:
-        raise APIError(400, f"{prompt_field} is empty; send at least one token.", param=prompt_field)
-    if prompt_len >= context:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context} tokens, but the {prompt_field} has "
-            f"{prompt_len} tokens. Shorten it.",
-            param=prompt_field,
-            code="context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = min(16 if prompt_field == "prompt" else limits.max_tokens, context - prompt_len)
-    if max_tokens > limits.max_tokens:
-        raise APIError(
-            400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.", param="max_tokens"
-        )
-    if prompt_len + max_tokens > context:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context} tokens; the {prompt_field} has "
-            f"{prompt_len} tokens and max_tokens asks for {max_tokens} more. Lower max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or not all(stop):
-        raise APIError(400, f"stop={body.stop!r}: give up to 4 non-empty strings.", param="stop")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=tuple(stop),
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-    )
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+__all__ = ["create_app"]
 
 
 def _check_admin(request: Request, token: str | None) -> None:
@@ -354,8 +208,8 @@ def create_app(
             )
         return {"object": "list", "data": data}
 
-    async def _run(body: _Body, ids: list[int], max_tokens: int | None, prompt_field: str, chat: bool) -> Any:
-        params = _params(body, max_tokens, len(ids), engine.context, limits, prompt_field)
+    async def _run(body: RequestBody, ids: list[int], max_tokens: int | None, prompt_field: str, chat: bool) -> Any:
+        params = sampling_params(body, max_tokens, len(ids), engine.context, limits, prompt_field)
         adapter = _acquire(body.model)
         req = engine.submit(EngineRequest(adapter, ids, params, loop=asyncio.get_running_loop()))
         rid = ("chatcmpl-" if chat else "cmpl-") + req.id
@@ -405,7 +259,7 @@ def create_app(
         }
 
     async def _stream(
-        req: EngineRequest, body: _Body, rid: str, now: int, chat: bool, usage: Any
+        req: EngineRequest, body: RequestBody, rid: str, now: int, chat: bool, usage: Any
     ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -419,16 +273,16 @@ def create_app(
 
         try:
             if chat:
-                yield _sse(chunk("", None, first=True))
+                yield sse(chunk("", None, first=True))
             while True:
                 kind, value = await req.events.get()
                 if kind == "delta":
-                    yield _sse(chunk(value, None))
+                    yield sse(chunk(value, None))
                 elif kind == "done":
-                    yield _sse(chunk(None, value))
+                    yield sse(chunk(None, value))
                     break
                 else:
-                    yield _sse(
+                    yield sse(
                         {
                             "error": {
                                 "message": f"generation failed: {value}",
@@ -440,21 +294,21 @@ def create_app(
                     )
                     break
             if (body.stream_options or {}).get("include_usage"):
-                yield _sse(
+                yield sse(
                     {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [], "usage": usage()}
                 )
-            yield _sse("[DONE]")
+            yield sse("[DONE]")
         finally:
             req.cancelled = req.finish_reason is None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
-        return await _run(body, _prompt_ids(tokenizer, body), body.max_tokens, "prompt", chat=False)
+        return await _run(body, completion_prompt_ids(tokenizer, body), body.max_tokens, "prompt", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody) -> Any:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _run(body, _chat_ids(tokenizer, body), max_tokens, "messages", chat=True)
+        return await _run(body, chat_prompt_ids(tokenizer, body), max_tokens, "messages", chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadBody, request: Request) -> dict:
