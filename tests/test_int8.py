@@ -161,6 +161,15 @@ def test_smoothing_tames_an_outlier_channel_and_siblings_share_codes(tmp_path):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.q_proj.input_scale is attn.k_proj.input_scale is attn.v_proj.input_scale
     assert mlp.gate_proj.input_scale is mlp.up_proj.input_scale and mlp.down_proj.input_scale is not None
+    # exactly 4 shared inputs per layer (q/k/v, o, gate/up, down), never two layers' tensors at one address
+    layers = [m for m in model.modules() if isinstance(m, int8.Int8Linear)]
+    assert len({id(m.input_scale) for m in layers}) == 4 * len(model.model.layers)
+    _, groups = int8_model.input_maxima(
+        AutoModelForCausalLM.from_pretrained(path),
+        ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"],
+        ids,
+    )
+    assert groups == [["model.layers.0.mlp.down_proj"], ["model.layers.1.mlp.down_proj"]]
     assert "SmoothQuant on 14" in int8_model.describe_int8(model)
     with torch.profiler.profile() as prof, torch.no_grad():
         model(torch.randint(0, 250, (2, 8)))
@@ -342,3 +351,17 @@ def test_adapter_trained_in_int8_is_plain_fp32_peft_and_merges(runs, tmp_path):
         got.log_softmax(-1).flatten(0, 1), want.log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean"
     )
     assert kl < 0.02 and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_run_log_says_when_int8_is_faster_here(monkeypatch):
+    from lorakit.train.device import int8_note
+
+    monkeypatch.setattr(int8, "measured_speedup", lambda dtype=torch.float32: 0.31)
+    note = int8_note("fp32", torch.device("cpu"))
+    assert "int8 would run the frozen base's matmuls in 0.31x the fp32 time" in note
+    assert int8_note("int8", torch.device("cpu")) == "" and int8_note("fp32", torch.device("meta")) == ""
+    monkeypatch.setattr(int8, "measured_speedup", lambda dtype=torch.float32: 1.2)
+    assert int8_note("bf16", torch.device("cpu")) == ""  # not faster: nothing said
+    monkeypatch.undo()
+    ratio = int8.measured_speedup()  # the real measurement: a positive ratio
+    assert 0 < ratio < 100
