@@ -1,0 +1,218 @@
+"""QLoRA on the CPU: lorakit fp32 vs lorakit nf4 vs PEFT + bitsandbytes nf4, same batches, one run each.
+
+LoRA r=16, alpha=32 on all seven projections of the embedded default model
+(SmolLM2-135M-Instruct), AdamW lr 2e-4, the ``short`` workload of train_step.py
+(8 chat rows a step from examples/data/quickstart_train.jsonl, whole, right-padded
+to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
+(``VmHWM``) is its own.
+
+    python benchmarks/qlora.py                     # 30 steps each (the issue's setting)
+    python benchmarks/qlora.py --steps 8 --skip 2  # a short run
+
+Variants:
+    lorakit-fp32    `lorakit train` with train.precision: fp32 on the full-precision base (fused ops)
+    lorakit-nf4     `lorakit train` with model: {quantization: nf4, double_quant: true, compute_dtype: auto}
+                    and train.precision: auto (bf16 compute on AMX/AVX512-BF16 CPUs, else fp32): the base's
+                    Linears in bitsandbytes nf4, dequantized one layer at a time inside lorakit's op
+    peft-nf4        transformers BitsAndBytesConfig(nf4, double quant, compute dtype as lorakit-nf4's) +
+                    PEFT's prepare_model_for_kbit_training (its defaults: fp32 non-4-bit params, gradient
+                    checkpointing) + get_peft_model, the step under autocast when the compute dtype is bf16
+
+Columns: base bytes = resident bytes of the frozen base (4-bit codes, absmax and quant maps counted; LoRA
+excluded); 4-bit Linears vs bf16 = the quantized Linears' bytes over the same weights in bf16; peak RSS =
+VmHWM of the worker process; s/step = median over the steps after --skip; loss = mean token loss of the
+last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import git_rev, machine, median, model_note, rss_kib, write_section  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["lorakit-fp32", "lorakit-nf4", "peft-nf4"]
+ROWS = 8
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
+
+
+def _batches(tokenizer, steps: int) -> list[dict]:
+    from lorakit.examples import collate, load_examples
+
+    examples, _ = load_examples(DATA, tokenizer, max_seq_len=4096)
+    rng = random.Random(0)
+    rows = [rng.choice(examples) for _ in range(ROWS * steps)]
+    return [
+        collate(rows[i * ROWS : (i + 1) * ROWS], tokenizer.pad_token_id, pad_to_multiple_of=8) for i in range(steps)
+    ]
+
+
+def _base_bytes(model) -> tuple[int, int, int]:
+    """(resident bytes of the frozen base, bytes of its 4-bit Linears, those Linears' weights in bf16)."""
+    total = four = four_bf16 = 0
+    seen = set()
+    for name, p in model.named_parameters():
+        if "lora_" in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel() * p.element_size()
+        if p.__class__.__name__ == "Params4bit":
+            qs = p.quant_state
+            extra = qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
+            if qs.nested:
+                s2 = qs.state2
+                extra += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+            four += n + extra
+            four_bf16 += qs.shape.numel() * 2
+            n += extra
+        total += n
+    for b in model.buffers():
+        total += b.numel() * b.element_size()
+    return total, four, four_bf16
+
+
+def worker(variant: str, steps: int) -> dict:
+    import torch
+
+    import lorakit
+    from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+    from lorakit.models import load_model, resolve_model
+    from lorakit.quant import resolve_compute_dtype
+    from lorakit.train.device import resolve_precision
+    from lorakit.train.lm_loss import causal_lm_loss
+    from lorakit.train.schedule import make_optimizer
+
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    precision = resolve_precision("auto", dev)[0]
+    cd = resolve_compute_dtype("auto", dev, precision=precision)[0]
+    bf16 = variant != "lorakit-fp32" and cd == torch.bfloat16
+    if variant == "peft-nf4":
+        import peft
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from lorakit.models import load_tokenizer
+
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cd
+        )
+        path = resolve_model(None)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.float32)
+        tok = load_tokenizer(None)
+        model.config.use_cache = False
+        model = peft.prepare_model_for_kbit_training(model)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+
+        def loss_fn(batch):
+            return model(**batch).loss
+    else:
+        kw = {"quantization": "nf4", "double_quant": True, "compute_dtype": cd} if variant == "lorakit-nf4" else {}
+        model, tok = load_model(None, dtype=torch.float32, device=dev, **kw)
+        model.config.use_cache = False
+        lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        fuse_swiglu_mlps(model)  # as `lorakit train` does (4-bit layers keep their own op)
+        fuse_shared_inputs(model)
+
+        def loss_fn(batch):
+            loss_sum, n = causal_lm_loss(model, batch)
+            return loss_sum / max(n, 1)
+
+    base, four, four_bf16 = _base_bytes(model)
+    batches = _batches(tok, steps)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, 2e-4, 0.0, dev)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+    times, losses = [], []
+    for batch in batches:
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return {
+        "variant": variant,
+        "steps": steps,
+        "times": times,
+        "losses": losses,
+        "compute": "bf16" if bf16 else "fp32",
+        "base_bytes": base,
+        "four_bytes": four,
+        "four_bf16": four_bf16,
+        "peak_gib": rss_kib("VmHWM") / 2**20,
+    }
+
+
+def _run(variant: str, steps: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, str(steps)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+        sys.exit(f"worker {variant} failed")
+    return json.loads(line[7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        return
+    rev = git_rev()
+    runs = {v: _run(v, args.steps) for v in args.variants}
+    fp32, peft = runs.get("lorakit-fp32"), runs.get("peft-nf4")
+    lines = [
+        f"{machine()}; {model_note()}; commit {rev}; {args.steps} steps of {ROWS} rows, r=16 on all seven "
+        f"projections; s/step = median after {args.skip} warm-up steps. Run: `python benchmarks/qlora.py "
+        f"--steps {args.steps} --skip {args.skip}`.",
+        "",
+        "| variant | compute | base MiB | 4-bit Linears vs bf16 | peak RSS GiB | x lorakit-fp32 | x peft-nf4 "
+        "| s/step | x lorakit-fp32 | x peft-nf4 | loss after N | vs lorakit-fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, r in runs.items():
+        s = median(r["times"][args.skip :] or r["times"][-1:])
+
+        def x(key, other, r=r, s=s):
+            if other is None:
+                return "n/a"
+            mine = s if key == "s" else r[key]
+            theirs = median(other["times"][args.skip :] or other["times"][-1:]) if key == "s" else other[key]
+            return f"{mine / theirs:.2f}"
+
+        ratio4 = f"{r['four_bytes'] / r['four_bf16']:.3f}" if r["four_bf16"] else ""
+        dloss = f"{(r['losses'][-1] / fp32['losses'][-1] - 1) * 100:+.2f}%" if fp32 else ""
+        lines.append(
+            f"| {v} | {r['compute']} | {r['base_bytes'] / 2**20:.0f} | {ratio4} | {r['peak_gib']:.2f} "
+            f"| {x('peak_gib', fp32)} | {x('peak_gib', peft)} | {s:.3f} | {x('s', fp32)} | {x('s', peft)} "
+            f"| {r['losses'][-1]:.4f} (N={r['steps']}) | {dloss} |"
+        )
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("qlora", body)
+
+
+if __name__ == "__main__":
+    main()
