@@ -468,3 +468,23 @@ def test_cli_serve_refuses_an_adapter_that_does_not_fit(files, tmp_path, capsys)
     code = main(["serve", "--model", str(files["model"]), "--adapter", f"bad={_mismatched(files, tmp_path)}"])
     err = capsys.readouterr().err
     assert code == 2 and "model.decoder.layers" in err and "match no module" in err
+
+
+def test_sliding_window_models_are_refused():
+    """The engine pads and slices the KV cache by hand: a sliding-window cache would be wrong, so it is refused."""
+    from tiny import make_tokenizer
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+        )
+    )
+    with pytest.raises(lorakit.ConfigError, match="DynamicSlidingWindowLayer"):
+        Engine(model, make_tokenizer(), AdapterRegistry(model, "m"))

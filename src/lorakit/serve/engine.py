@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import inspect
 import logging
 import os
 import queue
@@ -129,6 +130,11 @@ class Engine:
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
+        _check_cache_layout(model)
+        # only the last position's logits are needed after a prompt (most transformers LMs can skip the rest)
+        self._last_only = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        )
         self._queue: queue.Queue = queue.Queue()
         self._calls: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -248,7 +254,7 @@ class Engine:
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                **self._last_only,
             )
         for r in reqs:
             r.length = len(r.prompt_ids)
@@ -353,6 +359,26 @@ class Engine:
             layer.values = layer.values.index_select(0, index)[..., first:, :]
         self._mask = mask[:, first:]
         self._rows = [self._rows[i] for i in keep]
+
+
+def _check_cache_layout(model: Any) -> None:
+    """The running batch's KV cache is padded and sliced by hand: only plain full-attention layers allow that.
+
+    Raises:
+        ConfigError: the model's cache has other layers (sliding windows, linear attention, ...).
+    """
+    from transformers import DynamicCache
+
+    try:
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a cache from
+        raise ConfigError(f"cannot serve {type(model).__name__}: no KV cache for its config ({exc}).") from None
+    if kinds - {"DynamicLayer"}:
+        raise ConfigError(
+            f"cannot serve {type(model).__name__} yet: its KV cache has {', '.join(sorted(kinds))} layers, and "
+            f"lorakit serve batches only full-attention caches (DynamicLayer); use a model without sliding-window "
+            f"or linear-attention layers."
+        )
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
