@@ -1,11 +1,12 @@
-"""Make the DPO example's preference pairs: the quickstart pirate, now with a parrot sign-off.
+"""Make the DPO example's preference pairs: the quickstart pirate, now with his parrot speaking first.
 
 The second stage of the two-stage recipe (``quickstart.yaml``: SFT teaches the pirate
 style; ``dpo.yaml``: DPO on these pairs). Every pair answers one question twice in the
-quickstart's pirate style; the *chosen* answer ends with the parrot's sign-off
-(``Squawk! Polly wants a cracker!``), the *rejected* one with an ordinary pirate
-sign-off ("Yo-ho-ho!", ...). The preference is the whole difference, so a few dozen
-DPO steps move it visibly: answers to new questions end with the parrot.
+quickstart's pirate style, with the same fact and the same sign-off; the *chosen*
+answer opens with the parrot (``Squawk! Polly says:``), the *rejected* one with an
+ordinary pirate greeting ("Arr, matey!", ...). The preference is the whole
+difference, so a few dozen DPO steps move it visibly: answers to new questions open
+with the parrot, and the rest of the answer stays what SFT taught.
 
 Deterministic (seeded ``random.Random``), no downloads, standard library only; reuses
 the quickstart's topics, questions and texts::
@@ -31,18 +32,18 @@ SEED = 4321
 HERE = Path(__file__).resolve().parent
 TRAIN_FILE = HERE / "data" / "dpo_train.jsonl"
 EVAL_FILE = HERE / "data" / "dpo_eval.jsonl"
-PARROT = "Squawk! Polly wants a cracker!"
+PARROT = "Squawk! Polly says:"
 
 
 def pair(rng: random.Random, question: str, body: str) -> dict:
     body = body[0].upper() + body[1:]
     if body[-1] not in ".!?":
         body += "."
-    opener = rng.choice(OPENERS)
+    closer = rng.choice(CLOSERS)
     return {
         "prompt": [{"role": "user", "content": question}],
-        "chosen": [{"role": "assistant", "content": f"{opener} {body} {PARROT}"}],
-        "rejected": [{"role": "assistant", "content": f"{opener} {body} {rng.choice(CLOSERS)}"}],
+        "chosen": [{"role": "assistant", "content": f"{PARROT} {body} {closer}"}],
+        "rejected": [{"role": "assistant", "content": f"{rng.choice(OPENERS)} {body} {closer}"}],
     }
 
 
