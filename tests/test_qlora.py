@@ -192,7 +192,7 @@ def test_train_resume_and_run_files_on_4bit_base(assets, tmp_path, capsys):
     assert quant_info(model) == {"quantization": "nf4", "double_quant": True, "compute_dtype": "fp32", "layers": 14}
     assert info.spec.quantization == "nf4" and info.model_source == "lorakit.yaml"
     # Loading it on the full-precision base is allowed, with a note.
-    with pytest.warns(UserWarning, match="trained on a 4-bit base, now loaded on a full-precision one"):
+    with pytest.warns(UserWarning, match=r"trained on a 4-bit base \(nf4\), now loaded on a full-precision one"):
         model, _, _ = open_adapter(tmp_path / "full", model={"name": str(assets[0])})
     assert quant_info(model) is None
 
@@ -304,3 +304,25 @@ def test_generate_on_a_4bit_base_from_the_cli(assets, qrun, capsys):
     assert code == 0, err
     model, _, _ = open_adapter(qrun, model=str(assets[0]), quantize="fp4")  # a name + 4 bits asked for
     assert quant_info(model)["quantization"] == "fp4"
+
+
+def test_note_when_an_adapter_meets_the_other_precision(assets, qrun, tmp_path):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    full, _ = models.load_model(assets[0])
+    with pytest.warns(UserWarning, match=r"trained on a 4-bit base \(nf4\), now loaded on a full-precision one"):
+        lorakit.load_adapter(full, qrun)  # allowed: a note, and the adapter is on
+    assert lorakit.active_adapters(full) == ["default"]
+    plain, _ = models.load_model(assets[0])
+    lorakit.inject(plain, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    lorakit.save_adapter(plain, tmp_path / "fp")
+    four, _ = models.load_model(assets[0], quantization="nf4", compute_dtype="fp32")
+    with pytest.warns(UserWarning, match=r"on a full-precision base, now loaded on a 4-bit one \(nf4\)"):
+        lorakit.load_adapter(four, tmp_path / "fp")
+    peft = get_peft_model(models.load_model(assets[0])[0], LoraConfig(r=4, target_modules="all-linear"))
+    peft.save_pretrained(tmp_path / "p")  # PEFT records nothing: no note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(models.load_model(assets[0], quantization="nf4", compute_dtype="fp32")[0], tmp_path / "p")

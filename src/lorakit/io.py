@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,11 +28,13 @@ from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .files import write_dir_atomic
 from .inject import lora_layers
 from .layers import LoraLayer, ModulesToSaveWrapper
+from .quant_model import quantization_info
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "LORA_KEY"]
 
 PREFIX = "base_model.model."
 _BIN_NAME = "adapter_model.bin"
+_BASE_KEY = "lorakit_base_quantization"  # safetensors metadata: nf4 / fp4 / none (the base's storage in training)
 # Splits a saved tensor key into module path, kind and suffix.
 LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.weight)?)$"
@@ -98,9 +101,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config = _config_for_save(model, adapter_config(model, adapter_name), adapter_name)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     final = Path(path) if adapter_name == "default" else Path(path) / adapter_name
+    info = quantization_info(model)  # the base it was trained on: 4-bit or not (a note when loaded on the other)
+    quantized = info["quantization"] if info else "none"
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", _BASE_KEY: quantized})
         config.save(tmp, base_model_name_or_path=base_name)
 
     # Only the adapter files are replaced (a run dir keeps its checkpoints), the config last: it marks "complete".
@@ -199,6 +204,7 @@ def load_adapter(
     if adapter_name in get_configs(model):
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; load it under another name.")
     _check_modules_exist(model, path, tensors)
+    _note_base(model, path)
     with restore_on_error(model):
         inject(model, config, adapter_name)
         targets = {name: layer for name, layer in lora_layers(model) if adapter_name in layer.r}
@@ -206,6 +212,30 @@ def load_adapter(
         if not is_trainable:
             freeze_adapter(model, adapter_name)
     return model
+
+
+def _note_base(model: nn.Module, path: Path) -> None:
+    """Warn (a note, not an error) when a lorakit adapter trained on a 4-bit base is loaded on a full one, or back."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            trained = (f.metadata() or {}).get(_BASE_KEY)
+    except (SafetensorError, OSError):
+        return
+    if trained is None:  # saved by PEFT or an older lorakit: not recorded
+        return
+    info = quantization_info(model)
+    if (trained != "none") == (info is not None):
+        return
+    how = (
+        f"on a 4-bit base ({trained}), now loaded on a full-precision one"
+        if trained != "none"
+        else f"on a full-precision base, now loaded on a 4-bit one ({info['quantization']})"
+    )
+    warnings.warn(
+        f"note: the adapter in {path} was trained {how}; outputs differ by the quantization error.", stacklevel=3
+    )
 
 
 def _copy_into(copies: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
@@ -243,7 +273,6 @@ def _plan_copies(
     params = dict(model.named_parameters(remove_duplicate=False))
     copies = []
     seen = set()
-    wrong: list[tuple[str, tuple, tuple]] = []  # (key, the model's shape, the adapter's)
     for key, value in tensors.items():
         m = LORA_KEY.match(key)
         if m:
@@ -275,16 +304,11 @@ def _plan_copies(
             )
         target = params[dest]
         if tuple(target.shape) != tuple(value.shape):
-            wrong.append((key, tuple(target.shape), tuple(value.shape)))
-            continue
+            raise ModelMismatchError(
+                f"{path}: shape mismatch for {key!r}: the model expects {tuple(target.shape)}, the adapter has "
+                f"{tuple(value.shape)}. Was it trained on another base model, or with another r / rank_pattern?"
+            )
         copies.append((target, value.to(target.dtype), owned))
-    if wrong:
-        (key, expected, got), more = wrong[0], [k for k, _, _ in wrong[1:]]
-        raise ModelMismatchError(
-            f"{path}: shape mismatch for {key!r}: the model expects {expected}, the adapter has {got}"
-            + (f"; {len(more)} more tensor(s) do not fit either: {', '.join(map(repr, more[:8]))}" if more else "")
-            + ". Was it trained on another base model, or with another r / rank_pattern?"
-        )
     missing = sorted(set(targets) - seen)
     if missing:
         raise AdapterFormatError(

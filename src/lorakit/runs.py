@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,14 +164,6 @@ def _choose_spec(model: Any, adapter_dir: Path, run_dir: Path | None) -> tuple[m
             spec = models.ModelSpec(str(model)) if trained is None else dataclasses.replace(trained, name=str(model))
         else:
             spec = models.ModelSpec.parse(model)
-        if trained is not None and trained.quantized != spec.quantized:
-            how = (
-                "on a 4-bit base, now loaded on a full-precision one: outputs differ from training's by the "
-                "quantization error"
-                if trained.quantized
-                else "on a full-precision base, now loaded on a 4-bit one: outputs differ by the quantization error"
-            )
-            warnings.warn(f"note: the adapter in {adapter_dir} was trained {how}.", stacklevel=3)
         return spec, "argument"
     if trained is not None and _run_model(run_dir)[0]:
         return trained, RUN_CONFIG_NAME
@@ -224,7 +215,8 @@ def open_adapter(
     if it names something on local disk (a model directory, a ``.gguf`` file or
     the default model's name; never the hub); else the embedded default. A run
     trained on a 4-bit base (``model: {name, quantization: nf4, ...}``) is opened on
-    the same 4-bit base; a different precision is allowed, with a note (a warning).
+    the same 4-bit base; a different precision is allowed, with a note (a warning from
+    :func:`lorakit.io.load_adapter`).
 
     Args:
         run_or_adapter: A run directory or an adapter directory (lorakit's or PEFT's).
