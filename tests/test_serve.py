@@ -488,3 +488,13 @@ def test_sliding_window_models_are_refused():
     )
     with pytest.raises(lorakit.ConfigError, match="DynamicSlidingWindowLayer"):
         Engine(model, make_tokenizer(), AdapterRegistry(model, "m"))
+
+
+def test_adapter_of_a_wider_base_is_refused_naming_the_tensors(files, tmp_path):
+    """Same module names, other shapes (a base with hidden 48): every tensor that does not fit is named."""
+    wide = make_tiny_model_dir(tmp_path / "wide", hidden=48)
+    adapter = _save_adapter(wide, tmp_path / "wide_adapter", 1, 4, ["q_proj", "v_proj"])
+    model, _ = load_model(files["model"])
+    with pytest.raises(lorakit.ModelMismatchError, match=r"shape mismatch for .*7 more tensor\(s\) do not fit"):
+        AdapterRegistry(model, BASE_ID).load("wide", adapter)
+    assert lorakit.list_adapters(model) == []

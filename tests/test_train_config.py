@@ -177,7 +177,7 @@ def test_unknown_key(project, text, message):
     [
         ("train: {batch_size: eight}", r"invalid value 'eight' for 'train\.batch_size' in runs\.yaml: .*valid integer"),
         ("train: {schedule: step}", r"'step' for 'train\.schedule'.*'constant', 'linear' or 'cosine'"),
-        ("train: {precision: fp16}", r"'fp16' for 'train\.precision'.*'auto', 'fp32' or 'bf16'"),
+        ("train: {precision: fp16}", r"'fp16' for 'train\.precision'.*'auto', 'fp32', 'bf16' or 'int8'"),
         ("train: {lr: 0}", r"0 for 'train\.lr'.*greater than 0"),
         ("data: {train: data/train.jsonl, format: json}", r"'json' for 'data\.format'.*'prompt_completion'"),
         ("data: {train: data/train.jsonl, on_error: ignore}", r"'ignore' for 'data\.on_error'.*'raise' or 'skip'"),
