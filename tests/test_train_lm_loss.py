@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import make_gpt2, make_llama
 
 import lorakit
-from lorakit.train.lm_loss import causal_lm_loss, split_head
+from lorakit.logprobs import split_head
+from lorakit.train.lm_loss import causal_lm_loss
 
 
 def reference(model, batch):

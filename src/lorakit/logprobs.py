@@ -23,17 +23,20 @@ tokens to score (-100 elsewhere), as :func:`lorakit.examples.collate` builds.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .precision import compute_dtype, no_autocast
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "token_logprobs", "completion_logps", "split_head"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "token_logprobs", "completion_logps", "split_head", "drop_right_padding_mask"]
 
 DEFAULT_CHUNK_SIZE = 512  # rows per chunk, as lorakit.losses (measured fastest on the project's CPU)
 IGNORE_INDEX = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+_CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
 
 
 def _chunked_logprobs(
@@ -161,6 +164,54 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+def _all_causal(model: nn.Module) -> bool:
+    """No attention in ``model`` looks ahead: not encoder-decoder, no bidirectional attention module."""
+    known = _CAUSAL.get(model)
+    if known is None:
+        config = getattr(model, "config", None)
+        known = not (
+            getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "use_bidirectional_attention", False)  # Gemma-family embedding models
+            or any(vars(m).get("is_causal", getattr(type(m), "is_causal", True)) is False for m in model.modules())
+        )
+        _CAUSAL[model] = known
+    return known
+
+
+def drop_right_padding_mask(inputs: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """``inputs`` without ``attention_mask`` when dropping it changes nothing a label reads.
+
+    Under causal attention a real token sees only the tokens before it, all real when
+    the padding is on the right, so the mask changes nothing a label reads; without it
+    transformers' SDPA path takes the plain causal kernel, reads grouped K/V heads
+    without repeating them and builds no ``[B, 1, T, T]`` mask (see
+    :mod:`lorakit.train.lm_loss` for the measured saving). Left or inner padding keeps
+    its mask, and so does every model whose attention looks ahead (encoder-decoder,
+    ``use_bidirectional_attention``, a module with ``is_causal = False``) or a batch
+    with ``token_type_ids`` (prefix-LM masks).
+
+    Args:
+        inputs: The model's keyword inputs (``input_ids``, ``attention_mask``, ...).
+        model: The model they go to.
+
+    Returns:
+        ``inputs`` itself, or a copy without ``attention_mask``.
+    """
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if (
+        not isinstance(mask, Tensor)
+        or ids is None
+        or mask.dim() != 2
+        or mask.shape != ids.shape
+        or "token_type_ids" in inputs
+        or not _all_causal(model)
+    ):
+        return inputs
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 def completion_logps(
     model: nn.Module, batch: dict[str, Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[Tensor, Tensor]:
@@ -180,7 +231,7 @@ def completion_logps(
         mode is on and the model has trainable parameters.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
     targets = labels[:, 1:]  # (R, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     counts = keep.sum(1)

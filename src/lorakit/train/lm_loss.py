@@ -24,6 +24,8 @@ flash kernel. Padding positions then compute on the real tokens before them;
 their labels are -100, so nothing reads them. Left or inner padding keeps its mask, and so does every model with
 attention that looks ahead (encoder-decoder, ``use_bidirectional_attention``, a
 module with ``is_causal = False``) or with ``token_type_ids`` (prefix-LM masks).
+That rule and the head split are :mod:`lorakit.logprobs`' (``drop_right_padding_mask``,
+``split_head``), shared with the DPO log-probs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..examples import IGNORE_INDEX
+from ..logprobs import drop_right_padding_mask, split_head
 from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
-__all__ = ["causal_lm_loss", "split_head"]
+__all__ = ["causal_lm_loss"]
+
 
 _CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
@@ -105,7 +109,7 @@ def causal_lm_loss(
         ``(loss_sum, n_tokens)``.
     """
     labels = batch["labels"]
-    inputs = _drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
+    inputs = drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
     parts = split_head(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
