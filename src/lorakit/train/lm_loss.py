@@ -30,8 +30,6 @@ That rule and the head split are :mod:`lorakit.logprobs`' (``drop_right_padding_
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,55 +39,6 @@ from ..logprobs import drop_right_padding_mask, split_head
 from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 __all__ = ["causal_lm_loss"]
-
-
-_CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
-
-
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """``(backbone, head)`` of a transformers causal LM, or None when we cannot split it safely."""
-    prefix = getattr(model, "base_model_prefix", None)
-    backbone = getattr(model, prefix, None) if prefix else None
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if backbone is None or backbone is model or head is None:
-        return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS):
-        return None
-    return backbone, head
-
-
-def _all_causal(model: nn.Module) -> bool:
-    """No attention in ``model`` looks ahead: not encoder-decoder, no bidirectional attention module."""
-    known = _CAUSAL.get(model)
-    if known is None:
-        config = getattr(model, "config", None)
-        known = not (
-            getattr(config, "is_encoder_decoder", False)
-            or getattr(config, "use_bidirectional_attention", False)  # Gemma-family embedding models
-            or any(vars(m).get("is_causal", getattr(type(m), "is_causal", True)) is False for m in model.modules())
-        )
-        _CAUSAL[model] = known
-    return known
-
-
-def _drop_right_padding_mask(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``inputs`` without ``attention_mask`` when it only marks right padding (see the module doc)."""
-    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
-    if (
-        not isinstance(mask, torch.Tensor)
-        or ids is None
-        or mask.dim() != 2
-        or mask.shape != ids.shape
-        or "token_type_ids" in inputs
-        or not _all_causal(model)
-    ):
-        return inputs
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
-        return inputs
-    return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
 def causal_lm_loss(
