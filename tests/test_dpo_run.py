@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,21 @@ def test_a_few_hundred_steps_learn_a_held_out_preference(assets, tmp_path):
     evals = [r for r in read_metrics(root / "run" / "metrics.jsonl") if "eval_loss" in r]
     assert evals[-1]["eval_rewards/accuracies"] > 0.9
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] > 0
+
+
+def test_two_gloo_processes_equal_one_process(assets, tmp_path):
+    """DDP: 2 processes x 2 pairs train the adapter and log the metrics of 1 process x 4 pairs."""
+    from test_ddp import TORCHRUN, _max_diff, _torchrun
+
+    if not TORCHRUN.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    kw = dict(data={"eval": str(assets["eval"])}, steps=3, eval_every=3)
+    _torchrun(tmp_path, make_cfg(assets, tmp_path / "ddp", batch_size=2, **kw), steps=3)
+    train(make_cfg(assets, tmp_path / "single", batch_size=4, **kw), device="cpu")
+    assert _max_diff(tmp_path / "ddp", tmp_path / "single") < 1e-5
+    ddp, single = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("ddp", "single"))
+    assert len(ddp) == len(single) == 4
+    for a, b in zip(ddp, single):
+        assert a.keys() == b.keys()
+        for key in set(a) - {"elapsed_s"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
