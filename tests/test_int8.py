@@ -365,3 +365,15 @@ def test_run_log_says_when_int8_is_faster_here(monkeypatch):
     monkeypatch.undo()
     ratio = int8.measured_speedup()  # the real measurement: a positive ratio
     assert 0 < ratio < 100
+
+
+def test_cli_generate_and_eval_take_quantize_int8(runs, capsys, tmp_path):
+    from lorakit.cli import main
+
+    path, data, root, fp, q = runs
+    run = str(root / "int8")
+    assert main(["generate", run, "--prompt", "say hi", "--max-new-tokens", "4", "--quantize", "int8"]) == 0
+    assert main(["eval", str(root / "int8"), "--data", str(data), "--no-exact-match", "--quantize", "int8"]) == 0
+    assert "eval_loss" in capsys.readouterr().out
+    assert main(["generate", str(root / "int8"), "--prompt", "x", "--quantize", "int4"]) == 2
+    assert "int4" in capsys.readouterr().err
