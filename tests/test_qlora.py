@@ -326,3 +326,48 @@ def test_note_when_an_adapter_meets_the_other_precision(assets, qrun, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakit.load_adapter(models.load_model(assets[0], quantization="nf4", compute_dtype="fp32")[0], tmp_path / "p")
+
+
+@pytest.mark.slow
+def test_default_model_qlora_trains_loads_in_peft_and_merges(tmp_path, monkeypatch):
+    """The demo config on a 4-bit (nf4) default model: the loss falls, PEFT + bitsandbytes agree, merge streams."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    monkeypatch.delenv("LORAKIT_HOME", raising=False)  # the real cache: the default model converted once
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = tmp_path / "run"
+    result = train(
+        examples / "quickstart.yaml",
+        device="cpu",
+        overrides=[
+            "model={quantization: nf4, compute_dtype: fp32}",
+            "train.steps=6",
+            "train.batch_size=4",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+            "train.eval_every=0",
+            "train.precision=fp32",
+            "train.log_every=1",
+            "data.max_seq_len=96",
+            f"output.dir={out}",
+        ],
+    )
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert result.steps == 6 and min(losses[-2:]) < losses[0]
+    model, tok, info = open_adapter(out)
+    assert info.spec.quantization == "nf4"
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(models.resolve_model(None), quantization_config=qc, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, out)
+    peft.train()  # no bitsandbytes CPU repacking; dropout is 0
+    x = tok("Ahoy, what is the weather like?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, peft(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    report = merging.merge_adapter(out, tmp_path / "merged", dtype="fp32")  # dequant(W4) + ΔW, streamed
+    assert report.quantization is not None and report.max_probe_diff < 1e-3  # the unmerged 4-bit run's logits
