@@ -329,3 +329,11 @@ def test_two_gloo_processes_equal_one_process(assets, tmp_path):
         assert a.keys() == b.keys()
         for key in set(a) - {"elapsed_s"}:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_gradient_checkpointing_gives_the_same_dpo_run(assets, tmp_path):
+    """The reference forward (no grad, eval mode) and the policy's checkpointed layers go together."""
+    train(make_cfg(assets, tmp_path / "plain", steps=2), device="cpu")
+    train(make_cfg(assets, tmp_path / "gc", steps=2, gradient_checkpointing=True), device="cpu")
+    a, b = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "gc")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
