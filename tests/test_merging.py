@@ -130,6 +130,9 @@ def test_streaming_merge_equals_in_memory_merge_one_shard_at_a_time(tmp_path, mo
         def keys(self):
             return self.inner.keys()
 
+        def metadata(self):
+            return self.inner.metadata()
+
         def get_tensor(self, name):
             t = self.inner.get_tensor(name)
             gc.collect()
