@@ -4,7 +4,7 @@ The same pairs (examples/data/dpo_train.jsonl, tokenized once by TRL's DPOTraine
 lorakit's tokenization is tested equal to it), the same batches of ``--pairs``
 pairs a step, the same starting LoRA (PEFT's init, saved and loaded into lorakit),
 r=16 alpha=32 on all seven projections, no dropout, AdamW (lr 5e-5, weight decay 0),
-β = 0.1, sigmoid loss, reference = the base with adapters disabled, fp32, no
+β = 0.1, sigmoid loss, reference = the base with adapters disabled, fp32 (and bf16 pairs), no
 gradient checkpointing. Every run is a fresh subprocess, so its peak RSS
 (``VmHWM``) is its own; runs are repeated with the variant order rotated.
 
@@ -15,6 +15,10 @@ Variants:
                   MLPs, reference under ``reference_mode``, log-probs only at answer tokens
     lorakit-sft   lorakit's SFT step on the same 2B sequences (labels on the answers): the
                   yardstick for "no second model" (DPO peak memory vs SFT on the same tokens)
+    trl-bf16      trl as a bf16 user runs it (DPOConfig(bf16=True): fp32 weights, the step under
+                  accelerate's bf16 autocast)
+    lorakit-bf16  lorakit as `lorakit train` runs it with precision bf16 (what auto picks on a CPU with
+                  AVX512-BF16 / AMX): base stored in bf16, adapters fp32, autocast
 
     python benchmarks/dpo_step.py --steps 30 --repeats 1
 """
@@ -33,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_rev, load_bench_model, machine, median, model_note, rss_kib, write_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["trl", "lorakit", "lorakit-sft"]
+VARIANTS = ["trl", "lorakit", "lorakit-sft", "trl-bf16", "lorakit-bf16"]
+BASELINE = {"trl": "trl", "lorakit": "trl", "lorakit-sft": "trl", "trl-bf16": "trl-bf16", "lorakit-bf16": "trl-bf16"}
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "dpo_train.jsonl"
 LR, BETA = 5e-5, 0.1
 
 
-def _trainer(model, tok, out: Path, pairs: int):
+def _trainer(model, tok, out: Path, pairs: int, bf16: bool = False):
     """TRL's DPOTrainer on a fresh PEFT LoRA (its tokenized data set and collator come with it)."""
     import warnings
 
@@ -51,7 +56,7 @@ def _trainer(model, tok, out: Path, pairs: int):
         output_dir=str(out),
         report_to=[],
         use_cpu=True,
-        bf16=False,
+        bf16=bf16,
         gradient_checkpointing=False,
         max_length=None,
         per_device_train_batch_size=pairs,
@@ -75,15 +80,19 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
     torch.manual_seed(0)
     model, tok = load_bench_model(torch.device("cpu"))
     model.config.use_cache = False
-    trainer = _trainer(model, tok, Path(tmp) / "trl", pairs)  # tokenizes; its PEFT init is the shared start
+    bf16 = variant.endswith("-bf16")
+    # TRL tokenizes; its PEFT init (same seed, same fp32 model in every variant) is the shared starting LoRA
+    trainer = _trainer(model, tok, Path(tmp) / "trl", pairs, bf16=bf16 and variant.startswith("trl"))
     data = trainer.train_dataset
     batches = [[data[(s * pairs + i) % len(data)] for i in range(pairs)] for s in range(steps)]
-    if variant == "trl":
+    if variant.startswith("trl"):
         model = trainer.model
         params = [p for p in model.parameters() if p.requires_grad]
+        autocast = trainer.accelerator.autocast  # bf16 autocast with DPOConfig(bf16=True), else a no-op
 
         def loss_fn(rows):
-            return trainer._compute_loss(model, trainer.data_collator(rows), False)
+            with autocast():
+                return trainer._compute_loss(model, trainer.data_collator(rows), False)
     else:
         import lorakit
         from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
@@ -93,6 +102,8 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
         trainer.model.save_pretrained(Path(tmp) / "start", selected_adapters=["default"])
         base = trainer.model.unload()  # the same base weights, no PEFT left
         del trainer
+        if bf16:  # as `lorakit train` with precision bf16: the frozen base stored in bf16
+            base = base.to(torch.bfloat16)
         model = lorakit.load_adapter(base, Path(tmp) / "start", is_trainable=True)
         fuse_swiglu_mlps(model)
         fuse_shared_inputs(model)
@@ -104,7 +115,7 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
             ]
             for b in batches
         ]
-        if variant == "lorakit":
+        if variant != "lorakit-sft":
             objective = DpoObjective(tok.pad_token_id, BETA, "sigmoid", 0.0, None)
             batches = [objective.collate(b, 8) for b in to_pairs]
         else:
@@ -122,7 +133,8 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
             ]
 
         def loss_fn(batch):
-            loss_sum, n, _ = objective.loss(model, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+                loss_sum, n, _ = objective.loss(model, batch)
             return loss_sum / max(n, 1)
 
     model.train()
@@ -193,27 +205,28 @@ def main() -> None:
         f"Machine: {machine()}; commit {git_rev()}; `python benchmarks/dpo_step.py --steps {args.steps} "
         f"--pairs {args.pairs} --repeats {args.repeats}`.",
         "",
-        f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, no dropout, fp32, AdamW "
+        f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, no dropout, AdamW "
         f"lr {LR} wd 0, β {BETA}, sigmoid loss, reference = base (adapters disabled), {args.pairs} pairs a step "
         f"from examples/data/dpo_train.jsonl, same batches and same starting LoRA for every variant. Each "
         "variant in a fresh process; s/step = median of steps after the first "
         f"{args.skip}; peak RSS = VmHWM of that process (model and data included).",
         "",
-        "| variant | s/step | x trl | peak RSS GiB | x trl | x lorakit-sft | loss after N steps | loss vs trl |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | vs | s/step | x vs | peak RSS GiB | x vs | x lorakit-sft | loss after N steps | loss vs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in args.variants:
         if not agg.get(v):
             continue
         s, peak, loss = med(v, step_s), med(v, lambda r: r["peak_gib"]), med(v, lambda r: r["losses"][-1])
-        ratio_t = f"{s / med('trl', step_s):.2f}" if "trl" in agg else "n/a"
-        ratio_m = f"{peak / med('trl', lambda r: r['peak_gib']):.2f}" if "trl" in agg else "n/a"
+        base = BASELINE[v]
+        ratio_t = f"{s / med(base, step_s):.2f}" if base in agg else "n/a"
+        ratio_m = f"{peak / med(base, lambda r: r['peak_gib']):.2f}" if base in agg else "n/a"
         ratio_sft = f"{peak / med('lorakit-sft', lambda r: r['peak_gib']):.2f}" if "lorakit-sft" in agg else "n/a"
-        trl_loss = med("trl", lambda r: r["losses"][-1]) if "trl" in agg else None
-        loss_vs = f"{(loss / trl_loss - 1) * 100:+.2f}%" if trl_loss and v != "lorakit-sft" else ""
+        base_loss = med(base, lambda r: r["losses"][-1]) if base in agg else None
+        loss_vs = f"{(loss / base_loss - 1) * 100:+.2f}%" if base_loss and v != "lorakit-sft" else ""
         lines.append(
-            f"| {v} | {s:.3f} | {ratio_t} | {peak:.2f} | {ratio_m} | {ratio_sft} | {loss:.4f} (N={args.steps})"
-            f" | {loss_vs} |"
+            f"| {v} | {base} | {s:.3f} | {ratio_t} | {peak:.2f} | {ratio_m} | {ratio_sft} | {loss:.4f} "
+            f"(N={args.steps}) | {loss_vs} |"
         )
     table = "\n".join(lines)
     print(table)
