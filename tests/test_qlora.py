@@ -371,3 +371,16 @@ def test_default_model_qlora_trains_loads_in_peft_and_merges(tmp_path, monkeypat
         torch.testing.assert_close(model(input_ids=x).logits, peft(input_ids=x).logits, rtol=1e-4, atol=1e-4)
     report = merging.merge_adapter(out, tmp_path / "merged", dtype="fp32")  # dequant(W4) + ΔW, streamed
     assert report.quantization is not None and report.max_probe_diff < 1e-3  # the unmerged 4-bit run's logits
+
+
+def test_two_gloo_processes_on_a_4bit_base_equal_one_process(assets, tmp_path):
+    import shutil
+
+    from test_ddp import TORCHRUN, _max_diff, _torchrun, _train_one_process
+
+    if not TORCHRUN.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    # 2 processes x 2 rows == 1 process x 4 rows: the same global batches, the 4-bit base in each process
+    _torchrun(tmp_path, cfg_for(assets, tmp_path / "ddp", steps=3, batch_size=2), steps=3)
+    _train_one_process(cfg_for(assets, tmp_path / "single", steps=3, batch_size=4))
+    assert _max_diff(tmp_path / "ddp", tmp_path / "single") < 1e-5
