@@ -384,3 +384,15 @@ def test_two_gloo_processes_on_a_4bit_base_equal_one_process(assets, tmp_path):
     _torchrun(tmp_path, cfg_for(assets, tmp_path / "ddp", steps=3, batch_size=2), steps=3)
     _train_one_process(cfg_for(assets, tmp_path / "single", steps=3, batch_size=4))
     assert _max_diff(tmp_path / "ddp", tmp_path / "single") < 1e-5
+
+
+def test_serve_on_a_4bit_base(assets, qrun):
+    from fastapi.testclient import TestClient
+
+    from lorakit.serve import build_app
+
+    app = build_app({"name": str(assets[0]), "quantization": "nf4", "compute_dtype": "fp32"}, {"q": str(qrun)})
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "q", "prompt": "say abc", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] is not None

@@ -47,7 +47,7 @@ def _base_id(model: str | os.PathLike[str] | None) -> str:
 
 
 def build_app(
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | dict[str, Any] | None = None,
     adapters: Mapping[str, str | os.PathLike[str]] | None = None,
     *,
     max_batch: int = 8,
@@ -60,7 +60,8 @@ def build_app(
     """Load the base model and adapters and return the FastAPI app that serves them.
 
     Args:
-        model: the base model (a directory, a name lorakit resolves; None: the embedded default).
+        model: the base model (a directory, a name lorakit resolves; None: the embedded default), or a
+            mapping ``{name, quantization: nf4 | fp4, double_quant, compute_dtype}`` as a run config's ``model``.
         adapters: ``{name: adapter directory}`` to serve from the start.
         max_batch: most requests generated together.
         admin_token: turns the admin routes on, guarded by this bearer token.
@@ -76,9 +77,13 @@ def build_app(
         ModelLoadError: the base model cannot be loaded.
         ModelMismatchError, AdapterFormatError, ConfigError: an adapter does not fit or cannot be read.
     """
-    from ..models import load_model
+    from ..models import ModelSpec, load_model
 
-    base, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=device)
+    spec = ModelSpec.parse(model)  # a name, or {name, quantization: nf4 | fp4, ...} for a 4-bit (QLoRA) base
+    model = spec.name
+    if loaded is None:
+        loaded = load_model(model, dtype=dtype, device=device, **spec.load_kwargs())
+    base, tokenizer = loaded
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -89,7 +94,7 @@ def build_app(
 
 
 def serve(
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | dict[str, Any] | None = None,
     adapters: Mapping[str, str | os.PathLike[str]] | None = None,
     *,
     host: str = "127.0.0.1",
