@@ -1,7 +1,8 @@
 """Data files: JSONL rows, read and validated, not yet tokenized.
 
 Training (:mod:`lorakit.train`) and eval (:mod:`lorakit.evaluation`) read the same
-files through :func:`read_row_file` / :func:`read_rows`. Four row formats, one per file (``format="auto"`` picks it from the first valid row):
+files through :func:`read_row_file` / :func:`read_rows`. Four row formats, one per file
+(``format="auto"`` picks it from the first valid row):
 
 - ``chat``: ``{"messages": [{"role": "user", "content": "..."}, ...]}``
 - ``prompt_completion``: ``{"prompt": "...", "completion": "..."}``
