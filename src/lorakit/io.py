@@ -273,6 +273,7 @@ def _plan_copies(
     params = dict(model.named_parameters(remove_duplicate=False))
     copies = []
     seen = set()
+    wrong: list[tuple[str, tuple, tuple]] = []  # (key, the model's shape, the adapter's)
     for key, value in tensors.items():
         m = LORA_KEY.match(key)
         if m:
@@ -304,11 +305,16 @@ def _plan_copies(
             )
         target = params[dest]
         if tuple(target.shape) != tuple(value.shape):
-            raise ModelMismatchError(
-                f"{path}: shape mismatch for {key!r}: the model expects {tuple(target.shape)}, the adapter has "
-                f"{tuple(value.shape)}. Was it trained on another base model, or with another r / rank_pattern?"
-            )
+            wrong.append((key, tuple(target.shape), tuple(value.shape)))
+            continue
         copies.append((target, value.to(target.dtype), owned))
+    if wrong:
+        (key, expected, got), more = wrong[0], [k for k, _, _ in wrong[1:]]
+        raise ModelMismatchError(
+            f"{path}: shape mismatch for {key!r}: the model expects {expected}, the adapter has {got}"
+            + (f"; {len(more)} more tensor(s) do not fit either: {', '.join(map(repr, more[:8]))}" if more else "")
+            + ". Was it trained on another base model, or with another r / rank_pattern?"
+        )
     missing = sorted(set(targets) - seen)
     if missing:
         raise AdapterFormatError(
