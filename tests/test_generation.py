@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_run, make_tiny_model_dir, write_chat_jsonl
+from tiny import make_run_env
 
 from lorakit import generation, runs
 from lorakit.errors import ConfigError
@@ -13,14 +13,7 @@ from lorakit.models import load_model
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    tiny = make_tiny_model_dir(root / "tiny")
-    return {
-        "root": root,
-        "tiny": tiny,
-        "run": make_run(tiny, root / "run"),
-        "data": write_chat_jsonl(root / "data.jsonl", n=5),
-    }
+    return make_run_env(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")

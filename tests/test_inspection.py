@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_adapter, make_run, make_tiny_model_dir
+from tiny import make_adapter, make_run_env
 
 import lorakit
 from lorakit import inspection
@@ -16,14 +16,7 @@ from lorakit.errors import AdapterFormatError
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    tiny = make_tiny_model_dir(root / "tiny")
-    return {
-        "root": root,
-        "tiny": tiny,
-        "run": make_run(tiny, root / "run"),
-        "adapter": make_adapter(tiny, root / "adapter", seed=2),
-    }
+    return make_run_env(tmp_path_factory.mktemp("inspect"))
 
 
 def test_inspect_norms_equal_float64_reference(env, tmp_path):

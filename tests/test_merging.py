@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_runs import logits
-from tiny import make_adapter, make_run, make_tiny_model_dir
+from tiny import make_adapter, make_run_env, make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from lorakit import merging, runs
@@ -18,14 +18,7 @@ from lorakit.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    tiny = make_tiny_model_dir(root / "tiny")
-    return {
-        "root": root,
-        "tiny": tiny,
-        "run": make_run(tiny, root / "run"),
-        "adapter": make_adapter(tiny, root / "adapter", seed=2),
-    }
+    return make_run_env(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_adapter, make_run, make_tiny_model_dir, write_chat_jsonl
+from tiny import make_run, make_run_env, make_tiny_model_dir
 
 import lorakit
 from lorakit import runs
@@ -19,15 +19,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    tiny = make_tiny_model_dir(root / "tiny")
-    return {
-        "root": root,
-        "tiny": tiny,
-        "run": make_run(tiny, root / "run"),
-        "adapter": make_adapter(tiny, root / "adapter", seed=2),
-        "data": write_chat_jsonl(root / "data.jsonl", n=5),
-    }
+    return make_run_env(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,16 @@ def make_run(model_dir: str | Path, out: Path) -> Path:
     make_adapter(model_dir, out)
     (out / "lorakit.yaml").write_text(yaml.safe_dump({"model": str(model_dir), "lora": {"r": 4}}))
     return out
+
+
+def make_run_env(root: Path) -> dict[str, Path]:
+    """The shared fixture of the run-level test modules: a tiny model dir, a run on it, a stand-alone
+    adapter and a small chat data file, all under ``root``."""
+    tiny = make_tiny_model_dir(root / "tiny")
+    return {
+        "root": root,
+        "tiny": tiny,
+        "run": make_run(tiny, root / "run"),
+        "adapter": make_adapter(tiny, root / "adapter", seed=2),
+        "data": write_chat_jsonl(root / "data.jsonl", n=5),
+    }
