@@ -35,7 +35,7 @@ def test_forward_and_backward_match_autograd_float64(p):
     g = torch.Generator().manual_seed(0)
     specs = _specs(g)
     x2 = torch.randn(7, 5, dtype=torch.float64, generator=g)
-    mask, seed, scalings, cd, params = branches.prepare(x2, specs, p, True, None, None)
+    mask, seed, scalings, cd, _, params = branches.prepare(x2, specs, p, True, None, None)
     assert (seed is not None) == (p > 0) and mask is None and cd is torch.float64
     scale = 1.0 / (1.0 - p) if seed is not None else 1.0
     drop = branches.dropout_multiplier(x2, None, seed, p)

@@ -7,9 +7,18 @@ Nothing here is an autograd function: these are the plain tensor computations
 of a forward and its hand-written backward, "small side first" (``dY·B`` is
 ``[N, r]`` before it meets ``A`` or ``x``).
 
-Parameters travel as one flat list of 4k tensors, ``[W_1, b_1, A_1, B_1, W_2,
+Parameters travel as one flat list of 4k entries, ``[W_1, b_1, A_1, B_1, W_2,
 ...]`` (``W [out, in]``, ``b [out]`` or None, ``A [r, in]``, ``B [out, r]``),
 the order ``torch.autograd.Function.apply`` receives them in.
+
+The weight slot ``W`` holds either a weight tensor or a :class:`QuantizedBase`
+(a frozen 4-bit or int8 Linear, :mod:`lorakit.quant`, :mod:`lorakit.int8`):
+the math reaches a quantized weight only through ``output`` (``x Wᵀ``) and
+``grad_input`` (``dY W``), which dequantize (or run an integer kernel) per call
+and keep nothing, so a fused op over quantized bases never saves a weight and
+holds at most one dequantized weight at a time. The autograd functions save
+the tensors with :func:`saveable` and get the quantized bases back with
+:func:`restore`.
 
 Dropout is kept as one integer seed, not a mask: :func:`dropout_multiplier`
 redraws the 0/1 keep-mask from a private generator seeded with it
@@ -19,7 +28,7 @@ redraws the 0/1 keep-mask from a private generator seeded with it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -28,6 +37,7 @@ from .errors import ConfigError, ModelMismatchError
 from .precision import compute_dtype
 
 __all__ = [
+    "QuantizedBase",
     "LoraSpec",
     "draw_seed",
     "keep_mask",
@@ -36,21 +46,62 @@ __all__ = [
     "branches_forward",
     "branches_backward",
     "prepare",
+    "saveable",
+    "restore",
 ]
+
+
+@runtime_checkable
+class QuantizedBase(Protocol):
+    """A frozen quantized Linear (``y = x Wᵀ + b``) as the LoRA math sees it.
+
+    :class:`lorakit.quant.Base4bit` (bitsandbytes 4-bit) and :class:`lorakit.int8.Base8bit`
+    implement it; :func:`lorakit.quant.quantized_base` finds a layer's.
+
+    Attributes:
+        in_features: Input width.
+        out_features: Output width.
+        shape: ``(out_features, in_features)``, as a weight's.
+        bias: The base bias ``[out]`` or None.
+        compute_dtype: The dtype its matmuls want, or None (then the caller's rule decides).
+    """
+
+    in_features: int
+    out_features: int
+    bias: Tensor | None
+    compute_dtype: torch.dtype | None
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(out_features, in_features)``."""
+        ...
+
+    def output(self, x2: Tensor, cd: torch.dtype) -> Tensor:
+        """``x2 Wᵀ`` for ``x2 [N, in]`` in ``cd``: a new ``[N, out]`` in ``cd`` (no bias)."""
+        ...
+
+    def grad_input(self, dy: Tensor, cd: torch.dtype) -> Tensor:
+        """``dY W`` for ``dy [N, out]`` in ``cd``: a new ``[N, in]`` in ``cd``."""
+        ...
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """``W [out, in]`` in ``dtype``."""
+        ...
 
 
 class LoraSpec(NamedTuple):
     """One adapted Linear: frozen base plus LoRA factors.
 
     Attributes:
-        weight: Base weight ``[out, in]`` (usually frozen; fp32 or bf16).
+        weight: Base weight ``[out, in]`` (usually frozen; fp32 or bf16), or a frozen
+            :class:`QuantizedBase`.
         bias: Base bias ``[out]`` or None.
         lora_A: Down-projection ``[r, in]`` (fp32, trainable).
         lora_B: Up-projection ``[out, r]`` (fp32, trainable).
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
     """
 
-    weight: Tensor
+    weight: Tensor | QuantizedBase
     bias: Tensor | None
     lora_A: Tensor
     lora_B: Tensor
@@ -90,7 +141,7 @@ def branches_forward(
     x2: Tensor,
     mask: Tensor | None,
     scale: float,
-    params: Sequence[Tensor | None],
+    params: Sequence[Any],
     scalings: Sequence[float],
     cd: torch.dtype,
     compute_output: bool = True,
@@ -101,7 +152,8 @@ def branches_forward(
         x2: The flattened input ``[N, in]``, already in ``cd``.
         mask: Dropout multiplier of ``x2``'s shape (:func:`dropout_multiplier`) or None.
         scale: Multiplier applied with the mask (``1/(1-p)`` for a drawn 0/1 mask, else 1).
-        params: The 4k tensors ``[W, b, A, B] * k`` (see the module docstring).
+        params: The 4k entries ``[W, b, A, B] * k``, ``W`` a tensor or a :class:`QuantizedBase`
+            (see the module docstring).
         scalings: The k LoRA scalings.
         cd: The compute dtype.
         compute_output: False computes only ``xa`` and leaves the outputs uninitialised.
@@ -117,8 +169,13 @@ def branches_forward(
         return [x2.new_empty((x2.shape[0], W.shape[0])) for W in params[0::4]], xa
     outs, off = [], 0
     for (W, b, _, B), s in zip(zip(*[iter(params)] * 4), scalings):
-        Wt = W.to(cd).t()  # [in, out]
-        y = x2 @ Wt if b is None else torch.addmm(b.to(cd), x2, Wt)  # [N, out]
+        if isinstance(W, Tensor):
+            Wt = W.to(cd).t()  # [in, out]
+            y = x2 @ Wt if b is None else torch.addmm(b.to(cd), x2, Wt)  # [N, out]
+        else:  # quantized: W dequantized (or int8 kernel) inside, for this call only
+            y = W.output(x2, cd)  # [N, out]
+            if b is not None:
+                y.add_(b.to(cd))
         r = B.shape[1]
         y.addmm_(xa[:, off : off + r], B.to(cd).t(), alpha=s)  # += s·(xA_iᵀ)B_iᵀ, in place
         off += r
@@ -131,7 +188,7 @@ def branches_backward(
     xa: Tensor,
     mask: Tensor | None,
     scale: float,
-    params: Sequence[Tensor | None],
+    params: Sequence[Any],
     scalings: Sequence[float],
     cd: torch.dtype,
     dys: Sequence[Tensor],
@@ -143,7 +200,7 @@ def branches_backward(
     Args:
         x2, xa, mask, scale, params, scalings, cd: As given to (and returned by) the forward.
         dys: The k output gradients ``[N, out_i]``.
-        needs: 4k flags: which of W, b, A, B of each branch need a gradient.
+        needs: 4k flags: which of W, b, A, B of each branch need a gradient (never a quantized W).
         need_x: Whether ``x2`` needs a gradient.
 
     Returns:
@@ -161,8 +218,10 @@ def branches_backward(
         gb = dy.sum(0, dtype=torch.float32).to(b.dtype) if nb else None  # [out]
         gB = (dy.t() @ xa[:, off : off + r]).mul_(s).to(B.dtype) if nB else None  # [out, r]
         grads += [gW, gb, None, gB]
-        if need_x:  # Σ_i dY_i W_i accumulated in one buffer: [N, in]
+        if need_x and isinstance(W, Tensor):  # Σ_i dY_i W_i accumulated in one buffer: [N, in]
             gx = dy @ W.to(cd) if gx is None else gx.addmm_(dy, W.to(cd))
+        elif need_x:  # quantized: W dequantized again (never saved from forward)
+            gx = W.grad_input(dy, cd) if gx is None else gx.add_(W.grad_input(dy, cd))
         off += r
     g = torch.cat(gs, 1) if len(gs) > 1 else gs[0]  # [N, R]
     As = params[2::4]
@@ -186,8 +245,15 @@ def prepare(
     training: bool,
     dropout_mask: Tensor | None,
     dtype: torch.dtype | None,
-) -> tuple[Tensor | None, int | None, tuple[float, ...], torch.dtype, list[Tensor | None]]:
+) -> tuple[Tensor | None, int | None, tuple[float, ...], torch.dtype, torch.dtype, list[Any]]:
     """Validate the arguments of a fused call and flatten ``specs`` into ``Function.apply``'s inputs.
+
+    The matmuls run in ``dtype`` if given, else in a quantized base's own compute dtype
+    (bitsandbytes' ``compute_dtype``, as its ``Linear4bit`` does), else in
+    :func:`lorakit.precision.compute_dtype`'s (autocast's, else ``x``'s). The outputs
+    come back in the compute dtype when it was asked for or autocast is on, else in
+    ``x.dtype``: for a full-precision weight that is the compute dtype anyway, for a
+    quantized base it is what ``Linear4bit`` returns.
 
     Args:
         x: The input ``[..., in]``.
@@ -195,12 +261,12 @@ def prepare(
         dropout_p: LoRA dropout, in ``[0, 1)``.
         training: Dropout applies only when True.
         dropout_mask: An explicit multiplier of ``x``'s shape, or None.
-        dtype: The requested compute dtype, or None (see :func:`lorakit.precision.compute_dtype`).
+        dtype: The requested compute dtype, or None.
 
     Returns:
-        ``(mask, seed, scalings, compute dtype, params)``: the explicit mask if
-        dropout applies (else None), a fresh seed when dropout applies without
-        one (else None), the k scalings, and the 4k flat parameters.
+        ``(mask, seed, scalings, compute dtype, output dtype, params)``: the explicit
+        mask if dropout applies (else None), a fresh seed when dropout applies without
+        one (else None), the k scalings, the two dtypes and the 4k flat parameters.
 
     Raises:
         ConfigError: ``dropout_p`` outside ``[0, 1)``.
@@ -214,8 +280,9 @@ def prepare(
     for spec in specs:
         W, A, B = spec.weight, spec.lora_A, spec.lora_B
         if W.shape[1] != x.shape[-1] or A.shape[1] != x.shape[-1] or B.shape != (W.shape[0], A.shape[0]):
+            kind = "weight" if isinstance(W, Tensor) else "quantized base"
             raise ModelMismatchError(
-                f"LoRA shapes do not fit: x [..., {x.shape[-1]}], weight {tuple(W.shape)}, "
+                f"LoRA shapes do not fit: x [..., {x.shape[-1]}], {kind} {tuple(W.shape)}, "
                 f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; expected weight [out, in], "
                 f"lora_A [r, in], lora_B [out, r]"
             )
@@ -226,4 +293,28 @@ def prepare(
     seed = draw_seed() if use_drop and mask is None else None
     params = [t for spec in specs for t in (spec.weight, spec.bias, spec.lora_A, spec.lora_B)]
     scalings = tuple(float(spec.scaling) for spec in specs)
-    return mask, seed, scalings, compute_dtype(x, dtype), params
+    own = (getattr(spec.weight, "compute_dtype", None) for spec in specs if not isinstance(spec.weight, Tensor))
+    cd = dtype or next((d for d in own if d is not None), None) or compute_dtype(x, None)
+    dev = x.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    out_dtype = cd if dtype is not None or autocast else x.dtype
+    return mask, seed, scalings, cd, out_dtype, params
+
+
+def saveable(params: Sequence[Any]) -> tuple[list[Tensor | None], dict[int, QuantizedBase]]:
+    """Split flat parameters into what ``ctx.save_for_backward`` takes and the quantized bases.
+
+    Args:
+        params: The 4k entries of :func:`prepare`.
+
+    Returns:
+        ``(tensors, bases)``: ``params`` with every quantized base replaced by None, and
+        those bases by position (kept on ``ctx``: they hold no activation).
+    """
+    bases = {i: p for i, p in enumerate(params) if p is not None and not isinstance(p, Tensor)}
+    return [None if i in bases else p for i, p in enumerate(params)], bases
+
+
+def restore(saved: Sequence[Tensor | None], bases: dict[int, QuantizedBase]) -> list[Any]:
+    """The flat parameters again from :func:`saveable`'s two parts (``saved`` as ``ctx.saved_tensors`` gives it)."""
+    return [bases.get(i, t) for i, t in enumerate(saved)]

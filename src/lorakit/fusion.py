@@ -24,6 +24,11 @@ that is cross-attention, where ``k``/``v`` read the encoder states, and the
 group stops fusing from the next forward on (calling :func:`fuse_shared_inputs`
 again re-arms it). Inference (``eval()`` or ``torch.no_grad()``) is untouched.
 
+Quantized bases (4-bit bitsandbytes, int8) fuse like full-precision ones: the
+fused ops take a :class:`lorakit.quant.QuantizedBase` in the weight slot and
+dequantize it per matmul, so a QLoRA model saves ``x`` once per q/k/v group and
+two ``[tokens, intermediate]`` tensors per MLP, as a full-precision one does.
+
 Dropout: a fused group draws one mask on ``x`` for all its members (so do gate
 and up in the fused MLP); PEFT draws one per module. Each member's update sees
 the same dropout distribution, only the masks are shared, and a run with
@@ -67,7 +72,7 @@ def _dropout_p(layer: LoraLinear, name: str) -> float:
 
 def _spec(layer: LoraLinear, name: str) -> ops.LoraSpec:
     return ops.LoraSpec(
-        layer.base_weight(), layer.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+        layer.frozen_base(), layer.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     )
 
 
@@ -124,7 +129,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     for module in model.modules():
         parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
         if (
-            all(isinstance(p, LoraLinear) and not p.fan_in_fan_out and p.quantized is None for p in parts)
+            all(isinstance(p, LoraLinear) and not p.fan_in_fan_out for p in parts)
             and _is_silu(getattr(module, "act_fn", None))
             and routing.forward_owner(module) != _ROUTE_OWNER
         ):
@@ -199,7 +204,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
 
     In every module, the LoRA-wrapped children named as in
     :data:`SHARED_INPUT_NAMES` (``q_proj``/``k_proj``/``v_proj`` and kin; two
-    or more of them, with equal ``in_features``, not ``fan_in_fan_out``, not on a 4-bit base) form a
+    or more of them, with equal ``in_features``, not ``fan_in_fan_out``) form a
     group. In training with autograd on, the group's first call computes all
     its outputs with one :func:`lorakit.ops.lora_linear_multi` and the siblings
     take theirs from a one-shot stash tied to the input object (see the module
@@ -219,11 +224,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         children = module._modules
         for names in SHARED_INPUT_NAMES:
             members = tuple(children[n] for n in names if isinstance(children.get(n), LoraLinear))
-            if (
-                len(members) < 2
-                or any(m.fan_in_fan_out or m.quantized is not None for m in members)  # 4-bit: own op
-                or len({m.in_features for m in members}) != 1
-            ):
+            if len(members) < 2 or any(m.fan_in_fan_out for m in members) or len({m.in_features for m in members}) != 1:
                 continue
             group = _SharedInput(members)
             for m in members:

@@ -28,8 +28,8 @@ runs, and another kernel (torchao, a CUDA one) would replace those two functions
 Measurements of every candidate: benchmarks/RESULTS.md, "int8_schemes".
 
 :class:`Int8Linear` is the frozen layer (no grad, fp32 bias); :class:`Base8bit`
-gives the LoRA op of :mod:`lorakit.quant` the :class:`~lorakit.quant.QuantizedBase`
-interface over it, so LoRA layers need no int8 branch. :mod:`lorakit.int8_model`
+gives lorakit's LoRA ops the :class:`~lorakit.quant.QuantizedBase` interface over it,
+so LoRA layers and their fusions need no int8 branch. :mod:`lorakit.int8_model`
 swaps a loaded model's Linear layers for them.
 """
 
@@ -350,6 +350,10 @@ class Int8Linear(nn.Linear):
 class Base8bit:
     """:class:`lorakit.quant.QuantizedBase` over an :class:`Int8Linear` (both matmuls in int8, fp32 out).
 
+    It goes into the weight slot of lorakit's LoRA ops like a 4-bit base, so q/k/v and the
+    SwiGLU MLP of an int8 model run fused (:mod:`lorakit.fusion`); q/k/v (and gate/up)
+    then quantize their one input once (:func:`int8_matmul`'s ``reuse``).
+
     Attributes:
         module: The ``Int8Linear``.
     """
@@ -363,6 +367,10 @@ class Base8bit:
     @property
     def bias(self) -> Tensor | None:
         return self.module.bias
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         return self.module.dequantized(dtype)

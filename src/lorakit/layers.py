@@ -223,9 +223,11 @@ def _init_linear_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit bitsandbytes ``Linear4bit``.
 
-    On a 4-bit base (``quantized`` is its :class:`lorakit.quant.QuantizedBase`) the
-    adapted forward is :func:`lorakit.quant.lora_linear_quantized`, and in-memory
-    merging is refused (:mod:`lorakit.merging` writes ``dequant(W4) + ΔW`` instead).
+    On a quantized base (4-bit bitsandbytes or int8; ``quantized`` is its
+    :class:`lorakit.quant.QuantizedBase`) the adapted forward is the same
+    :func:`lorakit.ops.lora_linear` with that base in the weight slot (see
+    :meth:`frozen_base`), and in-memory merging is refused (:mod:`lorakit.merging`
+    writes ``dequant(W4) + ΔW`` instead).
     """
 
     # Set by lorakit.fusion.fuse_shared_inputs on q/k/v-like siblings: one op computes the group's outputs.
@@ -234,7 +236,7 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        # A quantized frozen base (4-bit bitsandbytes): the LoRA op reaches its weight only through this.
+        # A quantized frozen base (4-bit bitsandbytes, int8): the LoRA op reaches its weight only through this.
         self.quantized = quant.quantized_base(base_layer)
         if self.quantized is not None:
             self.out_features, self.in_features = self.quantized.out_features, self.quantized.in_features
@@ -263,6 +265,10 @@ class LoraLinear(LoraLayer):
         w = base._parameters["weight"] if "weight" in base._parameters else base.weight
         return w.T if self.fan_in_fan_out else w
 
+    def frozen_base(self) -> torch.Tensor | quant.QuantizedBase:
+        """What lorakit's LoRA ops take in the weight slot: the quantized base, else :meth:`base_weight`."""
+        return self.quantized if self.quantized is not None else self.base_weight()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_adapters
         # The common case (one active adapter, unmerged) without building the pending list.
@@ -282,23 +288,12 @@ class LoraLinear(LoraLayer):
             drop = mods["lora_dropout"]._modules[name]
             A = mods["lora_A"]._modules[name]._parameters["weight"]
             B = mods["lora_B"]._modules[name]._parameters["weight"]
-            if self.quantized is not None:  # 4-bit base: dequantized per call inside the op, never kept
-                dropping = self.training and isinstance(drop, nn.Dropout)
-                return quant.lora_linear_quantized(
-                    x,
-                    self.quantized,
-                    A,
-                    B,
-                    self.scaling[name],
-                    dropout_p=drop.p if dropping else 0.0,
-                    training=self.training,
-                    compute_output=not output_unread(self),
-                )
-            W = self.base_weight()
+            W = self.frozen_base()  # a quantized base is dequantized per call inside the op, never kept
             bias = base._parameters["bias"] if "bias" in base._parameters else getattr(base, "bias", None)
             dropping = self.training and isinstance(drop, nn.Dropout)
             if (
                 not dropping
+                and self.quantized is None
                 and not torch.is_grad_enabled()
                 and x.dtype == A.dtype == W.dtype
                 and not torch.is_autocast_enabled(x.device.type)

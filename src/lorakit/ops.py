@@ -16,7 +16,10 @@ backward needs (a dropped copy of ``x``, the dropout mask, a second cast of
 Every product that touches the rank is done "small side first": ``dY·B`` is
 ``[N, r]`` before it meets ``A`` or ``x``. Base weights may be stored in bf16;
 ``A``/``B`` stay fp32 masters, are cast to the compute dtype for the matmuls
-and get their gradients back in fp32.
+and get their gradients back in fp32. A base may also be quantized (4-bit or
+int8, a :class:`lorakit.branches.QuantizedBase` in the weight slot): its weight
+is then dequantized per matmul (or multiplied by an integer kernel) and never
+saved, so the same functions, and the fusions built on them, serve QLoRA.
 
 The math of k adapted Linears over one input (forward, backward, dropout
 seeds, argument checks) lives in :mod:`lorakit.branches`; this module wraps it
@@ -32,7 +35,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .branches import LoraSpec, branches_backward, branches_forward, dropout_multiplier, prepare
+from .branches import (
+    LoraSpec,
+    QuantizedBase,
+    branches_backward,
+    branches_forward,
+    dropout_multiplier,
+    prepare,
+    restore,
+    saveable,
+)
 from .precision import no_autocast
 
 __all__ = ["LoraSpec", "lora_linear", "lora_linear_multi"]
@@ -42,7 +54,7 @@ class _LoraLinearFn(torch.autograd.Function):
     """k adapted Linears over one input; see :func:`lora_linear_multi`."""
 
     @staticmethod
-    def forward(ctx, x, dropout_mask, seed, p, scalings, cd, compute_output, *params):
+    def forward(ctx, x, dropout_mask, seed, p, scalings, cd, out_dtype, compute_output, *params):
         with no_autocast(x.device.type):
             ctx.seed, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seed, p, scalings, cd, x.dtype
             ctx.scale = 1.0 if seed is None else 1.0 / (1.0 - p)
@@ -50,24 +62,26 @@ class _LoraLinearFn(torch.autograd.Function):
             x2 = xc.reshape(-1, x.shape[-1])  # [N, in]
             mask = dropout_multiplier(x2, dropout_mask, ctx.seed, ctx.p)
             outs, xa = branches_forward(x2, mask, ctx.scale, params, scalings, cd, compute_output)
-            ctx.save_for_backward(xc, xa, dropout_mask, *params)
+            saved, ctx.bases = saveable(params)  # a quantized base is kept on ctx, never a weight
+            ctx.save_for_backward(xc, xa, dropout_mask, *saved)
             lead = x.shape[:-1]
-            return tuple(y.view(*lead, y.shape[-1]) for y in outs)
+            return tuple(y.view(*lead, y.shape[-1]).to(out_dtype) for y in outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        xc, xa, dropout_mask, *params = ctx.saved_tensors
+        xc, xa, dropout_mask, *saved = ctx.saved_tensors
+        params = restore(saved, ctx.bases)
         with no_autocast(xc.device.type):
             x2 = xc.reshape(-1, xc.shape[-1])  # [N, in]
             mask = dropout_multiplier(x2, dropout_mask, ctx.seed, ctx.p)
             dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]  # [N, out_i]
             need_x = ctx.needs_input_grad[0]
             gx, grads = branches_backward(
-                x2, xa, mask, ctx.scale, params, ctx.scalings, ctx.cd, dys2, ctx.needs_input_grad[7:], need_x
+                x2, xa, mask, ctx.scale, params, ctx.scalings, ctx.cd, dys2, ctx.needs_input_grad[8:], need_x
             )
             if gx is not None:
                 gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return (gx, None, None, None, None, None, None, *grads)
+        return (gx, None, None, None, None, None, None, None, *grads)
 
 
 # ----------------------------------------------------------------------------- public
@@ -92,31 +106,33 @@ def lora_linear_multi(
 
     Args:
         x: Input ``[..., in]`` (2-D or 3-D, may be non-contiguous).
-        specs: One :class:`LoraSpec` per branch, all with ``in`` features.
+        specs: One :class:`LoraSpec` per branch, all with ``in`` features; a spec's weight
+            may be a quantized base.
         dropout_p: Dropout on the LoRA branch's input, in ``[0, 1)``.
         training: Dropout is applied only when True.
         dropout_mask: Optional explicit multiplier of x's shape (values 0 or
             ``1/(1-p)``); used instead of a drawn mask when training and p > 0.
-        compute_dtype: Matmul dtype; None means the autocast dtype when autocast
-            is on for x's device, else ``x.dtype``.
+        compute_dtype: Matmul dtype; None means a quantized base's own compute dtype,
+            else the autocast dtype when autocast is on for x's device, else ``x.dtype``.
         compute_output: False skips the output matmuls and returns uninitialised
             tensors of the output's shape while saving everything backward needs:
             for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
-        One tensor ``[..., out_i]`` per spec, in the compute dtype.
+        One tensor ``[..., out_i]`` per spec, in the compute dtype (on a quantized base
+        outside autocast: in ``x.dtype``; see :func:`lorakit.branches.prepare`).
 
     Raises:
         ConfigError: ``dropout_p`` outside ``[0, 1)``.
         ModelMismatchError: a weight or LoRA factor does not fit ``x``.
     """
-    mask, seed, scalings, cd, params = prepare(x, specs, dropout_p, training, dropout_mask, compute_dtype)
-    return _LoraLinearFn.apply(x, mask, seed, dropout_p, scalings, cd, compute_output, *params)
+    mask, seed, scalings, cd, out_dtype, params = prepare(x, specs, dropout_p, training, dropout_mask, compute_dtype)
+    return _LoraLinearFn.apply(x, mask, seed, dropout_p, scalings, cd, out_dtype, compute_output, *params)
 
 
 def lora_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | QuantizedBase,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -136,7 +152,7 @@ def lora_linear(
 
     Args:
         x: Input ``[..., in]`` (2-D or 3-D, may be non-contiguous).
-        weight: Base weight ``[out, in]``, fp32 or bf16.
+        weight: Base weight ``[out, in]``, fp32 or bf16, or a quantized base (never saved).
         bias: Base bias ``[out]`` or None; gets a gradient if it requires one.
         lora_A: ``[r, in]``, fp32 master.
         lora_B: ``[out, r]``, fp32 master.
@@ -145,14 +161,14 @@ def lora_linear(
         training: Dropout is applied only when True.
         dropout_mask: Optional explicit multiplier of x's shape (values 0 or
             ``1/(1-p)``), used instead of a drawn mask (tests).
-        compute_dtype: Matmul dtype; None means the autocast dtype when autocast
-            is on for x's device, else ``x.dtype``.
+        compute_dtype: Matmul dtype; None means a quantized base's own compute dtype,
+            else the autocast dtype when autocast is on for x's device, else ``x.dtype``.
         compute_output: False skips the output matmuls and returns uninitialised
             tensors of the output's shape while saving everything backward needs:
             for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
-        ``[..., out]`` in the compute dtype.
+        ``[..., out]`` in the compute dtype (as :func:`lora_linear_multi`).
 
     Raises:
         ConfigError: ``dropout_p`` outside ``[0, 1)``.

@@ -7,21 +7,28 @@ themselves 8-bit with double quantization), so a base quantized here is the one
 PEFT + bitsandbytes users get, and their adapters and ours load on either.
 
 What the LoRA layers need from a quantized base is one narrow interface,
-:class:`QuantizedBase`:
+:class:`QuantizedBase` (defined with the math, :mod:`lorakit.branches`, and
+re-exported here):
 
 * ``output(x2, cd)``: ``x2 Wᵀ`` for ``x2 [N, in]``, in the compute dtype ``cd``;
 * ``grad_input(dy, cd)``: ``dY W`` for ``dy [N, out]``;
-* ``dequantized(dtype)``: ``W [out, in]`` itself (merging, tests).
+* ``dequantized(dtype)``: ``W [out, in]`` itself (merging, tests);
+* ``shape``, ``in_features``, ``out_features``, ``bias``, ``compute_dtype``.
 
 :class:`Base4bit` implements it by dequantizing one layer's weight with
 bitsandbytes' ``dequantize_4bit`` straight into ``cd``, using it and dropping
 it: the full-precision weight exists only for the length of one matmul, and
-backward dequantizes again instead of saving it. Another storage (int8) plugs
-in by implementing the same three methods and being returned by
-:func:`quantized_base`.
+backward dequantizes again instead of saving it. Another storage (int8,
+:class:`lorakit.int8.Base8bit`) plugs in by implementing the same interface and
+being returned by :func:`quantized_base`.
 
-:func:`lora_linear_quantized` is the LoRA autograd op over such a base (the
-math of :mod:`lorakit.ops` with the base matmuls going through the interface).
+A quantized base goes into the weight slot of lorakit's LoRA ops
+(:func:`lorakit.ops.lora_linear`, :func:`lorakit.ops.lora_linear_multi`,
+:func:`lorakit.swiglu.lora_swiglu_mlp`): the same autograd functions, so the
+fusions of :mod:`lorakit.fusion` (q/k/v as one op, the SwiGLU MLP with its
+activation recomputed) apply to 4-bit and int8 models as they are.
+:func:`lora_linear_quantized` is the one-layer op with bitsandbytes' output
+dtype rule.
 :mod:`lorakit.quant_model` turns a loaded model's Linear layers into such
 bases (``lorakit.quantize``).
 
@@ -34,14 +41,14 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .branches import apply_dropout, draw_seed, dropout_multiplier
+from .branches import QuantizedBase
 from .errors import ConfigError, ModelLoadError, ModelMismatchError
-from .precision import no_autocast
+from .ops import lora_linear
 
 __all__ = [
     "QUANTIZATIONS",
@@ -251,27 +258,6 @@ def quantize_weight_4bit(weight: Tensor, quantization: str = "nf4", double_quant
     )
 
 
-class QuantizedBase(Protocol):
-    """What the LoRA op needs from a frozen quantized Linear (``y = x Wᵀ + b``)."""
-
-    in_features: int
-    out_features: int
-    bias: Tensor | None
-    compute_dtype: torch.dtype | None
-
-    def output(self, x2: Tensor, cd: torch.dtype) -> Tensor:
-        """``x2 Wᵀ`` for ``x2 [N, in]`` in ``cd``: ``[N, out]`` in ``cd`` (no bias)."""
-        ...
-
-    def grad_input(self, dy: Tensor, cd: torch.dtype) -> Tensor:
-        """``dY W`` for ``dy [N, out]`` in ``cd``: ``[N, in]`` in ``cd``."""
-        ...
-
-    def dequantized(self, dtype: torch.dtype) -> Tensor:
-        """``W [out, in]`` in ``dtype``."""
-        ...
-
-
 class Base4bit:
     """:class:`QuantizedBase` over a ``bitsandbytes.nn.Linear4bit``: dequantize per call, then matmul.
 
@@ -290,6 +276,10 @@ class Base4bit:
     @property
     def compute_dtype(self) -> torch.dtype | None:
         return getattr(self.module, "compute_dtype", None)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     @property
     def quantization(self) -> str:
@@ -332,52 +322,6 @@ def quantized_base(module: nn.Module) -> QuantizedBase | None:
 # ----------------------------------------------------------------------------- the LoRA op
 
 
-class _LoraQuantizedFn(torch.autograd.Function):
-    """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` over a quantized ``W``; see :func:`lora_linear_quantized`."""
-
-    @staticmethod
-    def forward(ctx, x, dropout_mask, seed, p, scaling, cd, out_dtype, compute_output, base, bias, lora_A, lora_B):
-        with no_autocast(x.device.type):
-            ctx.seed, ctx.p, ctx.s, ctx.cd, ctx.base, ctx.x_dtype = seed, p, scaling, cd, base, x.dtype
-            ctx.scale = 1.0 if seed is None else 1.0 / (1.0 - p)
-            xc = x.to(cd)
-            x2 = xc.reshape(-1, x.shape[-1])  # [N, in]
-            mask = dropout_multiplier(x2, dropout_mask, seed, p)
-            xa = apply_dropout(x2, mask, ctx.scale) @ lora_A.to(cd).t()  # [N, r]
-            if compute_output:
-                y = base.output(x2, cd)  # [N, out]: W dequantized, used, freed
-                if bias is not None:
-                    y.add_(bias.to(cd))
-                y.addmm_(xa, lora_B.to(cd).t(), alpha=scaling)  # += s·(x Aᵀ) Bᵀ
-            else:  # a checkpointing rerun whose output nothing reads
-                y = x2.new_empty((x2.shape[0], base.out_features))
-            ctx.save_for_backward(xc, xa, dropout_mask, bias, lora_A, lora_B)  # never W
-            return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xc, xa, dropout_mask, bias, A, B = ctx.saved_tensors
-        cd, s = ctx.cd, ctx.s
-        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[0], *ctx.needs_input_grad[9:12])
-        with no_autocast(xc.device.type):
-            x2 = xc.reshape(-1, xc.shape[-1])  # [N, in]
-            mask = dropout_multiplier(x2, dropout_mask, ctx.seed, ctx.p)
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)  # [N, out]
-            g = (dy2 @ B.to(cd)).mul_(s)  # s·dY B: [N, r], small side first
-            gB = (dy2.t() @ xa).mul_(s).to(B.dtype) if need_B else None  # [out, r]
-            gA = (g.t() @ apply_dropout(x2, mask, ctx.scale)).to(A.dtype) if need_A else None  # [r, in]
-            gb = dy2.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None  # [out]
-            gx = None
-            if need_x:
-                gx = ctx.base.grad_input(dy2, cd)  # dY W, W dequantized again
-                if mask is None:
-                    gx.addmm_(g, A.to(cd))  # += s·(dY B) A
-                else:
-                    gx.add_(apply_dropout(g @ A.to(cd), mask, ctx.scale))  # the mask gates the LoRA branch only
-                gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return gx, None, None, None, None, None, None, None, None, gb, gA, gB
-
-
 def lora_linear_quantized(
     x: Tensor,
     base: QuantizedBase,
@@ -390,7 +334,7 @@ def lora_linear_quantized(
     compute_dtype: torch.dtype | None = None,
     compute_output: bool = True,
 ) -> Tensor:
-    """One adapted Linear over a quantized frozen base, as one autograd op.
+    """One adapted Linear over a quantized frozen base, as one autograd op (:func:`lorakit.ops.lora_linear`).
 
     Forward dequantizes the base weight into the compute dtype, multiplies and
     frees it; backward dequantizes it again for ``grad_x``. Saved: ``x`` (compute
@@ -418,8 +362,6 @@ def lora_linear_quantized(
         ConfigError: ``dropout_p`` outside ``[0, 1)``.
         ModelMismatchError: the LoRA factors or ``x`` do not fit the base.
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout_p}")
     n_in, n_out = base.in_features, base.out_features
     if x.shape[-1] != n_in or lora_A.shape[1] != n_in or lora_B.shape != (n_out, lora_A.shape[0]):
         raise ModelMismatchError(
@@ -427,15 +369,10 @@ def lora_linear_quantized(
             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}; expected lora_A [r, {n_in}], "
             f"lora_B [{n_out}, r]"
         )
-    if dropout_mask is not None and dropout_mask.shape != x.shape:
-        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
-    dev = x.device.type
-    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    cd = compute_dtype or base.compute_dtype or (torch.get_autocast_dtype(dev) if autocast else x.dtype)
-    out_dtype = cd if autocast else x.dtype
-    use_drop = training and dropout_p > 0.0
-    mask = dropout_mask if use_drop else None
-    seed = draw_seed() if use_drop and mask is None else None
-    return _LoraQuantizedFn.apply(
-        x, mask, seed, dropout_p, float(scaling), cd, out_dtype, compute_output, base, base.bias, lora_A, lora_B
+    y = lora_linear(
+        x, base, base.bias, lora_A, lora_B, scaling, dropout_p, training, dropout_mask, compute_dtype, compute_output
     )
+    dev = x.device.type
+    if compute_dtype is not None and not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        y = y.to(x.dtype)  # an asked-for compute dtype: the output still in x's, as Linear4bit's
+    return y

@@ -5,7 +5,8 @@ down as a third, and recomputes the activation in backward instead of saving
 it. It wraps the math of :mod:`lorakit.branches` (k adapted Linears over one
 input, dropout masks redrawn from seeds, argument checks) in one autograd
 function, with autocast off inside (:func:`lorakit.precision.no_autocast`); the
-memory rules of :mod:`lorakit.ops` hold here too.
+memory rules of :mod:`lorakit.ops` hold here too, and so does its weight slot: the
+three bases may be quantized (4-bit, int8), each dequantized per matmul, never saved.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .branches import LoraSpec, branches_backward, branches_forward, draw_seed, dropout_multiplier, prepare
+from .branches import (
+    LoraSpec,
+    branches_backward,
+    branches_forward,
+    draw_seed,
+    dropout_multiplier,
+    prepare,
+    restore,
+    saveable,
+)
 from .errors import ConfigError
 from .precision import no_autocast
 
@@ -24,7 +34,7 @@ class _SwigluFn(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` with LoRA on all three; see :func:`lora_swiglu_mlp`."""
 
     @staticmethod
-    def forward(ctx, x, seeds, p, scalings, cd, compute_output, *params):
+    def forward(ctx, x, seeds, p, scalings, cd, out_dtype, compute_output, *params):
         with no_autocast(x.device.type):
             ctx.seeds, ctx.p, ctx.scalings, ctx.cd, ctx.x_dtype = seeds, p, scalings, cd, x.dtype
             ctx.scale = 1.0 if seeds is None else 1.0 / (1.0 - p)
@@ -36,14 +46,16 @@ class _SwigluFn(torch.autograd.Function):
             h = torch.nn.functional.silu(g).mul_(u)  # [N, I], freed after this call
             mask_h = dropout_multiplier(h, None, sh, p)
             (y,), ha = branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
-            ctx.save_for_backward(xc, xa, g, u, ha, *params)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            saved, ctx.bases = saveable(params)  # a quantized base is kept on ctx, never a weight
+            ctx.save_for_backward(xc, xa, g, u, ha, *saved)
+            return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xc, xa, g, u, ha, *params = ctx.saved_tensors
+        xc, xa, g, u, ha, *saved = ctx.saved_tensors
+        params = restore(saved, ctx.bases)
         sx, sh = ctx.seeds if ctx.seeds is not None else (None, None)
-        needs = ctx.needs_input_grad[6:]
+        needs = ctx.needs_input_grad[7:]
         with no_autocast(xc.device.type):
             x2 = xc.reshape(-1, xc.shape[-1])  # [N, H]
             sg = torch.nn.functional.silu(g)  # recomputed, [N, I]
@@ -73,7 +85,7 @@ class _SwigluFn(torch.autograd.Function):
             )
             if gx is not None:
                 gx = gx.view(xc.shape).to(ctx.x_dtype)
-        return (gx, None, None, None, None, None, *grads_gu, *grads_d)
+        return (gx, None, None, None, None, None, None, *grads_gu, *grads_d)
 
 
 def lora_swiglu_mlp(
@@ -99,19 +111,20 @@ def lora_swiglu_mlp(
 
     Args:
         x: Input ``[..., H]``.
-        gate_spec: gate_proj, weight ``[I, H]``.
+        gate_spec: gate_proj, weight ``[I, H]`` (a tensor or a quantized base, as every spec here).
         up_spec: up_proj, weight ``[I, H]``.
         down_spec: down_proj, weight ``[H, I]``.
         act: Activation; only ``"silu"`` (Llama, Mistral, Qwen) is supported.
         dropout_p: LoRA dropout, in ``[0, 1)``.
         training: Dropout is applied only when True.
-        compute_dtype: Matmul dtype; None means autocast's dtype if on, else ``x.dtype``.
+        compute_dtype: Matmul dtype; None means a quantized base's own compute dtype, else
+            autocast's dtype if on, else ``x.dtype``.
         compute_output: False skips the output matmuls and returns uninitialised
             a tensor of the output's shape while saving everything backward needs:
             for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
-        ``[..., H]`` in the compute dtype.
+        ``[..., H]`` in the compute dtype (on quantized bases outside autocast: in ``x.dtype``).
 
     Raises:
         ConfigError: an unsupported ``act`` or ``dropout_p``.
@@ -119,8 +132,8 @@ def lora_swiglu_mlp(
     """
     if act != "silu":
         raise ConfigError(f"lora_swiglu_mlp supports act='silu' only, got {act!r}; use lora_linear per layer")
-    _, _, sc_gu, cd, p_gu = prepare(x, [gate_spec, up_spec], dropout_p, False, None, compute_dtype)
+    _, _, sc_gu, cd, out_dtype, p_gu = prepare(x, [gate_spec, up_spec], dropout_p, False, None, compute_dtype)
     h_like = x.new_empty((1, gate_spec.weight.shape[0]))  # only its width is checked
-    _, _, sc_d, _, p_d = prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
+    _, _, sc_d, _, _, p_d = prepare(h_like, [down_spec], dropout_p, False, None, compute_dtype)
     seeds = (draw_seed(), draw_seed()) if training and dropout_p > 0 else None
-    return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, compute_output, *p_gu, *p_d)
+    return _SwigluFn.apply(x, seeds, dropout_p, sc_gu + sc_d, cd, out_dtype, compute_output, *p_gu, *p_d)
