@@ -178,6 +178,47 @@ def test_smoothing_tames_an_outlier_channel_and_siblings_share_codes(tmp_path):
     assert gemms == 14 and rows == 8  # per layer: q/k/v once, o once, gate/up once, down once
 
 
+def mapped_ranges(path):
+    """Address ranges this process maps from files under ``path`` (Linux /proc/self/maps)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].startswith(str(path)):
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_an_int8_model_keeps_no_view_of_the_checkpoint_file(tmp_path):
+    """transformers hands out views of the mmap'd safetensors file: quantized, the model lets go of all of it."""
+    import gc
+
+    from lorakit.models import load_model
+
+    path = make_tiny_model_dir(tmp_path / "m", hidden=64)
+    model, tokenizer = load_model(path)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in the default model
+    ranges = mapped_ranges(path)
+    if not ranges:
+        pytest.skip("this transformers build copies the checkpoint instead of mapping it")
+
+    def in_file(t):
+        return any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)
+
+    assert any(in_file(p) for p in model.parameters())  # the premise: weights are views of the file
+    int8_model.quantize_int8(model, calibration=int8_model.calibration_ids(tokenizer))
+    gc.collect()
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and in_file(t)]
+    assert mapped_ranges(path) == []  # the mapping is closed: its pages are out of the resident set
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # ties hold
+    ids = torch.randint(0, 250, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        int8_model.release_checkpoint(model)  # copies again: same values, same model
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
 def test_packed_copies_are_made_once_and_dropped_when_moved():
     lin, x = layer_and_data()
     layer = int8.Int8Linear.from_linear(lin)
