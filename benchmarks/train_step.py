@@ -272,6 +272,15 @@ def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[st
     return lines
 
 
+def _repeats(runs: list[dict]) -> str:
+    """How many runs each (workload, variant) has: "3 times", or "1-3 times" where they differ."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in runs:
+        counts[r["workload"], r["variant"]] = counts.get((r["workload"], r["variant"]), 0) + 1
+    lo, hi = min(counts.values(), default=0), max(counts.values(), default=0)
+    return f"{lo} times" if lo == hi else f"{lo}-{hi} times"
+
+
 def _workload_note(runs: list[dict]) -> str:
     notes = []
     for workload in WORKLOADS:
@@ -311,6 +320,12 @@ def main() -> None:
         action="store_true",
         help="keep earlier runs (benchmarks/.train_step.DEVICE.json) of variants not run this time",
     )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep every earlier run in the store, of the variants run now too: repeats add up over invocations "
+        "(where all repeats in one invocation would take too long); implies --keep",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "WORKLOAD", "STEPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -336,8 +351,10 @@ def main() -> None:
             variants.append(v)
     commit = git_rev()  # at the start: other work may be committed while the runs go on
     store = Path(__file__).with_name(f".train_step.{args.device}.json")
-    runs = json.loads(store.read_text()) if args.keep and store.exists() else []
-    runs = [r for r in runs if (r["workload"], r["variant"]) not in {(w, v) for w in args.workloads for v in variants}]
+    runs = json.loads(store.read_text()) if (args.keep or args.append) and store.exists() else []
+    if not args.append:
+        now = {(w, v) for w in args.workloads for v in variants}
+        runs = [r for r in runs if (r["workload"], r["variant"]) not in now]
     for workload in args.workloads:
         for rep in range(args.repeats):
             k = rep % len(variants)
@@ -361,11 +378,12 @@ def main() -> None:
     )
     lines = [
         f"Machine: {machine()}; commit {commit} at the start; device {args.device}; `python benchmarks/train_step.py "
-        f"--steps {args.steps} --repeats {args.repeats}`.",
+        f"{' '.join(sys.argv[1:]) or f'--steps {args.steps} --repeats {args.repeats}'}`"
+        + (" (with the runs of earlier invocations kept in the store)." if args.append or args.keep else "."),
         "",
         f"SmolLM2-135M ({model_note()}), LoRA r=16 alpha=32 on {', '.join(TARGETS)}, AdamW lr 2e-4 weight "
         f"decay 0, same batches for every variant. Workloads: {_workload_note(runs)}. "
-        f"Each variant ran {args.repeats} times in a fresh process, the variant order rotated on each repeat; "
+        f"Each variant ran {_repeats(runs)} in a fresh process, the variant order rotated on each repeat; "
         f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
         f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
         "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
