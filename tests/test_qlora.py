@@ -173,6 +173,9 @@ def test_train_resume_and_run_files_on_4bit_base(assets, tmp_path, capsys):
     train(cfg_for(assets, tmp_path / "full", steps=6, save_every=3, log_every=1), device="cpu")
     out = capsys.readouterr().out
     assert "4-bit base: nf4, double quant, compute dtype fp32" in out
+    # train.gradient_checkpointing unset: on for a 4-bit base, and the start line and summary say so
+    assert out.count("gradient checkpointing on (the 4-bit default") == 2
+    assert "gradient checkpointing: 2 of 2 decoder layers" in out
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
@@ -206,6 +209,32 @@ def test_bf16_checkpointed_run_says_its_compute_dtype(assets, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4-bit base: fp4, compute dtype bf16" in out  # auto follows train.precision
     assert "bf16; 4-bit base: fp4, compute dtype bf16" in out  # the end-of-run summary too
+    assert "the 4-bit default" not in out  # set explicitly: no default to report
+
+
+def test_checkpointing_off_when_asked_and_off_by_default_on_full_precision(assets, tmp_path, capsys):
+    train(cfg_for(assets, tmp_path / "q", steps=1, gradient_checkpointing=False), device="cpu")
+    out = capsys.readouterr().out
+    assert "4-bit base: nf4" in out and "gradient checkpointing" not in out
+    train(cfg_for(assets, tmp_path / "f", model=str(assets[0]), steps=1), device="cpu")
+    assert "gradient checkpointing" not in capsys.readouterr().out
+
+
+def test_4bit_load_leaves_no_view_into_the_weights_file(assets):
+    """The fp32 parameters left unquantized are copies, so the safetensors file's memory map (every page of
+    the full-precision weights) is released once the model is loaded."""
+    import gc
+
+    model, _ = models.load_model(assets[0], quantization="nf4", compute_dtype="fp32")
+    gc.collect()
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux /proc")
+    files = {p.resolve() for p in Path(assets[0]).glob("*.safetensors")}
+    rows = [line.split(maxsplit=5) for line in maps.read_text().splitlines()]
+    mapped = {Path(r[5].strip()).resolve() for r in rows if len(r) == 6 and r[5].startswith("/")}
+    assert files and not files & mapped
+    assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
 def quant_info(model):

@@ -167,7 +167,11 @@ def prepare_quantized(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
 
     Every parameter frozen; every floating-point parameter that is not 4-bit
     (norms, embeddings, output head, biases) in fp32, as PEFT's
-    ``prepare_model_for_kbit_training`` does; each 4-bit layer's compute dtype set.
+    ``prepare_model_for_kbit_training`` does, and in memory of its own: a tensor
+    loaded from safetensors is a view into the file's memory map, and one such view
+    (the embeddings) keeps every page of the full-precision file resident, the
+    quantized weights' pages included (measured on the default model: 0.49 GiB of
+    RSS next to a 0.16 GiB 4-bit base). Each 4-bit layer's compute dtype set.
 
     Args:
         model: A model with ``bitsandbytes.nn.Linear4bit`` layers.
@@ -177,10 +181,14 @@ def prepare_quantized(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
         ``model``, changed in place.
     """
     bnb = require_bitsandbytes()
-    for p in model.parameters():
+    for p in model.parameters():  # each once (tied weights are one Parameter)
         p.requires_grad_(False)
-        if p.__class__.__name__ != "Params4bit" and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+        if p.__class__.__name__ != "Params4bit" and p.is_floating_point():
+            p.data = p.data.float() if p.dtype != torch.float32 else p.data.clone()  # a copy either way
+    for m in model.modules():
+        for k, b in m._buffers.items():  # e.g. rotary inv_freq
+            if b is not None and b.is_floating_point():
+                m._buffers[k] = b.clone()
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.compute_dtype, m.compute_type_is_set = compute_dtype, True
