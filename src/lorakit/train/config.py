@@ -116,15 +116,16 @@ class TrainConfig(_Section):
     save_every: int = Field(50, ge=0)  # 0: only at the end
     # int8: the frozen base's matmuls in int8 on the CPU (lorakit.int8); auto never picks it (other numerics)
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
-    # true (every decoder layer) / false, or N: every N-th layer (less recompute, less memory saved)
-    gradient_checkpointing: bool | int = False
+    # true (every decoder layer) / false, or N: every N-th layer (less recompute, less memory saved);
+    # unset: on for a 4-bit (QLoRA) base, as PEFT's prepare_model_for_kbit_training does, else off
+    gradient_checkpointing: bool | int | None = None
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
     log_every: int = Field(1, gt=0)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
-    def _every_n(cls, value: Any) -> bool | int:
-        if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
+    def _every_n(cls, value: Any) -> bool | int | None:
+        if value is None or isinstance(value, bool) or (isinstance(value, int) and value >= 0):
             return value
         raise ValueError(
             f"train.gradient_checkpointing must be true, false or a layer interval N >= 1 "

@@ -172,8 +172,16 @@ class _Run:
         reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
-        if t.gradient_checkpointing:  # per layer; the rerun skips the MLP output LoRA does not need
-            enable_checkpointing(model, self.say, every_n_layers=int(t.gradient_checkpointing))
+        checkpointing = t.gradient_checkpointing
+        if checkpointing is None:  # unset: on for a 4-bit base (QLoRA's memory recipe; benchmarks/RESULTS.md, qlora)
+            checkpointing = bool(describe_quantization(model))
+            if checkpointing:
+                self.base_note += (
+                    ", gradient checkpointing on (the 4-bit default; train.gradient_checkpointing: false "
+                    "is faster and takes more memory)"
+                )
+        if checkpointing:  # per layer; the rerun skips the MLP output LoRA does not need
+            enable_checkpointing(model, self.say, every_n_layers=int(checkpointing))
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         self.pad_id = tokenizer.pad_token_id
