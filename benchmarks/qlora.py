@@ -8,20 +8,26 @@ to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
 
     python benchmarks/qlora.py                     # 30 steps each (the issue's setting)
     python benchmarks/qlora.py --steps 8 --skip 2  # a short run
+    python benchmarks/qlora.py --variants lorakit-nf4 --no-write --json nf4.json   # one variant per call ...
+    python benchmarks/qlora.py --from-json fp32.json nf4.json peft.json            # ... one table from all
 
 Variants:
     lorakit-fp32    `lorakit train` with train.precision: fp32 on the full-precision base (fused ops)
     lorakit-nf4     `lorakit train` with model: {quantization: nf4, double_quant: true, compute_dtype: auto}
                     and train.precision: auto (bf16 compute on AMX/AVX512-BF16 CPUs, else fp32): the base's
-                    Linears in bitsandbytes nf4, dequantized one layer at a time inside lorakit's op
+                    Linears in bitsandbytes nf4, dequantized one layer at a time inside lorakit's fused ops
+                    (q/k/v as one op, the SwiGLU MLP as one op), as `lorakit train` runs it
+    lorakit-nf4-gc  the same with train.gradient_checkpointing: true (lorakit's checkpointing, whose
+                    rerun skips the MLP output), the memory recipe PEFT's prepare_model_for_kbit_training picks
     peft-nf4        transformers BitsAndBytesConfig(nf4, double quant, compute dtype as lorakit-nf4's) +
                     PEFT's prepare_model_for_kbit_training (its defaults: fp32 non-4-bit params, gradient
                     checkpointing) + get_peft_model, the step under autocast when the compute dtype is bf16
 
 Columns: base bytes = resident bytes of the frozen base (4-bit codes, absmax and quant maps counted; LoRA
 excluded); 4-bit Linears vs bf16 = the quantized Linears' bytes over the same weights in bf16; peak RSS =
-VmHWM of the worker process; s/step = median over the steps after --skip; loss = mean token loss of the
-last step.
+VmHWM of the worker process (load RSS: its VmHWM once the model is loaded and injected, before the first
+step, so the part of the peak that loading alone sets); s/step = median over the steps after --skip; loss =
+mean token loss of the last step.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_rev, machine, median, model_note, rss_kib, write_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["lorakit-fp32", "lorakit-nf4", "peft-nf4"]
+VARIANTS = ["lorakit-fp32", "lorakit-nf4", "lorakit-nf4-gc", "peft-nf4"]
 ROWS = 8
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 
@@ -88,6 +94,7 @@ def worker(variant: str, steps: int) -> dict:
     from lorakit.quant import resolve_compute_dtype
     from lorakit.train.device import resolve_precision
     from lorakit.train.lm_loss import causal_lm_loss
+    from lorakit.train.recompute import enable_checkpointing
     from lorakit.train.schedule import make_optimizer
 
     torch.manual_seed(0)
@@ -114,18 +121,21 @@ def worker(variant: str, steps: int) -> dict:
         def loss_fn(batch):
             return model(**batch).loss
     else:
-        kw = {"quantization": "nf4", "double_quant": True, "compute_dtype": cd} if variant == "lorakit-nf4" else {}
+        kw = {"quantization": "nf4", "double_quant": True, "compute_dtype": cd} if "nf4" in variant else {}
         model, tok = load_model(None, dtype=torch.float32, device=dev, **kw)
         model.config.use_cache = False
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
-        fuse_swiglu_mlps(model)  # as `lorakit train` does (4-bit layers keep their own op)
+        fuse_swiglu_mlps(model)  # as `lorakit train` does (4-bit layers fuse like the others)
         fuse_shared_inputs(model)
+        if variant.endswith("-gc"):
+            enable_checkpointing(model)
 
         def loss_fn(batch):
             loss_sum, n = causal_lm_loss(model, batch)
             return loss_sum / max(n, 1)
 
     base, four, four_bf16 = _base_bytes(model)
+    load_gib = rss_kib("VmHWM") / 2**20
     batches = _batches(tok, steps)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,6 +161,7 @@ def worker(variant: str, steps: int) -> dict:
         "four_bytes": four,
         "four_bf16": four_bf16,
         "peak_gib": rss_kib("VmHWM") / 2**20,
+        "load_gib": load_gib,
     }
 
 
@@ -174,22 +185,40 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--json", type=Path, help="also write the runs (and the commit) to this file")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="no runs: one table from earlier --json files")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
-    rev = git_rev()
-    runs = {v: _run(v, args.steps) for v in args.variants}
+    if args.from_json:  # variants run in separate calls (each call holds the CPU for one variant only)
+        saved = [json.loads(f.read_text()) for f in args.from_json]
+        runs = {v: r for d in saved for v, r in d["runs"].items()}
+        runs = {v: runs[v] for v in VARIANTS if v in runs}
+        revs = sorted({d["rev"] for d in saved})
+        rev, host = " / ".join(revs), saved[0]["machine"]
+        steps = {r["steps"] for r in runs.values()}
+        if len(steps) != 1:
+            sys.exit(f"the runs have different step counts: {sorted(steps)}")
+        args.steps = steps.pop()
+        cmd = " ; ".join(d["command"] for d in saved) + f" ; then `--from-json` of the {len(saved)} files"
+    else:
+        rev, host = git_rev(), machine()
+        runs = {v: _run(v, args.steps) for v in args.variants}
+        cmd = f"python benchmarks/qlora.py --steps {args.steps} --skip {args.skip} --variants {' '.join(args.variants)}"
+        if args.json:
+            args.json.write_text(json.dumps({"rev": rev, "machine": host, "command": f"`{cmd}`", "runs": runs}))
+        cmd = f"`{cmd}`"
     fp32, peft = runs.get("lorakit-fp32"), runs.get("peft-nf4")
     lines = [
-        f"{machine()}; {model_note()}; commit {rev}; {args.steps} steps of {ROWS} rows, r=16 on all seven "
-        f"projections; s/step = median after {args.skip} warm-up steps. Run: `python benchmarks/qlora.py "
-        f"--steps {args.steps} --skip {args.skip}`.",
+        f"{host}; {model_note()}; commit {rev}; {args.steps} steps of {ROWS} rows, r=16 on all seven "
+        f"projections; s/step = median after {args.skip} warm-up steps; one run per variant, each in a fresh "
+        f"process. Run: {cmd}.",
         "",
-        "| variant | compute | base MiB | 4-bit Linears vs bf16 | peak RSS GiB | x lorakit-fp32 | x peft-nf4 "
-        "| s/step | x lorakit-fp32 | x peft-nf4 | loss after N | vs lorakit-fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | compute | base MiB | 4-bit Linears vs bf16 | load RSS GiB | peak RSS GiB | x lorakit-fp32 "
+        "| x peft-nf4 | s/step | x lorakit-fp32 | x peft-nf4 | loss after N | vs lorakit-fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, r in runs.items():
         s = median(r["times"][args.skip :] or r["times"][-1:])
@@ -203,8 +232,9 @@ def main() -> None:
 
         ratio4 = f"{r['four_bytes'] / r['four_bf16']:.3f}" if r["four_bf16"] else ""
         dloss = f"{(r['losses'][-1] / fp32['losses'][-1] - 1) * 100:+.2f}%" if fp32 else ""
+        load = f"{r['load_gib']:.2f}" if "load_gib" in r else ""
         lines.append(
-            f"| {v} | {r['compute']} | {r['base_bytes'] / 2**20:.0f} | {ratio4} | {r['peak_gib']:.2f} "
+            f"| {v} | {r['compute']} | {r['base_bytes'] / 2**20:.0f} | {ratio4} | {load} | {r['peak_gib']:.2f} "
             f"| {x('peak_gib', fp32)} | {x('peak_gib', peft)} | {s:.3f} | {x('s', fp32)} | {x('s', peft)} "
             f"| {r['losses'][-1]:.4f} (N={r['steps']}) | {dloss} |"
         )
