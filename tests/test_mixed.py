@@ -11,6 +11,7 @@ from conftest import make_llama
 
 import lorakit
 from lorakit import fusion, routing
+from lorakit import mixed as mixing
 from lorakit.inject import lora_layers
 from lorakit.mixed import adapter_batch
 
@@ -55,9 +56,19 @@ def _alone(model, name, **inputs):
         return model(**inputs).logits
 
 
+@pytest.fixture(params=["gathered", "stacked"])
+def path(request, monkeypatch):
+    """The inference path adapter_batch takes: rows gathered per adapter, or all adapters stacked."""
+    if request.param == "gathered":
+        monkeypatch.setattr(mixing, "_STACK_MAX_TOKENS", 0)
+    else:
+        monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())  # no stack of another test
+    return request.param
+
+
 @pytest.mark.parametrize("saved", [False, True])
-@pytest.mark.parametrize("tokens", [9, 1])  # a prompt (gathered rows) and a decoding step (stacked adapters)
-def test_rows_equal_alone(saved, tokens):
+@pytest.mark.parametrize("tokens", [9, 1])  # a prompt and a decoding step
+def test_rows_equal_alone(saved, tokens, path):
     model = _model(saved=saved)
     ids = torch.randint(0, 96, (len(ROWS), tokens), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), adapter_batch(model, ROWS):
@@ -66,10 +77,13 @@ def test_rows_equal_alone(saved, tokens):
         torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the test can fail
     assert all(routing.forward_owner(layer) is None for _, layer in lora_layers(model))  # routes removed on exit
+    stacks = [mixing._STACKS.get(layer) for _, layer in lora_layers(model)]
+    assert any(stacks) == (path == "stacked")  # the path under test really ran
 
 
-def test_grouped_not_per_row():
-    """Each adapter's A runs once per layer per forward, on all of its rows at once."""
+def test_grouped_not_per_row(monkeypatch):
+    """Gathered path: each adapter's A runs once per layer per forward, on all of its rows at once."""
+    monkeypatch.setattr(mixing, "_STACK_MAX_TOKENS", 0)
     model = _model()
     calls: dict[str, list[int]] = {"a": [], "b": []}
     for _, layer in lora_layers(model):
@@ -85,7 +99,7 @@ def test_grouped_not_per_row():
     assert calls["a"] == [2] * n_a and calls["b"] == [2] * n_b
 
 
-def test_generate_kv_cache_left_padding():
+def test_generate_kv_cache_left_padding(path):
     model = _model()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 7, 5, 6, 2)]
@@ -216,3 +230,35 @@ def test_stacked_decoding_sees_weight_changes():
     assert not torch.allclose(before[1], after[1], atol=1e-4)
     for i, name in enumerate(ROWS):
         torch.testing.assert_close(after[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_stack_reused_while_it_serves(monkeypatch):
+    """One stack per layer: reused for any row order and for fewer adapters (requests that left), rebuilt for a
+    new adapter or changed weights; every batch's rows still equal running them alone."""
+    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    model = make_llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    lorakit.inject(model, lorakit.LoraConfig(**cfg), "a")
+    for name in ("b", "c"):
+        lorakit.add_adapter(model, name, lorakit.LoraConfig(**cfg))
+    layer = next(layer for _, layer in lora_layers(model))
+    ids = torch.randint(0, 96, (4, 1), generator=torch.Generator().manual_seed(6))
+
+    def step(rows):
+        with torch.no_grad(), adapter_batch(model, rows):
+            out = model(input_ids=ids[: len(rows)]).logits
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(out[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+        return mixing._STACKS[layer]
+
+    first = step(["b", "a", "__base__", "b"])
+    assert first.names == ["a", "b"]  # the layer's order, not the rows'
+    assert step(["a", "b", "b"]) is first
+    assert step(["b", "b", "a", "__base__"]) is first
+    grown = step(["c", "a", "b"])  # a new adapter: rebuilt
+    assert grown is not first and grown.names == ["a", "b", "c"]
+    assert step(["b", "c"]) is grown  # 8 of 12 columns in use: within the slack
+    assert step(["a", "b", "c"]) is grown
+    with torch.no_grad():
+        layer.lora_A["c"].weight.mul_(2.0)
+    assert step(["a", "c", "b"]) is not grown  # changed weights: rebuilt

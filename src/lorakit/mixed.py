@@ -8,10 +8,16 @@ layer computes::
         rows = the rows that run n                # gathered once per layer: x[rows] (Bₙ, ..., in)
         y[rows] += sₙ · Bₙ(Aₙ(dropout(x[rows])))  # index_add: autograd sees exactly these rows
 
-so row ``i`` gets exactly what running it alone with its adapter gives, adapters of
-different ranks share a batch, and in training each adapter's gradient is the one from
-its own rows (the other rows never touch its weights). ``"__base__"`` rows (and rows of
-an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
+or, for inference calls of few tokens (decoding steps, short prompts; ``_STACK_MAX_TOKENS``),
+all adapters at once, with no gather and no loop::
+
+    y += ((x · [A₁; A₂; …]ᵀ) * M) · [B₁ B₂ …]ᵀ     # M (B, Σr): row i's scaling on its adapter's columns, else 0
+
+the stacks cached per layer (copies, rebuilt when the adapters or their weights change;
+``forget_stacks`` frees them). Either way row ``i`` gets exactly what running it alone
+with its adapter gives, adapters of different ranks share a batch, and in training each
+adapter's gradient is the one from its own rows (the other rows never touch its weights).
+``"__base__"`` rows (and rows of an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
 routed per row the same way (``index_copy`` of each copy's rows).
 
 The route is a :mod:`lorakit.routing` override on each LoRA layer, owned by
@@ -49,9 +55,13 @@ BASE = "__base__"  # the row runs no adapter
 _OWNER = "lorakit.mixed"
 _SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
 _FUSION_OWNER = "lorakit.fusion"
-_STACK_TOKENS = 1  # at most this many tokens per row (decoding steps): the stacked path
-# layer -> (names, their (A, B) parameters, their versions, A stack, B stack, spans)
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Calls of at most this many tokens (rows x positions) with several adapters take the stacked path. Measured
+# (SmolLM2-135M, 8 adapters r=16, 8 rows, 2 EPYC cores, one forward): stacked 0.80x / 0.74x / 0.81x / 0.95x the
+# gathered path's time at 8 / 32 / 128 / 512 tokens; past that the gathered path, which computes only each row's
+# own adapter (the stack computes all of them for every row), catches up.
+_STACK_MAX_TOKENS = 512
+_STACK_SLACK = 2  # a cached stack serves a batch whose adapters hold at least 1/this of its rank (rows leaving)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its _Stack
 
 
 class AdapterRows:
@@ -68,7 +78,7 @@ class AdapterRows:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
-        self._masks: dict[tuple, torch.Tensor] = {}  # per-row column masks of the stacked path, by layout
+        self._masks: dict[nn.Module, tuple[_Stack, torch.Tensor]] = {}  # stacked path: each layer's row mask
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items()
@@ -93,13 +103,14 @@ class AdapterRows:
         if layer.disabled:
             return y
         inplace = not torch.is_grad_enabled()
-        present = [(name, idx) for name, idx in self.groups if name in layer.r]
+        r = layer.r
+        present = [(name, idx) for name, idx in self.groups if name in r]
         if (
             inplace
             and len(present) > 1
             and isinstance(layer, LoraLinear)
-            and x.numel() <= _STACK_TOKENS * x.shape[0] * x.shape[-1]
-            and not any(isinstance(layer.lora_dropout[n], nn.Dropout) and layer.training for n, _ in present)
+            and x.numel() <= _STACK_MAX_TOKENS * x.shape[-1]
+            and not (layer.training and any(isinstance(layer.lora_dropout[n], nn.Dropout) for n, _ in present))
         ):
             return self._stacked(layer, x, y, [n for n, _ in present])
         for name, idx in present:
@@ -112,28 +123,19 @@ class AdapterRows:
         return y
 
     def _stacked(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """Decoding steps: every adapter's LoRA as one matmul pair over all rows, each row masked to its own.
+        """Few tokens (decoding): every adapter's LoRA as one matmul pair over all rows, each row masked to its own.
 
         ``x·[A₁; A₂; …]ᵀ`` gives every row every adapter's down-projection (B, ..., Σr); a per-row mask
         keeps its own adapter's columns (times its scaling) and zeros the rest, so ``·[B₁ B₂ …]ᵀ`` adds
-        exactly ``sₙ·Bₙ·Aₙ·x`` to each row. Two matmuls per layer instead of four small ops per adapter:
-        what a launch-bound decoding step wants; prompts (many tokens per row) take the gathered path,
-        which does no work for other adapters' columns.
+        exactly ``sₙ·Bₙ·Aₙ·x`` to each row: two matmuls and one multiply per layer, no gather and no loop
+        over adapters. Many tokens take the gathered path, which does no work for other adapters' columns.
         """
-        A, B, spans = _stack(layer, names)  # (K, in), (out, K)
-        key = tuple((n, spans[n][0], spans[n][1], layer.scaling[n]) for n in names)
-        mask = self._masks.get(key)
-        if mask is None:
-            rows = torch.zeros(len(self.names), A.shape[0], dtype=A.dtype)
-            for i, name in enumerate(self.names):
-                if name in spans:
-                    start, stop = spans[name]
-                    rows[i, start:stop] = layer.scaling[name]
-            mask = self._masks[key] = rows.to(A.device)
-        xa = F.linear(x.to(A.dtype), A)  # (B, ..., K)
-        xa.mul_(mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1]))
-        d = F.linear(xa, B)  # (B, ..., out)
-        return y.add_(d.to(y.dtype))
+        stack = _stack_for(layer, names)
+        entry = self._masks.get(layer)
+        if entry is None or entry[0] is not stack:  # once per layer per batch, and when the stack is rebuilt
+            entry = self._masks[layer] = (stack, stack.row_mask(self.names, layer.scaling))
+        mask = entry[1]  # (B, K)
+        return stack.add_to(y, x, mask if x.dim() == 2 else mask.view(len(mask), *([1] * (x.dim() - 2)), -1))
 
     def saved_forward(self, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """A ``modules_to_save`` wrapper's output: each row from its adapter's copy (the original for others)."""
@@ -165,30 +167,80 @@ def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
 
 
-def _stack(layer: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int]]]:
-    """``[A₁; A₂; …]`` (K, in), ``[B₁ B₂ …]`` (out, K) and each adapter's column span, cached per layer.
+class _Stack:
+    """Some adapters of one LoRA Linear as one matmul pair: ``[A₁; A₂; …]ᵀ`` (in, K) and ``[B₁ B₂ …]ᵀ`` (K, out).
 
-    The cache holds one stack per layer, rebuilt when the set of adapters or any of their weights
-    change (tensor identity and version counter), so steady decoding builds nothing.
+    Copies of the weights, made once and reused by every decoding step while they are fresh (same
+    tensors, unchanged version counters, same scalings); transposed and contiguous, the layout
+    ``matmul`` reads fastest at decoding's few rows (1.2x-1.7x faster than ``F.linear`` on the
+    untransposed weights, 2-core EPYC). oneDNN-packed copies ran these matmuls alone 1.5x faster
+    still, but not the decoding step: interleaved with the base's MKL matmuls they gained nothing.
     """
-    a_mods, b_mods = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules  # hot path: dict lookups
-    weights = [(a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"]) for n in names]
-    cached = _STACKS.get(layer)
-    if (
-        cached is not None
-        and cached[0] == names
-        and all(a is ca and b is cb for (a, b), (ca, cb) in zip(weights, cached[1]))
-        and cached[2] == [(_version(a), _version(b)) for a, b in weights]
-    ):
-        return cached[3:]
-    spans, start = {}, 0
-    for n, (a, _) in zip(names, weights):
-        spans[n] = (start, start + a.shape[0])
-        start += a.shape[0]
-    A = torch.cat([a.detach() for a, _ in weights], 0)
-    B = torch.cat([b.detach() for _, b in weights], 1)
-    _STACKS[layer] = (list(names), weights, [(_version(a), _version(b)) for a, b in weights], A, B, spans)
-    return A, B, spans
+
+    def __init__(self, layer: LoraLinear, names: list[str]) -> None:
+        self.names = names
+        a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+        self.weights = [(a_mods[n].weight, b_mods[n].weight) for n in names]
+        self.versions = [(_version(a), _version(b)) for a, b in self.weights]
+        self.scalings = [layer.scaling[n] for n in names]
+        self.spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        for n, (a, _) in zip(names, self.weights):
+            self.spans[n] = (start, start + a.shape[0])
+            start += a.shape[0]
+        self.rank = start
+        self.a = torch.cat([a.detach().T for a, _ in self.weights], 1).contiguous()  # (in, K)
+        self.b = torch.cat([b.detach().T for _, b in self.weights], 0).contiguous()  # (K, out)
+        self.dtype, self.device = self.a.dtype, self.a.device
+
+    def serves(self, layer: LoraLinear, names: list[str]) -> bool:
+        """Holds ``names``' current weights, without more than ``_STACK_SLACK`` times their rank."""
+        spans, r = self.spans, layer.r
+        if any(n not in spans for n in names) or self.rank > _STACK_SLACK * sum(r[n] for n in names):
+            return False
+        mods, scaling = layer._modules, layer.scaling  # every decoding step, every layer: plain dict lookups
+        a_mods, b_mods = mods["lora_A"]._modules, mods["lora_B"]._modules
+        for n, (a, b), (va, vb), s in zip(self.names, self.weights, self.versions, self.scalings):
+            ma, mb = a_mods.get(n), b_mods.get(n)
+            if ma is None or mb is None or scaling.get(n) != s:
+                return False
+            if ma._parameters["weight"] is not a or mb._parameters["weight"] is not b:
+                return False
+            if _version(a) != va or _version(b) != vb:
+                return False
+        return True
+
+    def row_mask(self, row_names: list[str], scaling: dict[str, float]) -> torch.Tensor:
+        """(rows, K): each row's scaling on its own adapter's columns, zero elsewhere (and on base rows)."""
+        mask = torch.zeros(len(row_names), self.rank, dtype=self.dtype)
+        for i, name in enumerate(row_names):
+            if name in self.spans:
+                start, stop = self.spans[name]
+                mask[i, start:stop] = scaling[name]
+        return mask.to(self.device)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``y + ((x·[A₁; A₂; …]ᵀ) * mask)·[B₁ B₂ …]ᵀ``, in place; ``mask`` broadcasts over (B, ..., K)."""
+        xa = torch.matmul(x.to(self.dtype), self.a).mul_(mask)  # (B, ..., K)
+        if y.dtype == self.dtype and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, self.rank), self.b)
+            return y
+        return y.add_(torch.matmul(xa, self.b).to(y.dtype))
+
+
+def _stack_for(layer: LoraLinear, names: list[str]) -> _Stack:
+    """The layer's cached stack if it serves ``names``, else a new one of ``names`` in the layer's order.
+
+    The layer's order makes the stack independent of row order; a stack of more adapters than the
+    batch uses (requests that finished) serves on while within ``_STACK_SLACK``, so a server whose
+    batch changes every step rebuilds only when a new adapter arrives.
+    """
+    stack = _STACKS.get(layer)
+    if stack is not None and stack.serves(layer, names):
+        return stack
+    wanted = set(names)
+    stack = _STACKS[layer] = _Stack(layer, [n for n in layer.r if n in wanted])
+    return stack
 
 
 def _version(t: torch.Tensor) -> int:
