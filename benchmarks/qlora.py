@@ -85,7 +85,7 @@ def _base_bytes(model) -> tuple[int, int, int]:
     return total, four, four_bf16
 
 
-def worker(variant: str, steps: int) -> dict:
+def worker(variant: str, steps: int, compute: str = "auto") -> dict:
     import torch
 
     import lorakit
@@ -100,7 +100,7 @@ def worker(variant: str, steps: int) -> dict:
     torch.manual_seed(0)
     dev = torch.device("cpu")
     precision = resolve_precision("auto", dev)[0]
-    cd = resolve_compute_dtype("auto", dev, precision=precision)[0]
+    cd = resolve_compute_dtype(compute, dev, precision=precision if compute == "auto" else None)[0]
     bf16 = variant != "lorakit-fp32" and cd == torch.bfloat16
     if variant == "peft-nf4":
         import peft
@@ -165,9 +165,9 @@ def worker(variant: str, steps: int) -> dict:
     }
 
 
-def _run(variant: str, steps: int) -> dict:
+def _run(variant: str, steps: int, compute: str) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", variant, str(steps)],
+        [sys.executable, __file__, "--worker", variant, str(steps), "--compute", compute],
         capture_output=True,
         text=True,
         env={**os.environ, "TQDM_DISABLE": "1"},
@@ -184,18 +184,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument(
+        "--compute", choices=["auto", "fp32", "bf16"], default="auto", help="the nf4 variants' compute dtype"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--json", type=Path, help="also write the runs (and the commit) to this file")
     ap.add_argument("--from-json", type=Path, nargs="+", help="no runs: one table from earlier --json files")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.compute)))
         return
     if args.from_json:  # variants run in separate calls (each call holds the CPU for one variant only)
         saved = [json.loads(f.read_text()) for f in args.from_json]
         runs = {v: r for d in saved for v, r in d["runs"].items()}
-        runs = {v: runs[v] for v in VARIANTS if v in runs}
+        runs = dict(sorted(runs.items(), key=lambda kv: (VARIANTS.index(kv[0].split(" ")[0]), kv[0])))
         revs = sorted({d["rev"] for d in saved})
         rev, host = " / ".join(revs), saved[0]["machine"]
         steps = {r["steps"] for r in runs.values()}
@@ -205,8 +208,10 @@ def main() -> None:
         cmd = " ; ".join(d["command"] for d in saved) + f" ; then `--from-json` of the {len(saved)} files"
     else:
         rev, host = git_rev(), machine()
-        runs = {v: _run(v, args.steps) for v in args.variants}
+        label = "" if args.compute == "auto" else f" ({args.compute} compute)"  # keeps both apart in --from-json
+        runs = {v + ("" if v == "lorakit-fp32" else label): _run(v, args.steps, args.compute) for v in args.variants}
         cmd = f"python benchmarks/qlora.py --steps {args.steps} --skip {args.skip} --variants {' '.join(args.variants)}"
+        cmd += f" --compute {args.compute}" if args.compute != "auto" else ""
         if args.json:
             args.json.write_text(json.dumps({"rev": rev, "machine": host, "command": f"`{cmd}`", "runs": runs}))
         cmd = f"`{cmd}`"
