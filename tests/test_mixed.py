@@ -262,3 +262,29 @@ def test_stack_reused_while_it_serves(monkeypatch):
     with torch.no_grad():
         layer.lora_A["c"].weight.mul_(2.0)
     assert step(["a", "c", "b"]) is not grown  # changed weights: rebuilt
+
+
+def test_decoding_steps_in_one_block(monkeypatch):
+    """After a layer's first decoding step in a block the short route runs; it equals the general route, and an
+    in-place weight change between two steps of one block shows in the next step."""
+    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    model = _model(embed=False)
+    ids = torch.randint(0, 96, (len(ROWS), 1), generator=torch.Generator().manual_seed(8))
+    short = []
+    monkeypatch.setattr(mixing.AdapterRows, "_step", lambda self, *a: short.append(1) or _general_step(self, *a))
+    with torch.no_grad(), adapter_batch(model, ROWS):
+        first = model(input_ids=ids).logits
+        assert not short
+        again = model(input_ids=ids).logits
+        assert short  # the short route ran ...
+        torch.testing.assert_close(again, first, atol=1e-6, rtol=1e-6)  # ... and gave the same answer
+        for name, p in model.named_parameters():
+            if ".lora_B.b." in name:
+                p.mul_(-2.0)
+        changed = model(input_ids=ids).logits
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(changed[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[1], first[1], atol=1e-4)
+
+
+_general_step = mixing.AdapterRows._step

@@ -79,6 +79,8 @@ class AdapterRows:
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
         self._masks: dict[nn.Module, tuple[_Stack, torch.Tensor]] = {}  # stacked path: each layer's row mask
+        # Decoding steps after a layer's first in this block: (x's numel, stack, mask, base weight, bias).
+        self._steps: dict[nn.Module, tuple[int, _Stack, torch.Tensor, Any, Any]] = {}
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items()
@@ -98,6 +100,15 @@ class AdapterRows:
 
     def lora_forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """A LoRA layer's output with each row's adapter: the base once, each adapter on its rows."""
+        step = self._steps.get(layer)
+        if (
+            step is not None
+            and x.numel() == step[0]
+            and x.shape[0] == len(self.names)
+            and not (args or kwargs or layer.disabled or layer.training or torch.is_grad_enabled())
+            and step[1].unchanged()
+        ):
+            return self._step(layer, x, *step[1:])
         self._check_rows(x, layer)
         y = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
         if layer.disabled:
@@ -135,7 +146,26 @@ class AdapterRows:
         if entry is None or entry[0] is not stack:  # once per layer per batch, and when the stack is rebuilt
             entry = self._masks[layer] = (stack, stack.row_mask(self.names, layer.scaling))
         mask = entry[1]  # (B, K)
+        if x.numel() == len(mask) * x.shape[-1] and y.dtype == stack.dtype and y.is_contiguous():
+            # one token per row (a decoding step): the next steps of this block take _step
+            base = layer.base_layer
+            plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+            weight, bias = (base.weight, base.bias) if plain else (None, None)
+            self._steps[layer] = (x.numel(), stack, mask, weight, bias)
         return stack.add_to(y, x, mask if x.dim() == 2 else mask.view(len(mask), *([1] * (x.dim() - 2)), -1))
+
+    def _step(
+        self, layer: LoraLinear, x: torch.Tensor, stack: _Stack, mask: torch.Tensor, weight: Any, bias: Any
+    ) -> torch.Tensor:
+        """A decoding step of the stacked path with nothing left to decide: three kernels, as few Python steps.
+
+        The tiny-model decoding step (hidden 32, 30 layers, 8 adapters) paid ~60-110 µs per layer on top of
+        the single-adapter path in the general route; this one skips the checks made on the block's first step.
+        """
+        x2 = x.reshape(len(mask), -1)  # (B, in)
+        y = F.linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
+        y.addmm_(torch.mm(x2.to(stack.dtype), stack.a).mul_(mask), stack.b)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def saved_forward(self, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """A ``modules_to_save`` wrapper's output: each row from its adapter's copy (the original for others)."""
@@ -182,6 +212,8 @@ class _Stack:
         a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
         self.weights = [(a_mods[n].weight, b_mods[n].weight) for n in names]
         self.versions = [(_version(a), _version(b)) for a, b in self.weights]
+        self.tracked = [t for pair in self.weights for t in pair if not t.is_inference()]  # may change in place
+        self.tracked_versions = [t._version for t in self.tracked]
         self.scalings = [layer.scaling[n] for n in names]
         self.spans: dict[str, tuple[int, int]] = {}
         start = 0
@@ -209,6 +241,10 @@ class _Stack:
             if _version(a) != va or _version(b) != vb:
                 return False
         return True
+
+    def unchanged(self) -> bool:
+        """No in-place change to the stacked weights since the stack was made (an optimizer step)."""
+        return [t._version for t in self.tracked] == self.tracked_versions
 
     def row_mask(self, row_names: list[str], scaling: dict[str, float]) -> torch.Tensor:
         """(rows, K): each row's scaling on its own adapter's columns, zero elsewhere (and on base rows)."""
