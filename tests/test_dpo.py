@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
 from lorakit.logprobs import completion_logps, token_logprobs
-from lorakit.pairs import collate_pairs, load_pairs
-from lorakit.preference import dpo_loss, pair_logps, pair_metrics, reference_mode
+from lorakit.pairs import collate_pairs, load_pairs, pack_pairs
+from lorakit.preference import collate_for, dpo_loss, pair_logps, pair_metrics, reference_mode, shares_prompts
+from lorakit.train.dpo import DpoObjective
 
 ROWS = [
     {
@@ -37,6 +38,8 @@ ROWS = [
 ]
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 DTYPE = torch.float32  # TRL's fused head computes log-probs in fp32 whatever the model dtype
+# TRL's layout (2B padded rows) and lorakit's packed one (each prompt once, pairs back to back in one row)
+LAYOUTS = {"padded": collate_pairs, "packed": pack_pairs}
 LOSSES = [("sigmoid", 0.1, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.2, 0.0), ("robust", 0.1, 0.2)]
 
 
@@ -116,7 +119,7 @@ def _lorakit_step(model, batch, loss_type, beta, eps, reference=None):
     return loss.item(), metrics, grads
 
 
-def _check_equal(ours, theirs, rel=1e-5):
+def _check_equal(ours, theirs, rel=1e-5, grad_atol=1e-6):
     loss, metrics, grads = ours
     t_loss, t_metrics, t_grads = theirs
     assert loss == pytest.approx(t_loss, rel=rel, abs=1e-6)
@@ -132,7 +135,7 @@ def _check_equal(ours, theirs, rel=1e-5):
         assert metrics[name] == pytest.approx(t_metrics[name], rel=1e-5, abs=1e-5), name
     assert set(grads) == set(t_grads)
     for name, g in grads.items():
-        torch.testing.assert_close(g, t_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g, t_grads[name], rtol=1e-4, atol=grad_atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_tokenization_matches_trl(tiny, tmp_path):
@@ -153,8 +156,9 @@ def test_tokenization_matches_trl(tiny, tmp_path):
     assert torch.equal(ours_batch["labels"] != -100, t_batch["completion_mask"].bool())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("loss_type,beta,eps", LOSSES)
-def test_fresh_lora_matches_trl(tiny, tmp_path, loss_type, beta, eps):
+def test_fresh_lora_matches_trl(tiny, tmp_path, loss_type, beta, eps, layout):
     """No starting adapter: the reference is the base (adapters disabled); loss, metrics and grads equal TRL's."""
     model_dir, data, _ = tiny
     trainer, tok = _trl_trainer(model_dir, data, tmp_path)
@@ -163,11 +167,12 @@ def test_fresh_lora_matches_trl(tiny, tmp_path, loss_type, beta, eps):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
     lorakit.load_adapter(model, tmp_path / "adapter", is_trainable=True)
     pairs, _ = load_pairs(data, tok)
-    ours = _lorakit_step(model, collate_pairs(pairs, tok.pad_token_id), loss_type, beta, eps)
+    ours = _lorakit_step(model, LAYOUTS[layout](pairs, tok.pad_token_id), loss_type, beta, eps)
     _check_equal(ours, _trl_step(trainer, loss_type, beta, eps))
 
 
-def test_from_adapter_matches_trl(tiny, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_from_adapter_matches_trl(tiny, tmp_path, layout):
     """Starting from an adapter: the reference is a frozen copy of it; after the policy moves, TRL agrees."""
     model_dir, data, _ = tiny
     start = tmp_path / "start"
@@ -181,14 +186,16 @@ def test_from_adapter_matches_trl(tiny, tmp_path):
     lorakit.load_adapter(model, tmp_path / "moved", is_trainable=True)
     lorakit.load_adapter(model, start, adapter_name="reference")
     pairs, _ = load_pairs(data, tok)
-    batch = collate_pairs(pairs, tok.pad_token_id)
+    batch = LAYOUTS[layout](pairs, tok.pad_token_id)
     for loss_type, beta, eps in LOSSES[:2]:
         ours = _lorakit_step(model, batch, loss_type, beta, eps, reference="reference")
-        # A trained adapter moves log-probs further from the reference: fp32 sums agree to ~1e-5 relative.
-        _check_equal(ours, _trl_step(trainer, loss_type, beta, eps), rel=5e-5)
+        # A trained adapter moves log-probs further from the reference: fp32 sums agree to ~1e-5 relative, and
+        # a gradient element near 0 to a few 1e-6 (the layouts agree to 1e-10 in float64: the packed-pairs test).
+        _check_equal(ours, _trl_step(trainer, loss_type, beta, eps), rel=5e-5, grad_atol=1e-5)
 
 
-def test_cdpo_matches_trl_for_one_pair(tiny, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cdpo_matches_trl_for_one_pair(tiny, tmp_path, layout):
     """sigmoid with label smoothing is cDPO; TRL 1.16 keeps that formula as 'aot', equal for a single pair."""
     model_dir, data, root = tiny
     one = root / "one.jsonl"
@@ -199,19 +206,20 @@ def test_cdpo_matches_trl_for_one_pair(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
     lorakit.load_adapter(model, tmp_path / "adapter", is_trainable=True)
     pairs, _ = load_pairs(one, tok)
-    ours = _lorakit_step(model, collate_pairs(pairs, tok.pad_token_id), "sigmoid", 0.3, 0.25)
+    ours = _lorakit_step(model, LAYOUTS[layout](pairs, tok.pad_token_id), "sigmoid", 0.3, 0.25)
     trainer.args.per_device_train_batch_size = 1
     _check_equal(ours, _trl_step(trainer, "aot", 0.3, 0.25))
 
 
-def test_step_zero_policy_is_reference(tiny):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_step_zero_policy_is_reference(tiny, layout):
     """A fresh LoRA (B = 0): rewards exactly 0 and the sigmoid loss exactly ln 2."""
     model_dir, data, _ = tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
     lorakit.inject(model, lorakit.LoraConfig(**LORA))
     pairs, _ = load_pairs(data, tok)
-    batch = collate_pairs(pairs, tok.pad_token_id)
+    batch = LAYOUTS[layout](pairs, tok.pad_token_id)
     with reference_mode(model):
         ref_c, ref_r, _, _ = pair_logps(model, batch)
     c, r, _, _ = pair_logps(model, batch)
@@ -291,3 +299,73 @@ def test_completion_logps_equal_full_logits(tiny):
     full = logits.log_softmax(-1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(logps, (full * mask).sum(1), rtol=1e-10, atol=1e-10)
     assert counts.tolist() == mask.sum(1).tolist()
+
+
+def _logps_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    c, r, nc, nr = pair_logps(model, batch)
+    (c.sum() - 2 * r.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return (c.detach(), r.detach(), nc, nr), grads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_pairs_score_what_padded_rows_score(tiny, attn):
+    """pack_pairs (each prompt once, pairs packed, one row or several) gives the padded layout's log-probs,
+    token counts and LoRA gradients in float64; an empty prompt leaves the first answer token unscored in both."""
+    model_dir, data, _ = tiny
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation=attn)
+    lorakit.inject(model, lorakit.LoraConfig(init_lora_weights=False, **LORA))
+    pairs, _ = load_pairs(data, tok)
+    pairs.append({"prompt_ids": [], "chosen_ids": [5, 6, 7], "rejected_ids": [8, 9]})  # no prompt: by hand
+    (want, want_grads) = _logps_and_grads(model, collate_pairs(pairs, tok.pad_token_id))
+    for row_tokens, multiple in (
+        (512, None),
+        (1, 8),
+        (60, 16),
+    ):  # one row; rows no longer than the longest pair; rows of 60
+        batch = pack_pairs(pairs, tok.pad_token_id, multiple, row_tokens=row_tokens)
+        assert (batch["input_ids"].shape[0] == 1) == (row_tokens == 512)
+        # each prompt once: the packed batch holds P + C + R tokens a pair, not 2P + C + R
+        real = int((batch["pair_ids"] >= 0).sum())
+        assert real == sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+        got, grads = _logps_and_grads(model, batch)
+        # float64 is not float64 all the way: transformers' eager attention takes its softmax in fp32, and the
+        # masked SDPA backward differs from the is_causal one by up to ~1e-5 relative; a wrong mask (an answer
+        # seeing the other) moves log-probs by whole units.
+        for g, w in zip(got[:2], want[:2]):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+        assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+        assert got[2][-1] == 2 and got[3][-1] == 1  # the prompt-less pair: first answer tokens not scored
+        for name, g in grads.items():
+            torch.testing.assert_close(
+                g,
+                want_grads[name],
+                rtol=1e-4,
+                atol=1e-4 * float(want_grads[name].abs().max()),
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
+
+
+def test_packed_layout_only_where_the_model_takes_its_mask(tiny, tmp_path):
+    """A model with a sliding window does not share prompts: collate_for and the objective fall back to
+    padded rows, and pair_logps refuses a packed batch for it instead of scoring it wrong."""
+    model_dir, data, _ = tiny
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    pairs, _ = load_pairs(data, tok)
+    objective = DpoObjective(tok.pad_token_id, 0.1, "sigmoid", 0.0, None)
+    prepare = dict(
+        run_dir=tmp_path, precision="fp32", batch_size=2, to_device=lambda b: b, autocast=None, write=False, say=print
+    )
+    assert shares_prompts(model) and "score_index" in collate_for(model, pairs, tok.pad_token_id)
+    objective.prepare(model, {"train": pairs}, **prepare)
+    assert objective.packed and "score_index" in objective.collate(pairs)
+    model.config.sliding_window = 8
+    assert not shares_prompts(model)
+    assert "labels" in collate_for(model, pairs, tok.pad_token_id)
+    with pytest.raises(ValueError, match="collate_pairs"):
+        pair_logps(model, pack_pairs(pairs, tok.pad_token_id))
+    objective.prepare(model, {"train": pairs}, **prepare)
+    assert not objective.packed and "labels" in objective.collate(pairs)

@@ -337,3 +337,62 @@ def test_gradient_checkpointing_gives_the_same_dpo_run(assets, tmp_path):
     train(make_cfg(assets, tmp_path / "gc", steps=2, gradient_checkpointing=True), device="cpu")
     a, b = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "gc")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_loss_png_gains_a_reward_margin_panel(tmp_path):
+    """A DPO run's loss.png has a second panel with the margin series (green, rising as the margins do);
+    an SFT run's has none."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    from lorakit.train.report import plot_loss
+
+    def write(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    sft = write(tmp_path / "sft.jsonl", [{"step": s, "loss": 2.0 / s} for s in range(1, 21)])
+    dpo = write(
+        tmp_path / "dpo.jsonl",
+        [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/margins": 0.05 * s} for s in range(1, 21)]
+        + [{"step": 10, "eval_loss": 0.6, "eval_rewards/margins": 0.4}],
+    )
+    green = np.array([0x2C, 0xA0, 0x2C]) / 255  # tab:green, the train margin line
+
+    def green_pixels(png):
+        img = mpimg.imread(plot_loss(png[0], png[1]))[..., :3]
+        ys, xs = np.nonzero(np.abs(img - green).max(-1) < 0.02)
+        return img.shape, ys, xs
+
+    (h_sft, w_sft, _), ys, _ = green_pixels((sft, tmp_path / "sft.png"))
+    assert len(ys) == 0
+    (h, w, _), ys, xs = green_pixels((dpo, tmp_path / "dpo.png"))
+    assert w == w_sft and h > h_sft  # a taller figure: the panel under the loss plot
+    assert len(ys) > 100 and ys.min() > h * 0.45  # the margin line lies in the lower panel only
+    left, right = ys[xs < np.percentile(xs, 10)].mean(), ys[xs > np.percentile(xs, 90)].mean()
+    assert right < left - 50  # margins rise from 0.05 to 1.0: the line climbs (image rows count down)
+
+
+def test_progress_bar_shows_trl_metric_names(assets, tmp_path, monkeypatch):
+    """The progress bar's postfix carries TRL's reward metrics by name, with the step's values."""
+    import io
+
+    from tqdm import tqdm
+
+    from lorakit.train import report
+
+    bars = []
+
+    def visible_bar(total, initial, enabled):
+        bars.append(tqdm(total=total, initial=initial, file=io.StringIO(), disable=False, mininterval=0))
+        return bars[-1]
+
+    monkeypatch.setattr(report, "progress_bar", visible_bar)
+    out = tmp_path / "run"
+    train(make_cfg(assets, out, steps=3), device="cpu")
+    postfix = bars[0].postfix
+    last = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert f"{name}={last[name]:.3f}" in postfix, (name, postfix)
+    assert f"loss={last['loss']:.4f}" in postfix
+    assert "rewards/margins=" in bars[0].fp.getvalue()  # what the terminal shows

@@ -31,12 +31,20 @@ from torch.autograd.function import once_differentiable
 
 from .precision import compute_dtype, no_autocast
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "token_logprobs", "completion_logps", "split_head", "drop_right_padding_mask"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "token_logprobs",
+    "scored_logps",
+    "completion_logps",
+    "split_head",
+    "attends_causally",
+    "drop_right_padding_mask",
+]
 
 DEFAULT_CHUNK_SIZE = 512  # rows per chunk, as lorakit.losses (measured fastest on the project's CPU)
 IGNORE_INDEX = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
-_CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # _all_causal, per model
+_CAUSAL: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # attends_causally, per model
 
 
 def _chunked_logprobs(
@@ -164,8 +172,15 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def _all_causal(model: nn.Module) -> bool:
-    """No attention in ``model`` looks ahead: not encoder-decoder, no bidirectional attention module."""
+def attends_causally(model: nn.Module) -> bool:
+    """Whether no attention in ``model`` looks ahead: not encoder-decoder, no bidirectional attention module.
+
+    Args:
+        model: A transformers model.
+
+    Returns:
+        True when every token sees only the tokens before it (cached per model).
+    """
     known = _CAUSAL.get(model)
     if known is None:
         config = getattr(model, "config", None)
@@ -204,12 +219,61 @@ def drop_right_padding_mask(inputs: dict[str, Tensor], model: nn.Module) -> dict
         or mask.dim() != 2
         or mask.shape != ids.shape
         or "token_type_ids" in inputs
-        or not _all_causal(model)
+        or not attends_causally(model)
     ):
         return inputs
     if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
         return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def scored_logps(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    index: Tensor,
+    targets: Tensor,
+    groups: Tensor,
+    n_groups: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Sums of ``log p(targets[i] | hidden state index[i])``, grouped: the head runs only at the scored positions.
+
+    The general form of :func:`completion_logps` for layouts where the position that
+    predicts a token is not simply the one before it (a prompt shared by two answers,
+    :func:`lorakit.pairs.pack_pairs`).
+
+    Args:
+        model: A causal LM (with or without LoRA).
+        inputs: The model's keyword inputs (``input_ids`` ``(R, T)``, masks, positions).
+        index: ``[M]`` flat indices into the ``R * T`` positions: the hidden state that predicts each token.
+        targets: ``[M]`` the predicted token ids.
+        groups: ``[M]`` the group (sequence, answer) each token's log-prob is added to, in ``[0, n_groups)``.
+        n_groups: Number of groups.
+        chunk_size: Rows of the head computed at once.
+
+    Returns:
+        ``[n_groups]`` summed log-probs (fp32; fp64 for an fp64 model), differentiable when grad mode
+        is on and the model has trainable parameters.
+    """
+    parts = split_head(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[index]  # (M, V)
+        with no_autocast(logits.device.type):
+            lp = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    else:
+        backbone, head = parts
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (R, T, H)
+        picked = hidden.reshape(-1, hidden.shape[-1])[index]  # (M, H)
+        plain = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+        if plain:
+            lp = token_logprobs(picked, head.weight, targets, chunk_size)
+        else:  # an adapted or trained head: its module on the gathered rows
+            logits = head(picked)  # (M, V)
+            with no_autocast(logits.device.type):
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    return torch.zeros(n_groups, dtype=lp.dtype, device=lp.device).index_add(0, groups, lp)
 
 
 def completion_logps(
@@ -232,26 +296,9 @@ def completion_logps(
     """
     labels = batch["labels"]
     inputs = drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
-    targets = labels[:, 1:]  # (R, T-1): position t predicts token t+1
-    keep = targets != IGNORE_INDEX
-    counts = keep.sum(1)
-    row_of = keep.nonzero()[:, 0]  # (M,): the row of each scored token
-    parts = split_head(model)
-    if parts is None:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]  # (M, V)
-        with no_autocast(logits.device.type):
-            lp = logits.float().log_softmax(-1).gather(1, targets[keep][:, None])[:, 0]
-    else:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (R, T, H)
-        picked, wanted = hidden[:, :-1][keep], targets[keep]  # (M, H), (M,)
-        plain = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-        if plain:
-            lp = token_logprobs(picked, head.weight, wanted, chunk_size)
-        else:  # an adapted or trained head: its module on the gathered rows
-            logits = head(picked)  # (M, V)
-            with no_autocast(logits.device.type):
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                lp = logits.log_softmax(-1).gather(1, wanted[:, None])[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, row_of, lp)
-    return sums, counts
+    rows, t = labels.shape
+    keep = labels[:, 1:] != IGNORE_INDEX  # (R, T-1): position p predicts token p+1
+    where = keep.nonzero()  # (M, 2): (row, position) of each predicting position
+    index = where[:, 0] * t + where[:, 1]
+    targets = labels[:, 1:][keep]
+    return scored_logps(model, inputs, index, targets, where[:, 0], rows, chunk_size), keep.sum(1)

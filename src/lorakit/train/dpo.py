@@ -36,8 +36,16 @@ from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, ModelMismatchError
 from lorakit.files import write_file_atomic
 from lorakit.io import load_adapter
-from lorakit.pairs import collate_pairs, load_pairs
-from lorakit.preference import METRIC_NAMES, check_dpo_args, dpo_loss, pair_logps, pair_metrics, reference_mode
+from lorakit.pairs import collate_pairs, load_pairs, pack_pairs
+from lorakit.preference import (
+    METRIC_NAMES,
+    check_dpo_args,
+    dpo_loss,
+    pair_logps,
+    pair_metrics,
+    reference_mode,
+    shares_prompts,
+)
 from lorakit.train.batching import make_batches, split_eval
 from lorakit.train.data import RunData
 
@@ -66,6 +74,9 @@ class DpoObjective:
         reference_adapter: The frozen reference adapter's name, or None (adapters disabled).
         precompute_reference: :meth:`prepare` computes (or reads back) every pair's reference log-probs.
         adapter_dir: The reference adapter's files (part of the cache key), or None.
+        packed: Collate pairs with :func:`lorakit.pairs.pack_pairs` (each prompt once, no padding between
+            pairs); :meth:`prepare` turns it off for a model that does not
+            :func:`~lorakit.preference.shares_prompts`.
 
     Attributes:
         metric_names: The names of the metric sums :meth:`loss` returns (TRL's).
@@ -88,8 +99,10 @@ class DpoObjective:
         reference_adapter: str | None,
         precompute_reference: bool = False,
         adapter_dir: str | Path | None = None,
+        packed: bool = True,
     ) -> None:
         check_dpo_args(beta, loss_type, label_smoothing)
+        self.packed = packed
         self.pad_token_id, self.beta, self.loss_type = pad_token_id, beta, loss_type
         self.label_smoothing, self.reference_adapter = label_smoothing, reference_adapter
         self.precompute_reference, self.adapter_dir = precompute_reference, adapter_dir
@@ -111,9 +124,10 @@ class DpoObjective:
             pad_to_multiple_of: Round the padded length up to a multiple of this.
 
         Returns:
-            :func:`lorakit.pairs.collate_pairs`' tensors, plus ``ref_chosen`` / ``ref_rejected`` ``[B]``.
+            :func:`lorakit.pairs.pack_pairs`' tensors (:attr:`packed`) or :func:`lorakit.pairs.collate_pairs`',
+            plus ``ref_chosen`` / ``ref_rejected`` ``[B]``.
         """
-        batch = collate_pairs(rows, self.pad_token_id, pad_to_multiple_of)
+        batch = (pack_pairs if self.packed else collate_pairs)(rows, self.pad_token_id, pad_to_multiple_of)
         if all(_REF_KEYS[0] in r for r in rows):
             for key in _REF_KEYS:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
@@ -163,7 +177,8 @@ class DpoObjective:
         write: bool,
         say: Callable[..., Any],
     ) -> None:
-        """Before the first step: with ``precompute_reference``, every pair's reference log-probs, cached.
+        """Before the first step: the batch layout for ``model``; with ``precompute_reference``, every pair's
+        reference log-probs, cached.
 
         Args:
             model: The model, adapters in place.
@@ -176,6 +191,7 @@ class DpoObjective:
             write: Write the cache (the main process).
             say: For what happened.
         """
+        self.packed = self.packed and shares_prompts(model)
         if not self.precompute_reference:
             return
         key = reference_key(model, list(splits.values()), self.adapter_dir, precision)
@@ -211,7 +227,8 @@ class DpoObjective:
         chosen, rejected = [], []
         with reference_mode(model, self.reference_adapter):
             for i in range(0, len(pairs), batch_size):
-                batch = to_device(collate_pairs(pairs[i : i + batch_size], self.pad_token_id, 8))
+                layout = pack_pairs if self.packed else collate_pairs
+                batch = to_device(layout(pairs[i : i + batch_size], self.pad_token_id, 8))
                 with autocast:
                     c, r, _, _ = pair_logps(model, batch)
                 chosen.append(c.float().cpu())
