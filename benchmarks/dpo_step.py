@@ -12,7 +12,9 @@ Variants:
     trl           TRL 1.16 DPOTrainer's own step computation (``_compute_loss``: policy and
                   reference forwards through its fused LM head) on its PEFT model, then AdamW
     lorakit       the step ``lorakit train`` runs for ``method: dpo``: fused LoRA ops and SwiGLU
-                  MLPs, reference under ``reference_mode``, log-probs only at answer tokens
+                  MLPs, reference under ``reference_mode``, log-probs only at answer tokens, pairs
+                  packed with each prompt once (``pack_pairs``; same loss, fewer tokens than TRL's
+                  2B padded rows)
     lorakit-sft   lorakit's SFT step on the same 2B sequences (labels on the answers): the
                   yardstick for "no second model" (DPO peak memory vs SFT on the same tokens)
     trl-bf16      trl as a bf16 user runs it (DPOConfig(bf16=True): fp32 weights, the step under
