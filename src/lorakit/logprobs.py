@@ -18,7 +18,9 @@ a trained or adapted head (or one with logit scaling) takes the generic path on
 the gathered rows.
 
 :func:`completion_logps` puts it together for a batch whose ``labels`` mark the
-tokens to score (-100 elsewhere), as :func:`lorakit.examples.collate` builds.
+tokens to score (-100 elsewhere), as :func:`lorakit.examples.collate` builds;
+:func:`scored_logps` for any layout that names, per scored token, the position
+that predicts it (a prompt shared by two answers: :func:`lorakit.pairs.pack_pairs`).
 """
 
 from __future__ import annotations
