@@ -373,7 +373,8 @@ def pack_pairs(
 
     Returns:
         ``input_ids``, ``position_ids``, ``pair_ids`` (the pair of each token, -1 on padding) and
-        ``pair_parts`` (0 prompt, 1 chosen, 2 rejected, -1 padding), each ``(R, T)``; and, per scored
+        ``pair_parts`` (0 prompt, 1 chosen, 2 rejected, -1 padding) and ``attention_mask`` (1 on real
+        tokens: what a token count reads; the model gets the 4-D mask), each ``(R, T)``; and, per scored
         answer token, ``score_index`` (flat index into ``R * T`` of the position that predicts it),
         ``score_target`` (its id) and ``score_group`` (``i`` for pair ``i``'s chosen answer,
         ``B + i`` for its rejected one).
@@ -428,6 +429,7 @@ def pack_pairs(
         "position_ids": pos,
         "pair_ids": pair_ids,
         "pair_parts": parts,
+        "attention_mask": (pair_ids >= 0).long(),
         "score_index": torch.tensor(index, dtype=torch.long),
         "score_target": torch.tensor(target, dtype=torch.long),
         "score_group": torch.tensor(group, dtype=torch.long),
