@@ -7,11 +7,10 @@ and the same model run unfused (one per-layer op per projection).
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from conftest import make_llama
+from tiny import count_dequantized
 
 pytest.importorskip("bitsandbytes")
 
@@ -165,18 +164,7 @@ def test_fused_4bit_model_saves_no_weight_and_one_dequantized_at_a_time(monkeypa
     model = quantized_llama("nf4")
     fuse_swiglu_mlps(model)
     fuse_shared_inputs(model)
-    alive: list[weakref.ref] = []
-    peak = [0]
-    real = quant.dequantize_4bit
-
-    def counting(weight, dtype):
-        W = real(weight, dtype)
-        alive[:] = [r for r in alive if r() is not None]
-        alive.append(weakref.ref(W))
-        peak[0] = max(peak[0], len(alive))
-        return W
-
-    monkeypatch.setattr(quant, "dequantize_4bit", counting)
+    peak, alive = count_dequantized(monkeypatch)
     saved_ptrs = []
 
     def pack(t):

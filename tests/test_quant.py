@@ -17,6 +17,8 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
+from tiny import count_dequantized  # noqa: E402
+
 from lorakit import quant, quant_model  # noqa: E402
 from lorakit.errors import ConfigError, ModelLoadError, ModelMismatchError, UnsupportedModuleError  # noqa: E402
 
@@ -211,18 +213,7 @@ def test_lora_op_keeps_no_weight_and_at_most_one_dequantized_alive(monkeypatch):
     and no more than one dequantized weight exists at any time."""
     layers = [linear4bit(96, 96, "nf4", True, bias=False, seed=i)[0] for i in range(4)]
     bases = [quant.quantized_base(m) for m in layers]
-    alive: list[weakref.ref] = []
-    peak = [0]
-    real = quant.dequantize_4bit
-
-    def counting(weight, dtype):
-        W = real(weight, dtype)
-        alive[:] = [r for r in alive if r() is not None]
-        alive.append(weakref.ref(W))
-        peak[0] = max(peak[0], len(alive))
-        return W
-
-    monkeypatch.setattr(quant, "dequantize_4bit", counting)
+    peak, alive = count_dequantized(monkeypatch)
     saved_shapes = []
 
     def pack(t):

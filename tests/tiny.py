@@ -119,3 +119,29 @@ def make_run_env(root: Path) -> dict[str, Path]:
         "adapter": make_adapter(tiny, root / "adapter", seed=2),
         "data": write_chat_jsonl(root / "data.jsonl", n=5),
     }
+
+
+def count_dequantized(monkeypatch) -> tuple[list[int], list]:  # noqa: ANN001 - pytest's MonkeyPatch
+    """Wrap ``lorakit.quant.dequantize_4bit`` to track how many dequantized weights are alive at once.
+
+    Returns:
+        ``(peak, alive)``: a one-element list holding the largest number alive at once so far, and the
+        weak references to every dequantized weight seen since the last call (both updated on every call).
+    """
+    import weakref
+
+    from lorakit import quant
+
+    alive: list[weakref.ref] = []
+    peak = [0]
+    real = quant.dequantize_4bit
+
+    def counting(weight, dtype):  # noqa: ANN001, ANN202
+        W = real(weight, dtype)
+        alive[:] = [r for r in alive if r() is not None]
+        alive.append(weakref.ref(W))
+        peak[0] = max(peak[0], len(alive))
+        return W
+
+    monkeypatch.setattr(quant, "dequantize_4bit", counting)
+    return peak, alive
