@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -130,3 +132,22 @@ def git_rev() -> str:
     except OSError:
         return "?"
     return f"{rev} + uncommitted changes" if dirty else rev
+
+
+def run_worker(script: str, args: list[str], label: str) -> dict:
+    """Run ``script --worker ARGS`` in a fresh process (its own VmHWM) and return the dict it printed.
+
+    The worker prints one line ``RESULT <json>``; a worker that fails or prints none stops the
+    benchmark with its output's tail.
+    """
+    out = subprocess.run(
+        [sys.executable, script, "--worker", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+        sys.exit(f"worker {label} failed")
+    return json.loads(line[7:])

@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_rev, machine, median, model_note, rss_kib, write_section  # noqa: E402
+from _common import git_rev, machine, median, model_note, rss_kib, run_worker, write_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["lorakit-fp32", "lorakit-nf4", "lorakit-nf4-gc", "peft-nf4"]
@@ -166,17 +164,7 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
 
 
 def _run(variant: str, steps: int, compute: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", variant, str(steps), "--compute", compute],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-        sys.exit(f"worker {variant} failed")
-    return json.loads(line[7:])
+    return run_worker(__file__, [variant, str(steps), "--compute", compute], variant)
 
 
 def main() -> None:

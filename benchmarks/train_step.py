@@ -46,13 +46,23 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODEL_ENV, git_rev, load_bench_model, machine, median, model_note, rss_kib, section, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    MODEL_ENV,
+    git_rev,
+    load_bench_model,
+    machine,
+    median,
+    model_note,
+    rss_kib,
+    run_worker,
+    section,
+    write_section,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline itself)
@@ -212,17 +222,7 @@ def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict
 
 
 def _run(variant: str, workload: str, steps: int, device: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", variant, workload, str(steps), device],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-        sys.exit(f"worker {variant}/{workload} failed")
-    return json.loads(line[7:])
+    return run_worker(__file__, [variant, workload, str(steps), device], f"{variant}/{workload}")
 
 
 def _spread(xs: list[float], fmt: str) -> str:
