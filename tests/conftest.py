@@ -38,6 +38,16 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matmuls run faster and steadier on a shared 2-core machine,
+    where two OpenMP threads of two jobs can thrash (up to 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def llama():
     return make_llama()
 

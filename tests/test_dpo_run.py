@@ -31,12 +31,7 @@ METRICS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(path: Path, n: int, seed: int = 0, **row_overrides) -> Path:

@@ -25,15 +25,6 @@ from lorakit.train.report import read_metrics
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture
-def one_thread():
-    # On a busy 2-core machine two OpenMP threads can thrash (10x slower); one is steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean token loss on the labelled (assistant) tokens, labels unshifted as in training."""
     return torch.nn.functional.cross_entropy(

@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
@@ -146,14 +145,6 @@ def test_existing_dir_replace_update_keep(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("files") / "tiny")
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_training_run_files_are_readable(tiny, tmp_path, one_thread):

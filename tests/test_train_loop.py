@@ -32,14 +32,7 @@ from lorakit.train.config import RunConfig  # noqa: E402
 from lorakit.train.loop import train  # noqa: E402
 from lorakit.train.report import read_metrics  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: one thread is faster and steadier on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
