@@ -14,6 +14,7 @@ from tiny import make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
+from lorakit.errors import ConfigError
 from lorakit.logprobs import completion_logps, token_logprobs
 from lorakit.pairs import collate_pairs, load_pairs, pack_pairs
 from lorakit.preference import collate_for, dpo_loss, pair_logps, pair_metrics, reference_mode, shares_prompts
@@ -365,7 +366,7 @@ def test_packed_layout_only_where_the_model_takes_its_mask(tiny, tmp_path):
     model.config.sliding_window = 8
     assert not shares_prompts(model)
     assert "labels" in collate_for(model, pairs, tok.pad_token_id)
-    with pytest.raises(ValueError, match="collate_pairs"):
+    with pytest.raises(ConfigError, match="collate_pairs"):
         pair_logps(model, pack_pairs(pairs, tok.pad_token_id))
     objective.prepare(model, {"train": pairs}, **prepare)
     assert not objective.packed and "labels" in objective.collate(pairs)

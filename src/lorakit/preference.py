@@ -264,13 +264,13 @@ def pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
         ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``, each ``[B]``.
 
     Raises:
-        ValueError: a packed batch for a model that does not :func:`shares_prompts`.
+        ConfigError: a packed batch for a model that does not :func:`shares_prompts`.
     """
     if "score_index" not in batch:
         logps, tokens = completion_logps(model, batch)
     else:
         if not shares_prompts(model):
-            raise ValueError(
+            raise ConfigError(
                 "pair_logps: a packed batch (pack_pairs) needs sdpa or eager attention, causal and without a sliding "
                 "window; collate this model's pairs with collate_pairs (or collate_for)"
             )
