@@ -12,12 +12,10 @@ ends (:meth:`~AdapterRegistry.collect`, run by the engine between steps).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import hashlib
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from ..adapters import delete_adapter, get_configs
 from ..config import WEIGHTS_NAME
 from ..errors import AdapterNotFoundError, ConfigError
 from ..io import load_adapter
+from ..memory import return_freed_memory
 from ..mixed import BASE, forget_stacks
 from ..runs import find_adapter_dir
 
@@ -70,11 +69,7 @@ def _return_free_memory() -> None:
     """Hand freed memory back to the system: CUDA's cache, and glibc's heap (small tensors live there)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): the memory is reused, just not returned
-            pass
+    return_freed_memory()
 
 
 class AdapterRegistry:

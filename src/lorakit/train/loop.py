@@ -45,6 +45,7 @@ from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
+from lorakit.memory import return_freed_memory
 from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
@@ -261,6 +262,8 @@ class _Run:
                 self.scheduler.step()
                 # With graphs, keep .grad allocated: backward then adds into it in place.
                 self.optimizer.zero_grad(set_to_none=self.graphs is None)
+                if ctx.device.type == "cpu":  # glibc keeps the step's freed activations: return them (lorakit.memory)
+                    return_freed_memory()
                 self.step += 1
                 consistent = True
                 self.tokens += n_tok
