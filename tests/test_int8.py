@@ -230,6 +230,27 @@ def test_packed_copies_are_made_once_and_dropped_when_moved():
     torch.testing.assert_close(layer.dequantized(), lin.weight.detach(), atol=layer.weight_scale.max().item(), rtol=0)
 
 
+def test_training_drops_the_codes_once_both_packs_exist_and_nothing_changes():
+    lin, x = layer_and_data()
+    layer = int8.Int8Linear.from_linear(lin, smooth=torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5)
+    codes, W = layer.qweight.clone(), layer.dequantized()
+    dy = torch.randn(x.shape[0], 80, generator=torch.Generator().manual_seed(2))
+    y, dx = layer.output(x), layer.grad_input(dy)  # a training step's two matmuls: both packs now
+    assert layer.qweight is None and set(layer._packed) == {"forward", "grad_input"}
+    assert "qweight" not in dict(layer.named_buffers())  # no third copy of the weight alive
+    assert torch.equal(layer.codes(), codes)  # rebuilt from the pack of Qᵀ, exactly
+    assert torch.equal(layer.dequantized(), W)
+    assert torch.equal(layer.output(x), y) and torch.equal(layer.grad_input(dy), dx)
+    assert torch.equal(layer.state_dict()["qweight"], codes)  # a state dict still holds the codes
+    torch.testing.assert_close(layer(x[:1]), y[:1] + layer.bias, atol=0.05, rtol=0.02)  # one row: fbgemm, same codes
+    other = int8.Int8Linear.from_linear(torch.nn.Linear(96, 80), smooth=torch.ones(96))
+    other.output(x), other.grad_input(dy)
+    other.load_state_dict(layer.state_dict())  # loads into a layer whose codes were dropped: new packs
+    assert torch.equal(other.codes(), codes) and torch.equal(other.output(x), y)
+    layer.to(torch.float32)  # a move drops the packs and keeps the codes
+    assert layer._packed == {} and torch.equal(layer.qweight, codes) and torch.equal(layer.output(x), y)
+
+
 def test_the_onednn_int8_kernel_runs_and_no_float_matmul_of_the_base():
     lin, x = layer_and_data(n=64, k=96, m=80)
     layer = int8.Int8Linear.from_linear(lin)

@@ -155,22 +155,22 @@ class _LastRows(threading.local):
 
     q/k/v (and gate/up) read one ``x``: the second and third call reuse the codes. The
     input is kept alive while cached, so its address cannot be another tensor's;
-    its version counter tells whether it was written to since.
+    its version counter (and the SmoothQuant scale's) tells whether it was written to since.
     """
 
-    entry: tuple[Tensor, int, Tensor | None, Tensor, Tensor] | None = None
+    entry: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor] | None = None
 
     def get(self, x2: Tensor, in_scale: Tensor | None) -> tuple[Tensor, Tensor] | None:
         e = self.entry
         if e is None:
             return None
-        x, version, scale, q, s = e
+        x, version, scale, scale_version, q, s = e
         same = x.data_ptr() == x2.data_ptr() and x.shape == x2.shape and x.stride() == x2.stride()
         same = same and x.dtype == x2.dtype and version == x2._version and scale is in_scale
-        return (q, s) if same else None
+        return (q, s) if same and (scale is None or scale._version == scale_version) else None
 
     def put(self, x2: Tensor, in_scale: Tensor | None, q: Tensor, s: Tensor) -> None:
-        self.entry = (x2, x2._version, in_scale, q, s)
+        self.entry = (x2, x2._version, in_scale, -1 if in_scale is None else in_scale._version, q, s)
 
 
 _LAST = _LastRows()
@@ -257,7 +257,10 @@ class Int8Linear(nn.Linear):
     channels are tamed before the per-row quantization (:func:`lorakit.int8_model.quantize_int8`
     calibrates ``s``; siblings reading one input share one tensor). The oneDNN-packed
     copies (``Q`` for forward, ``Qᵀ`` for the input gradient, each one byte per weight)
-    are made on first use and dropped when the module moves (``_apply``). It is an
+    are made on first use and dropped when the module moves (``_apply``). Once both
+    exist (training), the codes buffer goes: a step needs only the packs, and
+    :meth:`codes` rebuilds ``Q`` from the packed ``Qᵀ`` for whatever else asks
+    (dequantizing, merging, one-row decoding, a move). It is an
     ``nn.Linear`` (as bitsandbytes' layers are) so that target matching (``all-linear``)
     and LoRA wrapping treat it as one; it holds no float weight (``weight`` is a
     dequantized copy made on each read, for code outside the LoRA op that wants one).
@@ -293,20 +296,45 @@ class Int8Linear(nn.Linear):
         return cls(*quantize_weight_int8(weight * smooth), linear.bias, smooth.reciprocal())
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        if self.qweight is None:  # the codes back from the pack before the packs go
+            self.qweight = self.codes()
         self._packed = {}
         return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # dropped in training: a state dict still holds the codes
+            destination[prefix + "qweight"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if self.qweight is None:  # a buffer to load the codes into
+            self.qweight = self.codes()
+        self._packed = {}  # packs of the old codes
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def codes(self) -> Tensor:
+        """The int8 codes ``Q [out, in]``: the ``qweight`` buffer, or a copy from the pack of ``Qᵀ`` once dropped.
+
+        Returns:
+            int8 ``[out, in]`` (a new tensor when rebuilt: oneDNN's dense reorder of the packed ``Qᵀ``, exact).
+        """
+        if self.qweight is not None:
+            return self.qweight
+        return self._packed["grad_input"][0].to_dense()  # the pack of Qᵀ [in, out] reads back as Q [out, in]
 
     def packed(self, direction: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(packed codes, column scale, zero points)`` for ``"forward"`` (``Q``) or ``"grad_input"`` (``Qᵀ``)."""
         got = self._packed.get(direction)
         if got is None:
-            q = self.qweight if direction == "forward" else self.qweight.t().contiguous()
+            q = self.codes() if direction == "forward" else self.codes().t().contiguous()
             if direction == "forward":
                 scale = self.weight_scale
             else:  # dY W = (dY diag(w) Q) diag(input_scale)
                 scale = torch.ones(q.shape[0]) if self.input_scale is None else self.input_scale
             zp = torch.zeros(q.shape[0], dtype=torch.int64)
             got = self._packed[direction] = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), zp)
+            if "forward" in self._packed and "grad_input" in self._packed:
+                self.qweight = None  # training: a third copy of the weight no step reads (codes() rebuilds it)
         return got
 
     @property
@@ -320,7 +348,7 @@ class Int8Linear(nn.Linear):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``W ≈ diag(weight_scale) Q diag(input_scale)`` as ``[out, in]`` in ``dtype``."""
-        w = self.qweight.float() * self.weight_scale[:, None]
+        w = self.codes().float() * self.weight_scale[:, None]
         return (w if self.input_scale is None else w * self.input_scale).to(dtype)
 
     def output(self, x2: Tensor) -> Tensor:
@@ -328,7 +356,7 @@ class Int8Linear(nn.Linear):
         if x2.shape[0] == 1 and _has_row_kernel():
             row = self._packed.get("row")
             if row is None:
-                row = self._packed["row"] = _fbgemm_pack(self.qweight, self.weight_scale)
+                row = self._packed["row"] = _fbgemm_pack(self.codes(), self.weight_scale)
             return int8_matmul_row(x2 if self.input_scale is None else x2 * self.input_scale, row)
         # siblings reading one x (and sharing one input_scale) share its codes
         return int8_matmul(x2, *self.packed("forward"), reuse=True, in_scale=self.input_scale)
