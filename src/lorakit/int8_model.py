@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, ModelLoadError
 from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8
+from .quant_model import release_checkpoint  # shared with 4-bit bases; re-exported here
 
 __all__ = [
     "QUANTIZE_CHOICES",
@@ -204,31 +205,6 @@ def quantize_int8(
         p.requires_grad_(False)
     release_checkpoint(model)
     return model
-
-
-def release_checkpoint(model: nn.Module) -> None:
-    """Copy the tensors left in full precision (embeddings, norms, biases, buffers) off the checkpoint file.
-
-    transformers maps a safetensors checkpoint into memory and hands out views of the
-    mapping: every page read once (all of them, by the calibration forward and the
-    quantizer) stays in the process's resident set as long as any view of the file lives.
-    Once the Linear layers are int8, only the embeddings and norms still point into the
-    file, yet they would keep all of the fp32 weights resident (on the default model
-    0.54 GB, for 0.11 GB of embeddings). Copied, the mapping closes and those pages leave.
-    An :class:`Int8Linear`'s codes and scales are its own already (its bias is copied).
-
-    Args:
-        model: The model, in place; a tensor shared by several modules (tied weights) stays shared.
-    """
-    copies: dict[int, Tensor] = {}
-    for p in model.parameters():  # each Parameter once; .data keeps the Parameter object, so ties hold
-        p.data = p.data.clone()
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            continue
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None:
-                setattr(module, name, copies.setdefault(id(b), b.clone()))
 
 
 def describe_int8(model: nn.Module) -> str:
