@@ -219,9 +219,10 @@ def load_model(
     """Load a causal language model and its tokenizer from local disk.
 
     With ``quantization="nf4"`` or ``"fp4"`` the Linear layers are quantized to
-    4 bits while loading (transformers' ``BitsAndBytesConfig``: shard by shard, the
-    full-precision model is never in memory) and the rest is left as QLoRA trains
-    it (:func:`lorakit.quant_model.prepare_quantized`: fp32, frozen).
+    4 bits while loading, tensor by tensor, read from the safetensors files without
+    mapping them (:func:`lorakit.quant_load.load_4bit`: the full-precision model is
+    never in memory), and the rest is left as QLoRA trains it
+    (:func:`lorakit.quant_model.prepare_quantized`: fp32, frozen).
 
     Args:
         name: Anything :func:`resolve_model` accepts; ``None`` is the default model.
@@ -267,31 +268,14 @@ def load_model(
 
 
 def _load_4bit(name: Any, device: Any, quantization: str, double_quant: bool, compute_dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     from .quant import check_quantization, require_bitsandbytes, resolve_compute_dtype
-    from .quant_model import prepare_quantized
+    from .quant_load import load_4bit
 
-    q = check_quantization(quantization)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    cd, _ = resolve_compute_dtype(compute_dtype, dev)
+    check_quantization(quantization)  # the settings' errors before a default model is converted
+    resolve_compute_dtype(compute_dtype, device)
     require_bitsandbytes()
     path = resolve_model(name)
-    bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=cd
-    )
-    try:  # quantized from fp32 (as lorakit.quantize and the streaming merge do), one shard at a time
-        model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb_config, dtype=torch.float32, device_map={"": str(dev)}, local_files_only=True
-        )
-    except Exception as e:  # noqa: BLE001 - any transformers failure is a load failure here
-        raise ModelLoadError(
-            f"could not load the model in {path} in 4 bits ({q}): {type(e).__name__}: {e}. Check that the "
-            "directory holds a complete full-precision model saved with save_pretrained."
-        ) from e
-    prepare_quantized(model, cd)
-    model.eval()
-    return model, _load_tokenizer_dir(path)
+    return load_4bit(path, device, quantization, double_quant, compute_dtype), _load_tokenizer_dir(path)
 
 
 def load_tokenizer(name: str | os.PathLike[str] | None = None) -> Any:
