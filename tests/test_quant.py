@@ -196,8 +196,8 @@ def test_lora_op_bf16_compute_close_to_float64():
     A, B = (torch.randn(8, 128) * 0.1).requires_grad_(), (torch.randn(64, 8) * 0.1).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = quant.lora_linear_quantized(x, base, A, B, 2.0)
-    assert y.dtype == torch.bfloat16  # under autocast, the compute dtype (as lorakit's other ops)
-    assert quant.lora_linear_quantized(x, base, A, B, 2.0).dtype == torch.float32  # else x's (as bitsandbytes)
+    assert y.dtype == torch.float32  # x's dtype, autocast or not (as bitsandbytes' Linear4bit)
+    assert quant.lora_linear_quantized(x, base, A, B, 2.0).dtype == torch.float32
     gx, gA, gB = torch.autograd.grad(y.float().sum(), [x, A, B])
     x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
     y64 = x64 @ W64.t() + 2.0 * (x64 @ A64.t()) @ B64.t()

@@ -43,6 +43,7 @@ __all__ = [
     "keep_mask",
     "dropout_multiplier",
     "apply_dropout",
+    "sum_dtype",
     "branches_forward",
     "branches_backward",
     "prepare",
@@ -137,6 +138,11 @@ def apply_dropout(t: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     return out.mul_(scale) if scale != 1.0 else out
 
 
+def sum_dtype(weight: Any, cd: torch.dtype, wide: torch.dtype) -> torch.dtype:
+    """The dtype an adapted Linear's output is summed in: ``wide`` for a quantized base, else ``cd``."""
+    return cd if isinstance(weight, Tensor) else wide
+
+
 def branches_forward(
     x2: Tensor,
     mask: Tensor | None,
@@ -145,8 +151,16 @@ def branches_forward(
     scalings: Sequence[float],
     cd: torch.dtype,
     compute_output: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Forward of k adapted Linears reading the same ``x2 [N, in]``.
+
+    A full-precision weight's output is summed in ``cd``. A quantized base's output
+    (base matmul in ``cd``, then bias and LoRA term) is summed in the wider of ``cd``
+    and ``out_dtype`` (fp32 for an fp32 ``x`` or under autocast, :func:`prepare`), as
+    PEFT over bitsandbytes' ``Linear4bit`` does (its output comes back in ``x``'s dtype
+    and the LoRA term is added to it there): with bf16 compute the small LoRA term is
+    not lost to the bf16 rounding of the base output.
 
     Args:
         x2: The flattened input ``[N, in]``, already in ``cd``.
@@ -157,27 +171,30 @@ def branches_forward(
         scalings: The k LoRA scalings.
         cd: The compute dtype.
         compute_output: False computes only ``xa`` and leaves the outputs uninitialised.
+        out_dtype: The dtype the caller returns the outputs in (None: ``cd``).
 
     Returns:
-        The k outputs ``[N, out_i]`` and the concatenated ``xa [N, R]``,
-        ``R = Σ r_i``, from one down-projection matmul.
+        The k outputs ``[N, out_i]`` (in ``cd``, or a quantized base's sum dtype) and the
+        concatenated ``xa [N, R]``, ``R = Σ r_i``, from one down-projection matmul.
     """
     As = params[2::4]
     A = torch.cat([a.to(cd) for a in As]) if len(As) > 1 else As[0].to(cd)  # [R, in]
     xa = apply_dropout(x2, mask, scale) @ A.t()  # [N, R]
+    wide = torch.promote_types(cd, out_dtype or cd)  # a quantized base's output is summed in this
     if not compute_output:  # a recompute whose outputs nothing reads: backward needs x and xa only
-        return [x2.new_empty((x2.shape[0], W.shape[0])) for W in params[0::4]], xa
+        return [x2.new_empty((x2.shape[0], W.shape[0]), dtype=sum_dtype(W, cd, wide)) for W in params[0::4]], xa
     outs, off = [], 0
     for (W, b, _, B), s in zip(zip(*[iter(params)] * 4), scalings):
+        acc = sum_dtype(W, cd, wide)
         if isinstance(W, Tensor):
             Wt = W.to(cd).t()  # [in, out]
             y = x2 @ Wt if b is None else torch.addmm(b.to(cd), x2, Wt)  # [N, out]
         else:  # quantized: W dequantized (or int8 kernel) inside, for this call only
-            y = W.output(x2, cd)  # [N, out]
+            y = W.output(x2, cd).to(acc)  # [N, out]
             if b is not None:
-                y.add_(b.to(cd))
+                y.add_(b.to(acc))
         r = B.shape[1]
-        y.addmm_(xa[:, off : off + r], B.to(cd).t(), alpha=s)  # += s·(xA_iᵀ)B_iᵀ, in place
+        y.addmm_(xa[:, off : off + r].to(acc), B.to(acc).t(), alpha=s)  # += s·(xA_iᵀ)B_iᵀ, in place
         off += r
         outs.append(y)
     return outs, xa
@@ -250,10 +267,13 @@ def prepare(
 
     The matmuls run in ``dtype`` if given, else in a quantized base's own compute dtype
     (bitsandbytes' ``compute_dtype``, as its ``Linear4bit`` does), else in
-    :func:`lorakit.precision.compute_dtype`'s (autocast's, else ``x``'s). The outputs
-    come back in the compute dtype when it was asked for or autocast is on, else in
-    ``x.dtype``: for a full-precision weight that is the compute dtype anyway, for a
-    quantized base it is what ``Linear4bit`` returns.
+    :func:`lorakit.precision.compute_dtype`'s (autocast's, else ``x``'s). Over
+    full-precision weights the outputs come back in the compute dtype when it was asked
+    for or autocast is on, else in ``x.dtype`` (the compute dtype anyway). Over quantized
+    bases they come back in ``x.dtype``, as bitsandbytes' ``Linear4bit`` returns them
+    (PEFT adds its LoRA term there), and under autocast in fp32 even for a bf16 ``x``
+    (o_proj reads the attention's bf16 output): the base matmul runs in bf16, the sum
+    with the LoRA term and what goes on into the fp32 residual stream stay fp32.
 
     Args:
         x: The input ``[..., in]``.
@@ -297,7 +317,10 @@ def prepare(
     cd = dtype or next((d for d in own if d is not None), None) or compute_dtype(x, None)
     dev = x.device.type
     autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    out_dtype = cd if dtype is not None or autocast else x.dtype
+    if any(not isinstance(spec.weight, Tensor) for spec in specs):  # x's dtype; under autocast at least fp32
+        out_dtype = torch.promote_types(x.dtype, torch.float32) if autocast else x.dtype
+    else:
+        out_dtype = cd if dtype is not None or autocast else x.dtype
     return mask, seed, scalings, cd, out_dtype, params
 
 

@@ -61,7 +61,7 @@ class _LoraLinearFn(torch.autograd.Function):
             xc = x.to(cd)  # [..., in]
             x2 = xc.reshape(-1, x.shape[-1])  # [N, in]
             mask = dropout_multiplier(x2, dropout_mask, ctx.seed, ctx.p)
-            outs, xa = branches_forward(x2, mask, ctx.scale, params, scalings, cd, compute_output)
+            outs, xa = branches_forward(x2, mask, ctx.scale, params, scalings, cd, compute_output, out_dtype)
             saved, ctx.bases = saveable(params)  # a quantized base is kept on ctx, never a weight
             ctx.save_for_backward(xc, xa, dropout_mask, *saved)
             lead = x.shape[:-1]
@@ -119,8 +119,9 @@ def lora_linear_multi(
             for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
-        One tensor ``[..., out_i]`` per spec, in the compute dtype (on a quantized base
-        outside autocast: in ``x.dtype``; see :func:`lorakit.branches.prepare`).
+        One tensor ``[..., out_i]`` per spec, in the compute dtype (on quantized bases: in
+        ``x.dtype``, at least fp32 under autocast, base + LoRA summed there; see
+        :func:`lorakit.branches.prepare`).
 
     Raises:
         ConfigError: ``dropout_p`` outside ``[0, 1)``.

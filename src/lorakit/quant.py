@@ -355,8 +355,8 @@ def lora_linear_quantized(
         compute_output: False skips the output matmuls (a checkpointing rerun).
 
     Returns:
-        ``[..., out]``: in the compute dtype under autocast, else in ``x.dtype`` (as
-        bitsandbytes' ``Linear4bit`` returns it).
+        ``[..., out]`` in ``x.dtype`` (as bitsandbytes' ``Linear4bit`` returns it), under
+        autocast at least fp32; base output and LoRA term are summed there.
 
     Raises:
         ConfigError: ``dropout_p`` outside ``[0, 1)``.
@@ -369,10 +369,6 @@ def lora_linear_quantized(
             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}; expected lora_A [r, {n_in}], "
             f"lora_B [{n_out}, r]"
         )
-    y = lora_linear(
+    return lora_linear(
         x, base, base.bias, lora_A, lora_B, scaling, dropout_p, training, dropout_mask, compute_dtype, compute_output
     )
-    dev = x.device.type
-    if compute_dtype is not None and not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
-        y = y.to(x.dtype)  # an asked-for compute dtype: the output still in x's, as Linear4bit's
-    return y

@@ -42,12 +42,13 @@ class _SwigluFn(torch.autograd.Function):
             x2 = xc.reshape(-1, x.shape[-1])  # [N, H]
             sx, sh = seeds if seeds is not None else (None, None)
             mask = dropout_multiplier(x2, None, sx, p)
-            (g, u), xa = branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd)  # [N, I] x2
-            h = torch.nn.functional.silu(g).mul_(u)  # [N, I], freed after this call
+            # [N, I] x2; over quantized bases summed in x's dtype (fp32 under bf16 compute), as PEFT does
+            (g, u), xa = branches_forward(x2, mask, ctx.scale, params[:8], scalings[:2], cd, out_dtype=out_dtype)
+            h = torch.nn.functional.silu(g).mul_(u).to(cd)  # [N, I], freed after this call
             mask_h = dropout_multiplier(h, None, sh, p)
-            (y,), ha = branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output)
+            (y,), ha = branches_forward(h, mask_h, ctx.scale, params[8:], scalings[2:], cd, compute_output, out_dtype)
             saved, ctx.bases = saveable(params)  # a quantized base is kept on ctx, never a weight
-            ctx.save_for_backward(xc, xa, g, u, ha, *saved)
+            ctx.save_for_backward(xc, xa, g.to(cd), u.to(cd), ha, *saved)  # saved in cd: backward computes there
             return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
@@ -124,7 +125,9 @@ def lora_swiglu_mlp(
             for a gradient-checkpointing recompute whose output nothing reads.
 
     Returns:
-        ``[..., H]`` in the compute dtype (on quantized bases outside autocast: in ``x.dtype``).
+        ``[..., H]`` in the compute dtype (on quantized bases: in ``x.dtype``, at least fp32
+        under autocast; gate/up/down each summed with its LoRA term there, ``silu(g)·u``
+        then cast to the compute dtype for down's matmuls).
 
     Raises:
         ConfigError: an unsupported ``act`` or ``dropout_p``.

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from lorakit.errors import ConfigError
 
-__all__ = ["DistContext", "setup_distributed", "resolve_precision", "int8_note"]
+__all__ = ["DistContext", "setup_distributed", "resolve_precision", "int8_note", "quantized_base_note"]
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -156,4 +156,33 @@ def int8_note(precision: str, device: torch.device) -> str:
     return (
         f"; train.precision: int8 would run the frozen base's matmuls in {ratio:.2f}x the {precision} time on "
         "this CPU (measured; other numerics, so auto does not pick it)"
+    )
+
+
+def quantized_base_note(precision: str, compute_dtype: str) -> str:
+    """What a run on a 4-bit base computes in, for its start line, summary and model card.
+
+    The policy (issue 12; measured in benchmarks/RESULTS.md, qlora): a 4-bit layer's
+    matmul runs in its compute dtype and its output comes back in fp32 (the input's
+    dtype, as bitsandbytes' ``Linear4bit`` returns it; under autocast fp32 also for
+    o_proj's bf16 input), where the LoRA term is added (:func:`lorakit.branches.prepare`).
+    Embeddings, norms, the residual stream and the LoRA masters stay fp32 (a 4-bit load
+    keeps them so). With ``train.precision`` bf16 the rest of the forward (attention,
+    the head) runs under bf16 autocast, as for PEFT + bitsandbytes under the Trainer's
+    bf16. Summing in bf16 instead lost the small LoRA term to the rounding of the base
+    output: +6.4% loss after 30 steps against fp32 LoRA, vs +4.5% this way.
+
+    Args:
+        precision: The resolved ``train.precision`` (``"fp32"``, ``"bf16"``).
+        compute_dtype: The 4-bit layers' compute dtype name (``"fp32"``, ``"bf16"``, ``"fp16"``).
+
+    Returns:
+        ``", 4-bit outputs plus LoRA summed in fp32 ..."``, or ``""`` when everything is fp32.
+    """
+    if precision == "fp32" and compute_dtype == "fp32":
+        return ""
+    rest = "attention and head under bf16 autocast" if precision == "bf16" else "the rest in fp32"
+    return (
+        f", 4-bit matmuls in {compute_dtype} with outputs and LoRA terms summed in fp32 "
+        f"(as PEFT + bitsandbytes; residual stream, norms, LoRA fp32), {rest}"
     )

@@ -50,7 +50,7 @@ from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
-from lorakit.train.device import DistContext, int8_note, resolve_precision, setup_distributed
+from lorakit.train.device import DistContext, int8_note, quantized_base_note, resolve_precision, setup_distributed
 from lorakit.train.graphs import setup_graphs
 from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.objective import add_adapters, check_method, load_data, make_objective
@@ -131,7 +131,7 @@ class _Run:
 
     def __init__(self, cfg: RunConfig, ctx: DistContext, resume: bool) -> None:
         from lorakit.models import ModelSpec, load_model
-        from lorakit.quant_model import describe_quantization
+        from lorakit.quant_model import describe_quantization, quantization_info
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
         self.say = print if ctx.main else (lambda *a, **k: None)
@@ -164,6 +164,8 @@ class _Run:
             **spec.load_kwargs(self.precision),
         )
         self.base_note = describe_quantization(model)  # "" for a full-precision base
+        if self.base_note:  # what a 4-bit base computes in (the policy is lorakit.branches.prepare's)
+            self.base_note += quantized_base_note(self.precision, quantization_info(model)["compute_dtype"])
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
             from lorakit.int8_model import calibration_ids, describe_int8, quantize_int8
 
