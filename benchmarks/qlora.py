@@ -16,12 +16,17 @@ Variants:
     lorakit-nf4     `lorakit train` with model: {quantization: nf4, double_quant: true, compute_dtype: auto}
                     and train.precision: auto (bf16 compute on AMX/AVX512-BF16 CPUs, else fp32): the base's
                     Linears in bitsandbytes nf4, dequantized one layer at a time inside lorakit's fused ops
-                    (q/k/v as one op, the SwiGLU MLP as one op), as `lorakit train` runs it
+                    (q/k/v as one op, the SwiGLU MLP as one op), as `lorakit train` runs it: the 4-bit
+                    matmuls in the compute dtype, their outputs and LoRA terms summed in fp32, embeddings /
+                    norms / residual stream fp32, and with bf16 the step under bf16 autocast (attention, head)
     lorakit-nf4-gc  the same with train.gradient_checkpointing: true (lorakit's checkpointing, whose
                     rerun skips the MLP output), the memory recipe PEFT's prepare_model_for_kbit_training picks
     peft-nf4        transformers BitsAndBytesConfig(nf4, double quant, compute dtype as lorakit-nf4's) +
                     PEFT's prepare_model_for_kbit_training (its defaults: fp32 non-4-bit params, gradient
                     checkpointing) + get_peft_model, the step under autocast when the compute dtype is bf16
+
+--compute fp32|bf16 sets the nf4 variants' train.precision (compute_dtype auto follows it), as a run config
+does; auto (the default) is what train.precision: auto picks here.
 
 Columns: base bytes = resident bytes of the frozen base (4-bit codes, absmax and quant maps counted; LoRA
 excluded); 4-bit Linears vs bf16 = the quantized Linears' bytes over the same weights in bf16; peak RSS =
@@ -97,9 +102,11 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
 
     torch.manual_seed(0)
     dev = torch.device("cpu")
-    precision = resolve_precision("auto", dev)[0]
-    cd = resolve_compute_dtype(compute, dev, precision=precision if compute == "auto" else None)[0]
-    bf16 = variant != "lorakit-fp32" and cd == torch.bfloat16
+    # The nf4 variants' train.precision (auto: what a run picks here); compute_dtype auto follows it, and the step
+    # runs under bf16 autocast exactly when the precision is bf16 (lorakit.train.loop; PEFT under the Trainer's bf16).
+    precision = resolve_precision(compute, dev)[0]
+    cd = resolve_compute_dtype("auto", dev, precision=precision)[0]
+    bf16 = variant != "lorakit-fp32" and precision == "bf16"
     if variant == "peft-nf4":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -173,7 +180,10 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument(
-        "--compute", choices=["auto", "fp32", "bf16"], default="auto", help="the nf4 variants' compute dtype"
+        "--compute",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the nf4 variants' train.precision (their compute dtype follows it)",
     )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--json", type=Path, help="also write the runs (and the commit) to this file")
