@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, ModelLoadError
 from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8
+from .memory import return_freed_memory
 from .quant_model import release_checkpoint  # shared with 4-bit bases; re-exported here
 
 __all__ = [
@@ -156,7 +157,8 @@ def quantize_int8(
     ``_keep_in_fp32_modules``; embeddings and norms stay as they are. Each full-precision
     weight is dropped as soon as its layer is quantized, and what stays in full precision
     is copied off the checkpoint file's memory map (:func:`release_checkpoint`), so the
-    fp32 weights' pages leave the process's memory. With ``calibration`` ids, the
+    fp32 weights' pages leave the process's memory; the heap the quantization freed goes
+    back to the OS too (:func:`lorakit.memory.return_freed_memory`). With ``calibration`` ids, the
     layers are smoothed first (SmoothQuant, :func:`smoothing_factors`): on the default
     model that cuts the KL divergence of the logits to fp32's about fourfold
     (benchmarks/RESULTS.md, "int8_schemes").
@@ -204,6 +206,7 @@ def quantize_int8(
     for p in model.parameters():
         p.requires_grad_(False)
     release_checkpoint(model)
+    return_freed_memory()  # the calibration's activations and the quantizer's temporaries, freed on glibc's heap
     return model
 
 
