@@ -3,7 +3,9 @@
 LoRA r=16, alpha=32 on all seven projections of SmolLM2-135M-Instruct, AdamW
 (lr 2e-4, weight decay 0; torch's fused AdamW for every variant on CUDA), the
 same batches (same rows, same labels: assistant tokens only) for every variant.
-Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own. Runs are
+Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own; the lorakit
+variants, like ``lorakit train``, hand freed heap back to the OS after each CPU step
+(:func:`lorakit.memory.return_freed_memory`), the PEFT ones do not. Runs are
 repeated (``--repeats``), the variant order rotated on each repeat so that slow
 spells of the machine hit all variants alike; the table gives the median and the
 spread (min-max) over the repeats, and ratios against the matching PEFT baseline.
@@ -118,6 +120,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     import lorakit
     from lorakit.examples import collate
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+    from lorakit.memory import return_freed_memory
     from lorakit.train.device import resolve_precision
     from lorakit.train.graphs import setup_graphs
     from lorakit.train.lm_loss import causal_lm_loss
@@ -179,12 +182,16 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         if graphed:  # "on": a run that cannot use graphs is an error, as with train.cuda_graphs: on
             graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
 
+    trim = dev.type == "cpu" and not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
+
     def step(batch):
         with autocast:
             loss = loss_fn(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=graphs is None)
+        if trim:  # as `lorakit train` does after each CPU step: freed heap back to the OS (lorakit.memory)
+            return_freed_memory()
         return loss
 
     return step, batches, bf16
