@@ -288,3 +288,59 @@ def test_decoding_steps_in_one_block(monkeypatch):
 
 
 _general_step = mixing.AdapterRows._step
+
+
+@pytest.mark.parametrize("tokens", [5, 1])  # a prompt; decoding steps (the second one takes the short route)
+def test_one_adapter_batch_takes_single_adapter_kernels(tokens, monkeypatch):
+    """Every row on one adapter: no stack, the single-adapter kernels; rows equal running the batch with that
+    adapter active, also on the short route, which reads the layer's weights live (an in-place change shows)."""
+    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    model = _model(embed=False)
+    ids = torch.randint(0, 96, (3, tokens), generator=torch.Generator().manual_seed(9))
+    short = []
+    monkeypatch.setattr(mixing.AdapterRows, "_step", lambda self, *a: short.append(a[2]) or _general_step(self, *a))
+    with torch.no_grad(), adapter_batch(model, ["a"] * 3):
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        for name, p in model.named_parameters():
+            if ".lora_B.a." in name:
+                p.mul_(-2.0)
+        changed = model(input_ids=ids).logits
+    assert not any(mixing._STACKS.get(layer) for _, layer in lora_layers(model))  # no stack was built
+    assert bool(short) == (tokens == 1) and all(stack is None for stack in short)
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(changed, _alone(model, "a", input_ids=ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, first, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [3, 1])
+def test_stacked_row_layouts(tokens, monkeypatch):
+    """The batched path's row layouts over one stack of a, b, c: rows already in the stack's order (no gather),
+    unequal rows per adapter (padded), the middle adapter unused (a padded slot), base rows; every row equals
+    running it alone, on the first call and on the next one in the block (the short route for decoding)."""
+    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    model = make_llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    lorakit.inject(model, lorakit.LoraConfig(**cfg), "a")
+    for name in ("b", "c"):
+        lorakit.add_adapter(model, name, lorakit.LoraConfig(**cfg))
+    model.eval()
+    layer = next(layer for _, layer in lora_layers(model))
+    g = torch.Generator().manual_seed(10)
+    cases = [
+        (["a", "b", "c"], True),
+        (["a", "a", "b", "b", "c", "c"], True),
+        (["b", "a", "a", "c", "__base__"], False),
+        (["a", "c", "c"], False),  # b's slot of the stack is only padding
+    ]
+    for rows, in_order in cases:
+        ids = torch.randint(0, 96, (len(rows), tokens), generator=g)
+        with torch.no_grad(), adapter_batch(model, rows) as batch:
+            outs = [model(input_ids=ids).logits, model(input_ids=ids).logits]
+            plan = batch._plans[layer][1]
+        assert mixing._STACKS[layer].names == ["a", "b", "c"]
+        assert (plan.idx is None) == in_order
+        for out in outs:
+            for i, name in enumerate(rows):
+                alone = _alone(model, name, input_ids=ids[i : i + 1])[0]
+                torch.testing.assert_close(out[i], alone, atol=1e-5, rtol=1e-5)

@@ -9,12 +9,15 @@ layer computes::
         y[rows] += sₙ · Bₙ(Aₙ(dropout(x[rows])))  # index_add: autograd sees exactly these rows
 
 or, for inference calls of few tokens (decoding steps, short prompts; ``_STACK_MAX_TOKENS``),
-all adapters at once, with no gather and no loop::
+all adapters at once as one batched matmul pair, with no loop::
 
-    y += ((x · [A₁; A₂; …]ᵀ) * M) · [B₁ B₂ …]ᵀ     # M (B, Σr): row i's scaling on its adapter's columns, else 0
+    xₙ = x[rows of n]                             # (G, c, ..., in): c rows per adapter (none copied
+                                                  #   when the rows already come in adapter order)
+    y[rows of n] += sₙ · (xₙ · Aₙᵀ) · Bₙᵀ           # bmm over the stacked (G, in, r) and (G, r, out)
 
 the stacks cached per layer (copies, rebuilt when the adapters or their weights change;
-``forget_stacks`` frees them). Either way row ``i`` gets exactly what running it alone
+``forget_stacks`` frees them). A batch with every row on one adapter takes the single-adapter
+inference kernels instead (base, ``x·Aᵀ``, one ``addmm``). Either way row ``i`` gets exactly what running it alone
 with its adapter gives, adapters of different ranks share a batch, and in training each
 adapter's gradient is the one from its own rows (the other rows never touch its weights).
 ``"__base__"`` rows (and rows of an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
@@ -37,7 +40,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +58,11 @@ BASE = "__base__"  # the row runs no adapter
 _OWNER = "lorakit.mixed"
 _SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
 _FUSION_OWNER = "lorakit.fusion"
-# Calls of at most this many tokens (rows x positions) with several adapters take the stacked path. Measured
-# (SmolLM2-135M, 8 adapters r=16, 8 rows, 2 EPYC cores, one forward): stacked 0.80x / 0.74x / 0.81x / 0.95x the
-# gathered path's time at 8 / 32 / 128 / 512 tokens; past that the gathered path, which computes only each row's
-# own adapter (the stack computes all of them for every row), catches up.
+# Calls of at most this many tokens (rows x positions) with several adapters take the stacked (bmm) path. Measured
+# (SmolLM2-135M, 8 adapters r=16, 8 rows, 2 EPYC cores): a 128-token prefill +14 ms over a single adapter's
+# (~500 ms), a decoding step +10 ms (~125 ms). The bmm does only each row's own adapter, as the gathered path
+# does; past this size the gathered path (no padding rows) is kept, as before (the limit was set for the
+# earlier masked stack, 0.95x the gathered path's time at 512 tokens, and not re-measured for bmm).
 _STACK_MAX_TOKENS = 512
 _STACK_SLACK = 2  # a cached stack serves a batch whose adapters hold at least 1/this of its rank (rows leaving)
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its _Stack
@@ -78,9 +82,11 @@ class AdapterRows:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
-        self._masks: dict[nn.Module, tuple[_Stack, torch.Tensor]] = {}  # stacked path: each layer's row mask
-        # Decoding steps after a layer's first in this block: (x's numel, stack, mask, base weight, bias).
-        self._steps: dict[nn.Module, tuple[int, _Stack, torch.Tensor, Any, Any]] = {}
+        self._plans: dict[nn.Module, tuple[_Stack, _Plan]] = {}  # stacked path: each layer's plan for these rows
+        self._layouts: dict[tuple, tuple] = {}  # stack's adapter names -> row layout, shared by layers
+        # Decoding steps after a layer's first in this block: (x's numel, stack or None, plan or the one
+        # adapter's name, base weight, bias).
+        self._steps: dict[nn.Module, tuple[int, _Stack | None, Any, Any, Any]] = {}
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items()
@@ -106,7 +112,7 @@ class AdapterRows:
             and x.numel() == step[0]
             and x.shape[0] == len(self.names)
             and not (args or kwargs or layer.disabled or layer.training or torch.is_grad_enabled())
-            and step[1].unchanged()
+            and (step[1] is None or step[1].unchanged())
         ):
             return self._step(layer, x, *step[1:])
         self._check_rows(x, layer)
@@ -118,12 +124,16 @@ class AdapterRows:
         present = [(name, idx) for name, idx in self.groups if name in r]
         if (
             inplace
-            and len(present) > 1
+            and present
             and isinstance(layer, LoraLinear)
-            and x.numel() <= _STACK_MAX_TOKENS * x.shape[-1]
             and not (layer.training and any(isinstance(layer.lora_dropout[n], nn.Dropout) for n, _ in present))
         ):
-            return self._stacked(layer, x, y, [n for n, _ in present])
+            if len(present) == 1 and present[0][1] is None:
+                out = self._one(layer, x, y, present[0][0])
+                if out is not None:
+                    return out
+            elif len(present) > 1 and x.numel() <= _STACK_MAX_TOKENS * x.shape[-1]:
+                return self._stacked(layer, x, y, [n for n, _ in present])
         for name, idx in present:
             xs = x if idx is None else x.index_select(0, idx)  # (Bₙ, ..., in)
             d = _lora_delta(layer, name, xs).to(y.dtype)  # (Bₙ, ..., out)
@@ -133,38 +143,92 @@ class AdapterRows:
                 y = y.index_add_(0, idx, d) if inplace else y.index_add(0, idx, d)
         return y
 
-    def _stacked(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """Few tokens (decoding): every adapter's LoRA as one matmul pair over all rows, each row masked to its own.
+    def _one(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor | None:
+        """Every row on adapter ``name``: the single-adapter inference kernels, ``y += s·(x·Aᵀ)·Bᵀ`` in place.
 
-        ``x·[A₁; A₂; …]ᵀ`` gives every row every adapter's down-projection (B, ..., Σr); a per-row mask
-        keeps its own adapter's columns (times its scaling) and zeros the rest, so ``·[B₁ B₂ …]ᵀ`` adds
-        exactly ``sₙ·Bₙ·Aₙ·x`` to each row: two matmuls and one multiply per layer, no gather and no loop
-        over adapters. Many tokens take the gathered path, which does no work for other adapters' columns.
+        Returns None (the caller takes the general route) where those kernels do not apply: mixed dtypes,
+        autocast, a quantized base's output layout.
+        """
+        A = layer.lora_A[name].weight  # (r, in)
+        if not (
+            x.dtype == A.dtype == y.dtype
+            and y.is_contiguous()
+            and getattr(layer, "quantized", None) is None
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        if x.numel() == len(self.names) * x.shape[-1]:  # one token per row: the next steps take _step
+            base = layer.base_layer
+            plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+            weight, bias = (base.weight, base.bias) if plain else (None, None)
+            self._steps[layer] = (x.numel(), None, name, weight, bias)
+        xa = F.linear(x, A)  # (B, ..., r)
+        y.view(-1, y.shape[-1]).addmm_(
+            xa.view(-1, xa.shape[-1]), layer.lora_B[name].weight.T, alpha=layer.scaling[name]
+        )
+        return y
+
+    def _stacked(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Few tokens (decoding): every adapter's LoRA as one batched matmul pair, each adapter on its own rows.
+
+        The rows are laid out as (adapters, c rows each) (see :class:`_Plan`); ``bmm`` with the stacked
+        ``Aₙᵀ`` (G, in, r) and ``Bₙᵀ`` (G, r, out) then does exactly each row's own adapter: the same
+        weight bytes as one matmul over every adapter's columns with a per-row mask, but not G times the
+        arithmetic, which at decoding's few rows costs as much as the bytes (measured, 2-core EPYC,
+        SmolLM2-135M, 8 rows on 8 adapters: +14 ms per step over the base's linears vs +31 ms masked).
         """
         stack = _stack_for(layer, names)
-        entry = self._masks.get(layer)
+        entry = self._plans.get(layer)
         if entry is None or entry[0] is not stack:  # once per layer per batch, and when the stack is rebuilt
-            entry = self._masks[layer] = (stack, stack.row_mask(self.names, layer.scaling))
-        mask = entry[1]  # (B, K)
-        if x.numel() == len(mask) * x.shape[-1] and y.dtype == stack.dtype and y.is_contiguous():
+            entry = self._plans[layer] = (stack, self._plan(stack))
+        plan = entry[1]
+        if x.numel() == len(self.names) * x.shape[-1] and y.dtype == stack.dtype and y.is_contiguous():
             # one token per row (a decoding step): the next steps of this block take _step
             base = layer.base_layer
             plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
             weight, bias = (base.weight, base.bias) if plain else (None, None)
-            self._steps[layer] = (x.numel(), stack, mask, weight, bias)
-        return stack.add_to(y, x, mask if x.dim() == 2 else mask.view(len(mask), *([1] * (x.dim() - 2)), -1))
+            self._steps[layer] = (x.numel(), stack, plan, weight, bias)
+        return plan.add_to(y, x, stack.dtype)
+
+    def _plan(self, stack: _Stack) -> _Plan:
+        """The stack's slots these rows use (a contiguous range, so a view) and the rows' layout over them."""
+        slot = {n: i for i, n in enumerate(stack.names)}
+        key = tuple(stack.names)
+        layout = self._layouts.get(key)
+        if layout is None:
+            per_slot: list[list[int]] = [[] for _ in stack.names]
+            for i, name in enumerate(self.names):
+                if name in slot:
+                    per_slot[slot[name]].append(i)
+            used = [k for k, rows in enumerate(per_slot) if rows]
+            lo, hi = used[0], used[-1] + 1
+            c = max(len(per_slot[k]) for k in used)
+            # padding rows (an adapter with fewer rows, or none, in the range) read row 0 and are multiplied by 0
+            gather = [rows[j] if j < len(rows) else 0 for rows in per_slot[lo:hi] for j in range(c)]
+            keep = [float(j < len(rows)) for rows in per_slot[lo:hi] for j in range(c)]
+            idx = None if gather == list(range(len(self.names))) else torch.tensor(gather, device=stack.device)
+            pad = None if all(keep) else torch.tensor(keep, dtype=stack.dtype, device=stack.device)
+            layout = self._layouts[key] = (lo, hi, c, idx, pad)
+        lo, hi, c, idx, pad = layout
+        return _Plan(stack.a[lo:hi], stack.b[lo:hi], c, idx, pad)
 
     def _step(
-        self, layer: LoraLinear, x: torch.Tensor, stack: _Stack, mask: torch.Tensor, weight: Any, bias: Any
+        self, layer: LoraLinear, x: torch.Tensor, stack: _Stack | None, plan: Any, weight: Any, bias: Any
     ) -> torch.Tensor:
-        """A decoding step of the stacked path with nothing left to decide: three kernels, as few Python steps.
+        """A decoding step with nothing left to decide: the base, then the LoRA kernels, as few Python steps.
 
-        The tiny-model decoding step (hidden 32, 30 layers, 8 adapters) paid ~60-110 µs per layer on top of
-        the single-adapter path in the general route; this one skips the checks made on the block's first step.
+        ``plan`` is the stacked path's :class:`_Plan`, or (``stack`` None) the name of the one adapter every
+        row runs, whose weights are read from the layer on each step.
         """
-        x2 = x.reshape(len(mask), -1)  # (B, in)
+        x2 = x.reshape(len(self.names), -1)  # (B, in)
         y = F.linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
-        y.addmm_(torch.mm(x2.to(stack.dtype), stack.a).mul_(mask), stack.b)
+        if stack is None:
+            mods = layer._modules
+            A = mods["lora_A"]._modules[plan]._parameters["weight"]
+            B = mods["lora_B"]._modules[plan]._parameters["weight"]
+            y.addmm_(F.linear(x2, A), B.T, alpha=layer.scaling[plan])
+        else:
+            plan.add_to(y, x2, stack.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def saved_forward(self, wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -197,14 +261,42 @@ def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
 
 
+class _Plan(NamedTuple):
+    """How one batch's rows meet one layer's stack: G = slots ``lo..hi`` of it, ``c`` rows per slot.
+
+    Row ``idx[g·c + j]`` is the ``j``-th row of slot ``g``; ``idx`` is None when that is simply row
+    ``g·c + j`` (rows already in the stack's order: no gather, no scatter). A slot with fewer than ``c``
+    rows (or none: an adapter of the range that this batch does not use) is padded with row 0, multiplied
+    by 0 (``pad``), which adds exact zeros to row 0.
+    """
+
+    a: torch.Tensor  # (G, in, r) view of the stack, scalings folded in
+    b: torch.Tensor  # (G, r, out)
+    c: int
+    idx: torch.Tensor | None  # (G·c,) row indices
+    pad: torch.Tensor | None  # (G·c,) 1 for a row, 0 for padding; None without padding
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``y[row] += s·(x[row]·Aᵀ)·Bᵀ`` with each row's own adapter; ``y`` (B, ..., out) in place."""
+        g, c, idx = len(self.a), self.c, self.idx
+        xs = x.to(dtype) if idx is None else x.index_select(0, idx).to(dtype)  # (G·c, ..., in)
+        xa = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), self.a)  # (G, c·seq, r)
+        if self.pad is not None:
+            xa.view(g, c, -1, xa.shape[-1]).mul_(self.pad.view(g, c, 1, 1))
+        if idx is None and y.dtype == dtype and y.is_contiguous():
+            y.view(g, -1, y.shape[-1]).baddbmm_(xa, self.b)
+            return y
+        d = torch.bmm(xa, self.b).view(g * c, *y.shape[1:]).to(y.dtype)  # (G·c, ..., out)
+        return y.add_(d) if idx is None else y.index_add_(0, idx, d)
+
+
 class _Stack:
-    """Some adapters of one LoRA Linear as one matmul pair: ``[A₁; A₂; …]ᵀ`` (in, K) and ``[B₁ B₂ …]ᵀ`` (K, out).
+    """Some adapters of one LoRA Linear, stacked for ``bmm``: ``Aₙᵀ`` as (n, in, r) and ``Bₙᵀ`` as (n, r, out).
 
     Copies of the weights, made once and reused by every decoding step while they are fresh (same
-    tensors, unchanged version counters, same scalings); transposed and contiguous, the layout
-    ``matmul`` reads fastest at decoding's few rows (1.2x-1.7x faster than ``F.linear`` on the
-    untransposed weights, 2-core EPYC). oneDNN-packed copies ran these matmuls alone 1.5x faster
-    still, but not the decoding step: interleaved with the base's MKL matmuls they gained nothing.
+    tensors, unchanged version counters, same scalings), each ``Aₙ`` times its scaling (no multiply per
+    step). Adapters of a smaller rank are zero-padded to the largest (zero columns of A, zero rows of B:
+    exact).
     """
 
     def __init__(self, layer: LoraLinear, names: list[str]) -> None:
@@ -215,20 +307,20 @@ class _Stack:
         self.tracked = [t for pair in self.weights for t in pair if not t.is_inference()]  # may change in place
         self.tracked_versions = [t._version for t in self.tracked]
         self.scalings = [layer.scaling[n] for n in names]
-        self.spans: dict[str, tuple[int, int]] = {}
-        start = 0
-        for n, (a, _) in zip(names, self.weights):
-            self.spans[n] = (start, start + a.shape[0])
-            start += a.shape[0]
-        self.rank = start
-        self.a = torch.cat([a.detach().T for a, _ in self.weights], 1).contiguous()  # (in, K)
-        self.b = torch.cat([b.detach().T for _, b in self.weights], 0).contiguous()  # (K, out)
+        self.rank = sum(a.shape[0] for a, _ in self.weights)
+        width = max(a.shape[0] for a, _ in self.weights)
+        first_a, first_b = self.weights[0]
+        self.a = first_a.new_zeros(len(names), first_a.shape[1], width)  # (n, in, r)
+        self.b = first_b.new_zeros(len(names), width, first_b.shape[0])  # (n, r, out)
+        for k, (a, b) in enumerate(self.weights):
+            self.a[k, :, : a.shape[0]] = a.detach().T * self.scalings[k]
+            self.b[k, : b.shape[1]] = b.detach().T
         self.dtype, self.device = self.a.dtype, self.a.device
 
     def serves(self, layer: LoraLinear, names: list[str]) -> bool:
         """Holds ``names``' current weights, without more than ``_STACK_SLACK`` times their rank."""
-        spans, r = self.spans, layer.r
-        if any(n not in spans for n in names) or self.rank > _STACK_SLACK * sum(r[n] for n in names):
+        r = layer.r
+        if any(n not in self.names for n in names) or self.rank > _STACK_SLACK * sum(r[n] for n in names):
             return False
         mods, scaling = layer._modules, layer.scaling  # every decoding step, every layer: plain dict lookups
         a_mods, b_mods = mods["lora_A"]._modules, mods["lora_B"]._modules
@@ -245,23 +337,6 @@ class _Stack:
     def unchanged(self) -> bool:
         """No in-place change to the stacked weights since the stack was made (an optimizer step)."""
         return [t._version for t in self.tracked] == self.tracked_versions
-
-    def row_mask(self, row_names: list[str], scaling: dict[str, float]) -> torch.Tensor:
-        """(rows, K): each row's scaling on its own adapter's columns, zero elsewhere (and on base rows)."""
-        mask = torch.zeros(len(row_names), self.rank, dtype=self.dtype)
-        for i, name in enumerate(row_names):
-            if name in self.spans:
-                start, stop = self.spans[name]
-                mask[i, start:stop] = scaling[name]
-        return mask.to(self.device)
-
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``y + ((x·[A₁; A₂; …]ᵀ) * mask)·[B₁ B₂ …]ᵀ``, in place; ``mask`` broadcasts over (B, ..., K)."""
-        xa = torch.matmul(x.to(self.dtype), self.a).mul_(mask)  # (B, ..., K)
-        if y.dtype == self.dtype and y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, self.rank), self.b)
-            return y
-        return y.add_(torch.matmul(xa, self.b).to(y.dtype))
 
 
 def _stack_for(layer: LoraLinear, names: list[str]) -> _Stack:
