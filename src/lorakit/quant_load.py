@@ -14,8 +14,10 @@ itself uses where it cannot map files (Windows, MPS). transformers materializes
 a slice only when it gets to that tensor and, when it quantizes on the fly,
 one tensor at a time: each weight is read into memory of its own, quantized and
 dropped, so besides the tensors the model keeps (embeddings, norms) at most one
-full-precision tensor is alive, and the file is never mapped. The model is the
-one the mapped path makes, bit for bit (tests/test_quant_load.py).
+full-precision tensor is alive, and the file is never mapped. Those reads are
+heap allocations, which glibc keeps once freed; the load hands them back
+(:func:`lorakit.memory.return_freed_memory`). The model is the one the mapped
+path makes, bit for bit (tests/test_quant_load.py).
 
 Directories without safetensors weights (``pytorch_model.bin``) and configs that
 resolve to a model class other than a single causal LM class (remote code) load
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .memory import return_freed_memory
 from .quant import check_quantization, require_bitsandbytes, resolve_compute_dtype
 from .quant_model import prepare_quantized
 
@@ -175,4 +178,5 @@ def load_4bit(
         ) from e
     prepare_quantized(model, cd, release=mapped)  # streamed tensors are the model's own already: no copies
     model.eval()
+    return_freed_memory()  # the weights read and dropped were heap: give their pages back (glibc keeps them)
     return model
