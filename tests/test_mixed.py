@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import make_llama
 
 import lorakit
+from lorakit import adapter_stacks as stacks
 from lorakit import fusion, routing
 from lorakit import mixed as mixing
 from lorakit.inject import lora_layers
@@ -62,7 +64,7 @@ def path(request, monkeypatch):
     if request.param == "gathered":
         monkeypatch.setattr(mixing, "_STACK_MAX_TOKENS", 0)
     else:
-        monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())  # no stack of another test
+        monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())  # no stack of another test
     return request.param
 
 
@@ -77,8 +79,8 @@ def test_rows_equal_alone(saved, tokens, path):
         torch.testing.assert_close(mixed[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the test can fail
     assert all(routing.forward_owner(layer) is None for _, layer in lora_layers(model))  # routes removed on exit
-    stacks = [mixing._STACKS.get(layer) for _, layer in lora_layers(model)]
-    assert any(stacks) == (path == "stacked")  # the path under test really ran
+    built = [stacks.STACKS.get(layer) for _, layer in lora_layers(model)]
+    assert any(built) == (path == "stacked")  # the path under test really ran
 
 
 def test_grouped_not_per_row(monkeypatch):
@@ -235,7 +237,7 @@ def test_stacked_decoding_sees_weight_changes():
 def test_stack_reused_while_it_serves(monkeypatch):
     """One stack per layer: reused for any row order and for fewer adapters (requests that left), rebuilt for a
     new adapter or changed weights; every batch's rows still equal running them alone."""
-    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())
     model = make_llama()
     cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     lorakit.inject(model, lorakit.LoraConfig(**cfg), "a")
@@ -249,7 +251,7 @@ def test_stack_reused_while_it_serves(monkeypatch):
             out = model(input_ids=ids[: len(rows)]).logits
         for i, name in enumerate(rows):
             torch.testing.assert_close(out[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
-        return mixing._STACKS[layer]
+        return stacks.STACKS[layer]
 
     first = step(["b", "a", "__base__", "b"])
     assert first.names == ["a", "b"]  # the layer's order, not the rows'
@@ -267,7 +269,7 @@ def test_stack_reused_while_it_serves(monkeypatch):
 def test_decoding_steps_in_one_block(monkeypatch):
     """After a layer's first decoding step in a block the short route runs; it equals the general route, and an
     in-place weight change between two steps of one block shows in the next step."""
-    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())
     model = _model(embed=False)
     ids = torch.randint(0, 96, (len(ROWS), 1), generator=torch.Generator().manual_seed(8))
     short = []
@@ -294,7 +296,7 @@ _general_step = mixing.AdapterRows._step
 def test_one_adapter_batch_takes_single_adapter_kernels(tokens, monkeypatch):
     """Every row on one adapter: no stack, the single-adapter kernels; rows equal running the batch with that
     adapter active, also on the short route, which reads the layer's weights live (an in-place change shows)."""
-    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())
     model = _model(embed=False)
     ids = torch.randint(0, 96, (3, tokens), generator=torch.Generator().manual_seed(9))
     short = []
@@ -306,7 +308,7 @@ def test_one_adapter_batch_takes_single_adapter_kernels(tokens, monkeypatch):
             if ".lora_B.a." in name:
                 p.mul_(-2.0)
         changed = model(input_ids=ids).logits
-    assert not any(mixing._STACKS.get(layer) for _, layer in lora_layers(model))  # no stack was built
+    assert not any(stacks.STACKS.get(layer) for _, layer in lora_layers(model))  # no stack was built
     assert bool(short) == (tokens == 1) and all(stack is None for stack in short)
     torch.testing.assert_close(again, first, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(changed, _alone(model, "a", input_ids=ids), atol=1e-5, rtol=1e-5)
@@ -318,7 +320,7 @@ def test_stacked_row_layouts(tokens, monkeypatch):
     """The batched path's row layouts over one stack of a, b, c: rows already in the stack's order (no gather),
     unequal rows per adapter (padded), the middle adapter unused (a padded slot), base rows; every row equals
     running it alone, on the first call and on the next one in the block (the short route for decoding)."""
-    monkeypatch.setattr(mixing, "_STACKS", mixing.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())
     model = make_llama()
     cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     lorakit.inject(model, lorakit.LoraConfig(**cfg), "a")
@@ -338,7 +340,7 @@ def test_stacked_row_layouts(tokens, monkeypatch):
         with torch.no_grad(), adapter_batch(model, rows) as batch:
             outs = [model(input_ids=ids).logits, model(input_ids=ids).logits]
             plan = batch._plans[layer][1]
-        assert mixing._STACKS[layer].names == ["a", "b", "c"]
+        assert stacks.STACKS[layer].names == ["a", "b", "c"]
         assert (plan.idx is None) == in_order
         for out in outs:
             for i, name in enumerate(rows):

@@ -9,17 +9,13 @@ layer computes::
         y[rows] += sₙ · Bₙ(Aₙ(dropout(x[rows])))  # index_add: autograd sees exactly these rows
 
 or, for inference calls of few tokens (decoding steps, short prompts; ``_STACK_MAX_TOKENS``),
-all adapters at once as one batched matmul pair, with no loop::
-
-    xₙ = x[rows of n]                             # (G, c, ..., in): c rows per adapter (none copied
-                                                  #   when the rows already come in adapter order)
-    y[rows of n] += sₙ · (xₙ · Aₙᵀ) · Bₙᵀ           # bmm over the stacked (G, in, r) and (G, r, out)
-
-the stacks cached per layer (copies, rebuilt when the adapters or their weights change;
-``forget_stacks`` frees them). A batch with every row on one adapter takes the single-adapter
-inference kernels instead (base, ``x·Aᵀ``, one ``addmm``). Either way row ``i`` gets exactly what running it alone
-with its adapter gives, adapters of different ranks share a batch, and in training each
-adapter's gradient is the one from its own rows (the other rows never touch its weights).
+all adapters at once as one ``bmm`` pair over stacked copies of their weights, each row with its
+own adapter (:mod:`lorakit.adapter_stacks`; the stacks cached per layer, rebuilt when the adapters
+or their weights change, ``forget_stacks`` frees them). A batch with every row on one adapter takes
+the single-adapter inference kernels instead (``x·Aᵀ``, one ``addmm`` into the base output). Either
+way row ``i`` gets exactly what running it alone with its adapter gives, adapters of different ranks
+share a batch, and in training each adapter's gradient is the one from its own rows (the other rows
+never touch its weights).
 ``"__base__"`` rows (and rows of an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
 routed per row the same way (``index_copy`` of each copy's rows).
 
@@ -38,18 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import fusion, routing
+from .adapter_stacks import RowPlan, Stack, forget_stacks, plan_rows, stack_for
 from .adapters import get_configs
 from .errors import AdapterNotFoundError, ConfigError
-from .inject import lora_layers
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
 
 __all__ = ["BASE", "AdapterRows", "adapter_batch", "forget_stacks"]
@@ -64,8 +59,6 @@ _FUSION_OWNER = "lorakit.fusion"
 # does; past this size the gathered path (no padding rows) is kept, as before (the limit was set for the
 # earlier masked stack, 0.95x the gathered path's time at 512 tokens, and not re-measured for bmm).
 _STACK_MAX_TOKENS = 512
-_STACK_SLACK = 2  # a cached stack serves a batch whose adapters hold at least 1/this of its rank (rows leaving)
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its _Stack
 
 
 class AdapterRows:
@@ -82,11 +75,11 @@ class AdapterRows:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
-        self._plans: dict[nn.Module, tuple[_Stack, _Plan]] = {}  # stacked path: each layer's plan for these rows
+        self._plans: dict[nn.Module, tuple[Stack, RowPlan]] = {}  # stacked path: each layer's plan for these rows
         self._layouts: dict[tuple, tuple] = {}  # stack's adapter names -> row layout, shared by layers
         # Decoding steps after a layer's first in this block: (x's numel, stack or None, plan or the one
         # adapter's name, base weight, bias).
-        self._steps: dict[nn.Module, tuple[int, _Stack | None, Any, Any, Any]] = {}
+        self._steps: dict[nn.Module, tuple[int, Stack | None, Any, Any, Any]] = {}
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items()
@@ -169,18 +162,11 @@ class AdapterRows:
         return y
 
     def _stacked(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """Few tokens (decoding): every adapter's LoRA as one batched matmul pair, each adapter on its own rows.
-
-        The rows are laid out as (adapters, c rows each) (see :class:`_Plan`); ``bmm`` with the stacked
-        ``Aₙᵀ`` (G, in, r) and ``Bₙᵀ`` (G, r, out) then does exactly each row's own adapter: the same
-        weight bytes as one matmul over every adapter's columns with a per-row mask, but not G times the
-        arithmetic, which at decoding's few rows costs as much as the bytes (measured, 2-core EPYC,
-        SmolLM2-135M, 8 rows on 8 adapters: +14 ms per step over the base's linears vs +31 ms masked).
-        """
-        stack = _stack_for(layer, names)
+        """Few tokens (decoding): every adapter's LoRA as one ``bmm`` pair, each row with its own adapter."""
+        stack = stack_for(layer, names)
         entry = self._plans.get(layer)
         if entry is None or entry[0] is not stack:  # once per layer per batch, and when the stack is rebuilt
-            entry = self._plans[layer] = (stack, self._plan(stack))
+            entry = self._plans[layer] = (stack, plan_rows(stack, self.names, self._layouts))
         plan = entry[1]
         if x.numel() == len(self.names) * x.shape[-1] and y.dtype == stack.dtype and y.is_contiguous():
             # one token per row (a decoding step): the next steps of this block take _step
@@ -190,34 +176,12 @@ class AdapterRows:
             self._steps[layer] = (x.numel(), stack, plan, weight, bias)
         return plan.add_to(y, x, stack.dtype)
 
-    def _plan(self, stack: _Stack) -> _Plan:
-        """The stack's slots these rows use (a contiguous range, so a view) and the rows' layout over them."""
-        slot = {n: i for i, n in enumerate(stack.names)}
-        key = tuple(stack.names)
-        layout = self._layouts.get(key)
-        if layout is None:
-            per_slot: list[list[int]] = [[] for _ in stack.names]
-            for i, name in enumerate(self.names):
-                if name in slot:
-                    per_slot[slot[name]].append(i)
-            used = [k for k, rows in enumerate(per_slot) if rows]
-            lo, hi = used[0], used[-1] + 1
-            c = max(len(per_slot[k]) for k in used)
-            # padding rows (an adapter with fewer rows, or none, in the range) read row 0 and are multiplied by 0
-            gather = [rows[j] if j < len(rows) else 0 for rows in per_slot[lo:hi] for j in range(c)]
-            keep = [float(j < len(rows)) for rows in per_slot[lo:hi] for j in range(c)]
-            idx = None if gather == list(range(len(self.names))) else torch.tensor(gather, device=stack.device)
-            pad = None if all(keep) else torch.tensor(keep, dtype=stack.dtype, device=stack.device)
-            layout = self._layouts[key] = (lo, hi, c, idx, pad)
-        lo, hi, c, idx, pad = layout
-        return _Plan(stack.a[lo:hi], stack.b[lo:hi], c, idx, pad)
-
     def _step(
-        self, layer: LoraLinear, x: torch.Tensor, stack: _Stack | None, plan: Any, weight: Any, bias: Any
+        self, layer: LoraLinear, x: torch.Tensor, stack: Stack | None, plan: Any, weight: Any, bias: Any
     ) -> torch.Tensor:
         """A decoding step with nothing left to decide: the base, then the LoRA kernels, as few Python steps.
 
-        ``plan`` is the stacked path's :class:`_Plan`, or (``stack`` None) the name of the one adapter every
+        ``plan`` is the stacked path's :class:`RowPlan`, or (``stack`` None) the name of the one adapter every
         row runs, whose weights are read from the layer on each step.
         """
         x2 = x.reshape(len(self.names), -1)  # (B, in)
@@ -259,110 +223,6 @@ def _lora_delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
         return (after_a @ B.T) * layer.scaling[name]
     A, B = layer.lora_A[name], layer.lora_B[name]  # nn.Linear (r, in) / (out, r), or convolutions
     return B(A(layer.lora_dropout[name](x).to(A.weight.dtype))) * layer.scaling[name]
-
-
-class _Plan(NamedTuple):
-    """How one batch's rows meet one layer's stack: G = slots ``lo..hi`` of it, ``c`` rows per slot.
-
-    Row ``idx[g·c + j]`` is the ``j``-th row of slot ``g``; ``idx`` is None when that is simply row
-    ``g·c + j`` (rows already in the stack's order: no gather, no scatter). A slot with fewer than ``c``
-    rows (or none: an adapter of the range that this batch does not use) is padded with row 0, multiplied
-    by 0 (``pad``), which adds exact zeros to row 0.
-    """
-
-    a: torch.Tensor  # (G, in, r) view of the stack, scalings folded in
-    b: torch.Tensor  # (G, r, out)
-    c: int
-    idx: torch.Tensor | None  # (G·c,) row indices
-    pad: torch.Tensor | None  # (G·c,) 1 for a row, 0 for padding; None without padding
-
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``y[row] += s·(x[row]·Aᵀ)·Bᵀ`` with each row's own adapter; ``y`` (B, ..., out) in place."""
-        g, c, idx = len(self.a), self.c, self.idx
-        xs = x.to(dtype) if idx is None else x.index_select(0, idx).to(dtype)  # (G·c, ..., in)
-        xa = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), self.a)  # (G, c·seq, r)
-        if self.pad is not None:
-            xa.view(g, c, -1, xa.shape[-1]).mul_(self.pad.view(g, c, 1, 1))
-        if idx is None and y.dtype == dtype and y.is_contiguous():
-            y.view(g, -1, y.shape[-1]).baddbmm_(xa, self.b)
-            return y
-        d = torch.bmm(xa, self.b).view(g * c, *y.shape[1:]).to(y.dtype)  # (G·c, ..., out)
-        return y.add_(d) if idx is None else y.index_add_(0, idx, d)
-
-
-class _Stack:
-    """Some adapters of one LoRA Linear, stacked for ``bmm``: ``Aₙᵀ`` as (n, in, r) and ``Bₙᵀ`` as (n, r, out).
-
-    Copies of the weights, made once and reused by every decoding step while they are fresh (same
-    tensors, unchanged version counters, same scalings), each ``Aₙ`` times its scaling (no multiply per
-    step). Adapters of a smaller rank are zero-padded to the largest (zero columns of A, zero rows of B:
-    exact).
-    """
-
-    def __init__(self, layer: LoraLinear, names: list[str]) -> None:
-        self.names = names
-        a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
-        self.weights = [(a_mods[n].weight, b_mods[n].weight) for n in names]
-        self.versions = [(_version(a), _version(b)) for a, b in self.weights]
-        self.tracked = [t for pair in self.weights for t in pair if not t.is_inference()]  # may change in place
-        self.tracked_versions = [t._version for t in self.tracked]
-        self.scalings = [layer.scaling[n] for n in names]
-        self.rank = sum(a.shape[0] for a, _ in self.weights)
-        width = max(a.shape[0] for a, _ in self.weights)
-        first_a, first_b = self.weights[0]
-        self.a = first_a.new_zeros(len(names), first_a.shape[1], width)  # (n, in, r)
-        self.b = first_b.new_zeros(len(names), width, first_b.shape[0])  # (n, r, out)
-        for k, (a, b) in enumerate(self.weights):
-            self.a[k, :, : a.shape[0]] = a.detach().T * self.scalings[k]
-            self.b[k, : b.shape[1]] = b.detach().T
-        self.dtype, self.device = self.a.dtype, self.a.device
-
-    def serves(self, layer: LoraLinear, names: list[str]) -> bool:
-        """Holds ``names``' current weights, without more than ``_STACK_SLACK`` times their rank."""
-        r = layer.r
-        if any(n not in self.names for n in names) or self.rank > _STACK_SLACK * sum(r[n] for n in names):
-            return False
-        mods, scaling = layer._modules, layer.scaling  # every decoding step, every layer: plain dict lookups
-        a_mods, b_mods = mods["lora_A"]._modules, mods["lora_B"]._modules
-        for n, (a, b), (va, vb), s in zip(self.names, self.weights, self.versions, self.scalings):
-            ma, mb = a_mods.get(n), b_mods.get(n)
-            if ma is None or mb is None or scaling.get(n) != s:
-                return False
-            if ma._parameters["weight"] is not a or mb._parameters["weight"] is not b:
-                return False
-            if _version(a) != va or _version(b) != vb:
-                return False
-        return True
-
-    def unchanged(self) -> bool:
-        """No in-place change to the stacked weights since the stack was made (an optimizer step)."""
-        return [t._version for t in self.tracked] == self.tracked_versions
-
-
-def _stack_for(layer: LoraLinear, names: list[str]) -> _Stack:
-    """The layer's cached stack if it serves ``names``, else a new one of ``names`` in the layer's order.
-
-    The layer's order makes the stack independent of row order; a stack of more adapters than the
-    batch uses (requests that finished) serves on while within ``_STACK_SLACK``, so a server whose
-    batch changes every step rebuilds only when a new adapter arrives.
-    """
-    stack = _STACKS.get(layer)
-    if stack is not None and stack.serves(layer, names):
-        return stack
-    wanted = set(names)
-    stack = _STACKS[layer] = _Stack(layer, [n for n in layer.r if n in wanted])
-    return stack
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place changes seen so far (inference tensors cannot change in place: always 0)."""
-    return 0 if t.is_inference() else t._version
-
-
-def forget_stacks(model: nn.Module) -> None:
-    """Drop the cached adapter stacks of ``model``'s layers (after unloading adapters: frees their copies)."""
-    for _, layer in lora_layers(model):
-        _STACKS.pop(layer, None)
 
 
 # module-level functions bound with functools.partial: routing overrides must pickle
