@@ -4,7 +4,8 @@ LoRA r=16, alpha=32 on all seven projections of the embedded default model
 (SmolLM2-135M-Instruct), AdamW lr 2e-4, the ``short`` workload of train_step.py
 (8 chat rows a step from examples/data/quickstart_train.jsonl, whole, right-padded
 to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
-(``VmHWM``) is its own.
+(``VmHWM``) is its own; the lorakit variants, like ``lorakit train``, hand freed heap
+back to the OS after each step (:func:`lorakit.memory.return_freed_memory`), PEFT's do not.
 
     python benchmarks/qlora.py                     # 30 steps each (the setting)
     python benchmarks/qlora.py --steps 8 --skip 2  # a short run
@@ -93,6 +94,7 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
 
     import lorakit
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+    from lorakit.memory import return_freed_memory
     from lorakit.models import load_model, resolve_model
     from lorakit.quant import resolve_compute_dtype
     from lorakit.train.device import resolve_precision
@@ -146,6 +148,7 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 2e-4, 0.0, dev)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+    trim = not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
     times, losses = [], []
     for batch in batches:
         t0 = time.perf_counter()
@@ -154,6 +157,8 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if trim:  # as `lorakit train` does after each CPU step: freed heap back to the OS (lorakit.memory)
+            return_freed_memory()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     return {
