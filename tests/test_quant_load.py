@@ -58,10 +58,23 @@ def tied_sharded_dir(path: Path) -> Path:
     return path
 
 
+def gpt2_dir(path: Path) -> Path:
+    """A tiny GPT-2: Conv1D layers, learned positions, tied head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qload")
-    return {"single": make_tiny_model_dir(root / "single"), "sharded": tied_sharded_dir(root / "sharded")}
+    return {
+        "single": make_tiny_model_dir(root / "single"),
+        "sharded": tied_sharded_dir(root / "sharded"),
+        "gpt2": gpt2_dir(root / "gpt2"),
+    }
 
 
 def mapped_reference(path, kind="nf4", dq=True):
@@ -101,7 +114,7 @@ def assert_same_model(a, b):
         assert type(pa[k]) is type(pb[k]) and pa[k].requires_grad == pb[k].requires_grad is False, k
         assert torch.equal(pa[k].data, pb[k].data), k
     ba, bb = dict(a.named_buffers(remove_duplicate=False)), dict(b.named_buffers(remove_duplicate=False))
-    assert list(ba) == list(bb) and any("inv_freq" in k for k in ba)  # non-persistent rotary buffers included
+    assert list(ba) == list(bb)  # non-persistent ones (rotary inv_freq) included
     for k in ba:
         assert ba[k].dtype == bb[k].dtype and torch.equal(ba[k], bb[k]), k
     la = [(n, m) for n, m in a.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -114,8 +127,8 @@ def assert_same_model(a, b):
             same = torch.equal(qa[k], qb[k]) if isinstance(qa[k], torch.Tensor) else qa[k] == qb[k]
             assert same, (n, k)
         assert m.compute_dtype == lb[n].compute_dtype and m.weight.quant_type == lb[n].weight.quant_type
-    ties_a = a.lm_head.weight is a.model.embed_tokens.weight
-    assert ties_a == (b.lm_head.weight is b.model.embed_tokens.weight)
+    emb_a, emb_b = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    assert (a.lm_head.weight is emb_a) == (b.lm_head.weight is emb_b)
     assert a.config.to_dict() == b.config.to_dict()
     assert a.generation_config.to_dict() == b.generation_config.to_dict()
     assert a.training is b.training is False and a.is_loaded_in_4bit and b.is_loaded_in_4bit
@@ -123,15 +136,24 @@ def assert_same_model(a, b):
         assert torch.equal(a(ids()).logits, b(ids()).logits)
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("layout", ["single", "sharded", "gpt2"])
 @pytest.mark.parametrize("kind,dq", KINDS)
 def test_streamed_load_equals_the_mapped_load_bit_for_bit(dirs, layout, kind, dq):
     path = dirs[layout]
     files = quant_load.safetensors_files(path)
-    assert files == sorted(path.glob("*.safetensors")) and (len(files) == 1) == (layout == "single")
-    streamed, _ = models.load_model(path, quantization=kind, double_quant=dq, compute_dtype="fp32")
+    assert files == sorted(path.glob("*.safetensors")) and (len(files) > 1) == (layout == "sharded")
+    streamed = quant_load.load_4bit(path, quantization=kind, double_quant=dq, compute_dtype="fp32")
     assert_same_model(streamed, mapped_reference(path, kind, dq))
-    assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == (layout == "sharded")
+    assert (streamed.lm_head.weight is streamed.get_input_embeddings().weight) == (layout != "single")
+    if layout == "sharded":
+        assert any("inv_freq" in k for k, _ in streamed.named_buffers())
+
+
+def test_load_model_streams_and_says_nothing_else_changed(dirs):
+    """models.load_model's 4-bit route is the streamed load, with the tokenizer."""
+    model, tok = models.load_model(dirs["single"], quantization="nf4", compute_dtype="fp32")
+    assert_same_model(model, quant_load.load_4bit(dirs["single"], compute_dtype="fp32"))
+    assert tok.pad_token is not None
 
 
 def test_streamed_load_trains_as_the_mapped_one(dirs):
