@@ -5,7 +5,7 @@ LoRA r=16, alpha=32 on all seven projections of SmolLM2-135M-Instruct, AdamW
 same batches (same rows, same labels: assistant tokens only) for every variant.
 Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own; the lorakit
 variants, like ``lorakit train``, hand freed heap back to the OS after each CPU step
-(:func:`lorakit.memory.return_freed_memory`), the PEFT ones do not. Runs are
+and 3 times during each forward pass (:mod:`lorakit.memory`), the PEFT ones do not. Runs are
 repeated (``--repeats``), the variant order rotated on each repeat so that slow
 spells of the machine hit all variants alike; the table gives the median and the
 spread (min-max) over the repeats, and ratios against the matching PEFT baseline.
@@ -120,9 +120,9 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     import lorakit
     from lorakit.examples import collate
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
-    from lorakit.memory import return_freed_memory
+    from lorakit.memory import return_freed_memory, return_freed_memory_during
     from lorakit.train.device import resolve_precision
-    from lorakit.train.graphs import setup_graphs
+    from lorakit.train.graphs import decoder_layers, setup_graphs
     from lorakit.train.lm_loss import causal_lm_loss
     from lorakit.train.loop import GRAPH_PAD
     from lorakit.train.recompute import enable_checkpointing
@@ -183,6 +183,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
             graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
 
     trim = dev.type == "cpu" and not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
+    if trim:  # as `lorakit train` does on a CPU: freed heap back to the OS during the forward pass too
+        return_freed_memory_during(decoder_layers(model))
 
     def step(batch):
         with autocast:

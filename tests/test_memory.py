@@ -54,18 +54,42 @@ def test_no_malloc_trim_is_a_no_op(monkeypatch):
         memory._malloc_trim.cache_clear()
 
 
+@pytest.mark.skipif(not memory.can_return_freed_memory(), reason="needs glibc's malloc_trim (Linux)")
+def test_returns_during_a_forward_pass_after_every_nth_layer(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(len(order)) or True)
+    order = []
+    layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(7))
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: order.append(i))
+    handles = memory.return_freed_memory_during(layers, times=3)  # every 3rd: after layers 2 and 5
+    x = torch.randn(2, 4)
+    for layer in layers:
+        x = layer(x)
+    assert calls == [3, 6] and len(handles) == 2
+    for h in handles:
+        h.remove()
+    layers[2](x)
+    assert calls == [3, 6]  # removed
+    assert memory.return_freed_memory_during(layers[:0]) == []
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_trainer_returns_freed_memory_after_each_cpu_step(tmp_path, monkeypatch):
+def test_trainer_returns_freed_memory_after_each_cpu_step_and_during_its_forward(tmp_path, monkeypatch):
     from tiny import make_tiny_model_dir, write_chat_jsonl
 
     from lorakit.train import loop
     from lorakit.train.config import RunConfig
 
-    calls = []
+    calls, during = [], []
     monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: during.append(1) or True)
+    monkeypatch.setattr(memory, "can_return_freed_memory", lambda: True)
     cfg = RunConfig.model_validate(
         {
-            "model": str(make_tiny_model_dir(tmp_path / "model")),
+            "model": str(make_tiny_model_dir(tmp_path / "model", layers=6)),
             "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
             "data": {"train": str(write_chat_jsonl(tmp_path / "train.jsonl", n=8))},
             "train": {"steps": 3, "batch_size": 2, "precision": "fp32", "eval_every": 0, "save_every": 0},
@@ -73,4 +97,5 @@ def test_trainer_returns_freed_memory_after_each_cpu_step(tmp_path, monkeypatch)
         }
     )
     loop.train(cfg, device="cpu")
-    assert len(calls) == 3
+    assert len(calls) == 3  # after each of the 3 steps
+    assert len(during) == 3 * 3  # 3 times in each step's forward pass (6 layers: after the 2nd, 4th and 6th)

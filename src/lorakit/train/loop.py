@@ -45,13 +45,13 @@ from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
-from lorakit.memory import return_freed_memory
+from lorakit.memory import return_freed_memory, return_freed_memory_during
 from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from lorakit.train.config import RunConfig, dump_run_config, load_run_config
 from lorakit.train.device import DistContext, int8_note, quantized_base_note, resolve_precision, setup_distributed
-from lorakit.train.graphs import setup_graphs
+from lorakit.train.graphs import decoder_layers, setup_graphs
 from lorakit.train.lm_loss import causal_lm_loss
 from lorakit.train.objective import add_adapters, check_method, load_data, make_objective
 from lorakit.train.recompute import enable_checkpointing
@@ -187,6 +187,8 @@ class _Run:
             enable_checkpointing(model, self.say, every_n_layers=int(checkpointing))
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
+        if ctx.device.type == "cpu" and (layers := decoder_layers(model)) is not None:
+            return_freed_memory_during(layers)  # a forward's freed temporaries back to the OS, 3 times (lorakit.memory)
         self.pad_id = tokenizer.pad_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
