@@ -5,7 +5,8 @@ LoRA r=16, alpha=32 on all seven projections of the embedded default model
 (8 chat rows a step from examples/data/quickstart_train.jsonl, whole, right-padded
 to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
 (``VmHWM``) is its own; the lorakit variants, like ``lorakit train``, hand freed heap
-back to the OS after each step (:func:`lorakit.memory.return_freed_memory`), PEFT's do not.
+back to the OS after each step and 3 times during each forward pass (:mod:`lorakit.memory`),
+PEFT's do not.
 
     python benchmarks/qlora.py                     # 30 steps each (the setting)
     python benchmarks/qlora.py --steps 8 --skip 2  # a short run
@@ -94,10 +95,11 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
 
     import lorakit
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
-    from lorakit.memory import return_freed_memory
+    from lorakit.memory import return_freed_memory, return_freed_memory_during
     from lorakit.models import load_model, resolve_model
     from lorakit.quant import resolve_compute_dtype
     from lorakit.train.device import resolve_precision
+    from lorakit.train.graphs import decoder_layers
     from lorakit.train.lm_loss import causal_lm_loss
     from lorakit.train.recompute import enable_checkpointing
     from lorakit.train.schedule import make_optimizer
@@ -149,6 +151,8 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
     opt = make_optimizer(params, 2e-4, 0.0, dev)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     trim = not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
+    if trim:  # as `lorakit train` does on a CPU: freed heap back to the OS during the forward pass too
+        return_freed_memory_during(decoder_layers(model))
     times, losses = [], []
     for batch in batches:
         t0 = time.perf_counter()
