@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import few_rows
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError
 from .fusion import unfuse_mlps, unfuse_shared_inputs
@@ -274,6 +275,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
+    few_rows.unroute_head(model)  # the plain model gets its stock head back
     unfuse_mlps(model)
     unfuse_shared_inputs(model)
     names = [name for name, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
@@ -356,6 +358,7 @@ def for_inference(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
                 layer.merge(active)
     for _, layer in lora_layers(model):
         layer.shortcut_if_plain()  # merged layers: no wrapper code left in the call path
+    state["head_routed"] = few_rows.route_head(model)  # CPU fp32 decoding: (W·xᵀ)ᵀ for few rows
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -372,6 +375,8 @@ def for_training(model: nn.Module) -> nn.Module:
     state = getattr(model, _INFERENCE_ATTR, None)
     if state is None:
         return model
+    if state.get("head_routed"):
+        few_rows.unroute_head(model)
     layers = dict(lora_layers(model))
     for name, weight in state["backups"].items():
         layer = layers[name]

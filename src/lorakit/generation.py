@@ -20,6 +20,7 @@ import torch
 
 from .adapters import disable_adapters
 from .errors import ConfigError
+from .few_rows import head_routed
 from .mixed import adapter_batch
 
 __all__ = ["prompt_ids", "generate_batch", "generate", "compare_base"]
@@ -78,9 +79,10 @@ def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_conf
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
-    )
+    with head_routed(model):  # CPU decoding of 2-32 rows: the head as (W·xᵀ)ᵀ (lorakit.few_rows)
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+        )
     return [row[width:].tolist() for row in out.cpu()]
 
 

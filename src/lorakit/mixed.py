@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fusion, routing
+from . import few_rows, fusion, routing
 from .adapter_stacks import RowPlan, Stack, forget_stacks, plan_rows, stack_for
 from .adapters import get_configs
 from .errors import AdapterNotFoundError, ConfigError
@@ -53,6 +53,7 @@ BASE = "__base__"  # the row runs no adapter
 _OWNER = "lorakit.mixed"
 _SHORTCUT_OWNER = "lorakit.layers"  # the merged-layer shortcut (see lorakit.routing); steps aside here
 _FUSION_OWNER = "lorakit.fusion"
+_ALLOWED_OWNERS = {None, _SHORTCUT_OWNER, _FUSION_OWNER, few_rows.OWNER}  # routes adapter_batch works with
 # Calls of at most this many tokens (rows x positions) with several adapters take the stacked (bmm) path. Measured
 # (SmolLM2-135M, 8 adapters r=16, 8 rows, 2 EPYC cores): a 128-token prefill +14 ms over a single adapter's
 # (~500 ms), a decoding step +10 ms (~125 ms). The bmm does only each row's own adapter, as the gathered path
@@ -185,7 +186,7 @@ class AdapterRows:
         row runs, whose weights are read from the layer on each step.
         """
         x2 = x.reshape(len(self.names), -1)  # (B, in)
-        y = F.linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
+        y = few_rows.linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
         if stack is None:
             mods = layer._modules
             A = mods["lora_A"]._modules[plan]._parameters["weight"]
@@ -280,7 +281,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
             f"the base weights; call lorakit.unmerge(model) (or lorakit.for_training) first."
         )
     routes = {m: owner for m in modules if (owner := routing.forward_owner(m)) is not None}
-    owners = set(routes.values()) - {None, _SHORTCUT_OWNER, _FUSION_OWNER}
+    owners = set(routes.values()) - _ALLOWED_OWNERS
     if owners:
         raise ConfigError(
             f"adapter_batch cannot route this model: {', '.join(sorted(map(str, owners)))} replaced "
@@ -292,7 +293,9 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     if was_fused:
         fusion.unfuse_mlps(model)
     routed: list[nn.Module] = []
+    head_routed = False
     try:
+        head_routed = few_rows.route_head(model)  # decoding steps: the head's few rows as (W·xᵀ)ᵀ
         for layer in layers:
             routing.remove_forward(layer, _SHORTCUT_OWNER)
             routing.set_forward(layer, functools.partial(_route_lora, rows, layer), _OWNER)
@@ -304,5 +307,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     finally:
         for module in routed:
             routing.remove_forward(module, _OWNER)
+        if head_routed:
+            few_rows.unroute_head(model)
         if was_fused:
             fusion.fuse_swiglu_mlps(model)

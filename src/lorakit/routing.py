@@ -1,6 +1,6 @@
 """Instance-level ``forward`` overrides: who replaced a module's forward, set and undone in one place.
 
-Three parts of lorakit route a module's calls elsewhere without changing the
+Four parts of lorakit route a module's calls elsewhere without changing the
 model's code, its module tree or its state dict:
 
 ============================  ===================  =========================================
@@ -12,6 +12,8 @@ owner (tag)                   modules              the override
                                                    state change
 ``lorakit.fusion``            Llama-style MLPs     the fused SwiGLU op (``fuse_swiglu_mlps``)
 ``lorakit.train.graphs``      decoder layers       CUDA-graph replay (``LayerGraphs``)
+``lorakit.few_rows``          the output head      ``(W·xᵀ)ᵀ`` for few rows on the CPU (inference
+                                                   only: ``for_inference``, ``adapter_batch``)
 ============================  ===================  =========================================
 
 Each sets its override with :func:`set_forward`, undoes it with
