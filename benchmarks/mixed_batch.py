@@ -9,7 +9,10 @@ rows spread round-robin over k adapters. Variants, taking turns on each repeat:
 * ``PEFT mixed``: PEFT's ``generate(adapter_names=...)`` on the same adapters;
 * ``one at a time``: lorakit, one ``generate`` per adapter on its rows (what a server without
   mixed batches does);
-* ``single adapter`` (reference): the whole batch on one adapter, lorakit's usual path.
+* ``single adapter`` (reference): the whole batch on one adapter, lorakit's usual path (as
+  ``lorakit.generate`` runs it: the output head through :mod:`lorakit.few_rows`);
+* ``stock head`` (8 adapters): ``lorakit grouped`` with the head as plain ``F.linear``, to pair the
+  few-row head route's gain within each repeat.
 
 Measurement: all variants live in one process; after one warm-up call of each, every repeat runs
 each variant once, the order rotated by one per repeat (no variant always follows the same
@@ -88,6 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import lorakit
+    from lorakit import few_rows
     from lorakit.mixed import adapter_batch
 
     device = torch.device(args.device)
@@ -111,6 +115,14 @@ def main() -> None:
 
         return run
 
+    def grouped_stock_head(k):
+        def run():
+            with adapter_batch(ours, spread(k)):
+                few_rows.unroute_head(ours)  # the head as F.linear, as before lorakit.few_rows
+                _generate(ours, ids, mask, args.new_tokens)
+
+        return run
+
     def peft_mixed(k):
         return lambda: _generate(theirs, ids, mask, args.new_tokens, adapter_names=spread(k))
 
@@ -126,7 +138,8 @@ def main() -> None:
 
     def single():
         lorakit.set_adapter(ours, "a0")
-        _generate(ours, ids, mask, args.new_tokens)
+        with few_rows.head_routed(ours):  # as lorakit.generate runs it
+            _generate(ours, ids, mask, args.new_tokens)
 
     variants = {"single adapter": single}
     for k in COUNTS:
@@ -134,6 +147,7 @@ def main() -> None:
         variants[f"PEFT mixed/{k}"] = peft_mixed(k)
         if not args.skip_one_at_a_time:
             variants[f"one at a time/{k}"] = one_at_a_time(k)
+    variants[f"stock head/{max(COUNTS)}"] = grouped_stock_head(max(COUNTS))
     order = list(variants)
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
@@ -186,6 +200,11 @@ def main() -> None:
         f"Targets (medians of the per-repeat ratios): 8 adapters >= 0.8x single ({vs_single:.2f}x: "
         f"{'met' if vs_single >= 0.8 else 'not met'}); >= 2x PEFT's mixed batch ({vs_peft:.2f}x: "
         f"{'met' if vs_peft >= 2 else 'not met'}).",
+        "",
+        f"The head's few-row route (lorakit.few_rows), paired: grouped {max(COUNTS)} with the stock `F.linear` head "
+        f"{spread_of(rates[f'stock head/{max(COUNTS)}'])} tok/s; with the route / without, per repeat: "
+        f"{spread_of(paired(g8, rates[f'stock head/{max(COUNTS)}']), '.3f', 'x')}; stock-head grouped {max(COUNTS)} "
+        f"/ PEFT: {spread_of(paired(f'stock head/{max(COUNTS)}', rates[p8]), '.2f', 'x')}.",
     ]
     body = "\n".join(lines)
     print(body)
