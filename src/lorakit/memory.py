@@ -9,18 +9,20 @@ process's resident set, and its peak, grow with heap it does not use (on the def
 model's int8 training, 2.1 GiB held between steps, 0.86 GiB once trimmed:
 benchmarks/RESULTS.md, "int8_schemes"). :func:`return_freed_memory` asks glibc
 to give those pages back (``malloc_trim(0)``, which since glibc 2.8 also releases
-whole free pages inside the heap, not only at its top). It costs a walk over the free
-lists and the heap, a few milliseconds.
+whole free pages inside the heap, not only at its top). The call takes a few
+milliseconds; the real cost comes later: every page handed back is faulted in (and
+zeroed) again when the heap reuses it, about 0.35 ms per MiB on the benchmark machine.
 
 Within one step the same happens on a smaller scale: a forward pass frees each
 layer's temporaries between the activations it keeps for backward, and the holes
 they leave stay resident. :func:`return_freed_memory_during` also returns them a
 few times during the forward pass (after every 10th of the default model's 30
-decoder layers): on the default model's int8 training this lowered the step's peak
-RSS by 0.2 GiB (1.65 -> 1.44 GiB) for about 1% of the step's time. Capping glibc's
-mmap threshold instead (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``) lowered the peak as far
-but costs a page fault per 4 KiB of every large tensor (2 ms for each 6 MiB one):
-steps 25-50% slower.
+decoder layers). On the default model's int8 training both together lowered the
+peak RSS from 0.66x / 0.61x PEFT fp32's to 0.45x / 0.42x, and made the step 9-17%
+slower (lorakit fp32: 4-10%), the re-faulted pages (benchmarks/RESULTS.md,
+"int8_schemes", "End to end"). Capping glibc's mmap threshold instead
+(``mallopt(M_MMAP_THRESHOLD, 1 MiB)``) lowered the peak as far but faults in every
+large tensor (2 ms for each 6 MiB one): steps about 25% slower.
 
 Other C libraries (musl, macOS, Windows) have no ``malloc_trim``: the memory is
 reused, just not returned, and the function returns False without error.
