@@ -4,9 +4,10 @@ LoRA r=16, alpha=32 on all seven projections of the embedded default model
 (SmolLM2-135M-Instruct), AdamW lr 2e-4, the ``short`` workload of train_step.py
 (8 chat rows a step from examples/data/quickstart_train.jsonl, whole, right-padded
 to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
-(``VmHWM``) is its own; the lorakit variants, like ``lorakit train``, hand freed heap
-back to the OS after each step and 3 times during each forward pass (:mod:`lorakit.memory`),
-PEFT's do not.
+(``VmHWM``) is its own; the lorakit nf4 variants, like ``lorakit train`` on a 4-bit base
+(``train.return_freed_memory`` unset), hand freed heap back to the OS after each step and 3
+times during each forward pass (:mod:`lorakit.memory`); lorakit fp32 (off by default there)
+and PEFT's do not.
 
     python benchmarks/qlora.py                     # 30 steps each (the setting)
     python benchmarks/qlora.py --steps 8 --skip 2  # a short run
@@ -150,8 +151,9 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 2e-4, 0.0, dev)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-    trim = not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
-    if trim:  # as `lorakit train` does on a CPU: freed heap back to the OS during the forward pass too
+    # as `lorakit train`: train.return_freed_memory unset is on for a 4-bit base, off otherwise; PEFT's loop never
+    trim = variant.startswith("lorakit-nf4")
+    if trim:  # on a CPU: freed heap back to the OS during the forward pass too
         return_freed_memory_during(decoder_layers(model))
     times, losses = [], []
     for batch in batches:

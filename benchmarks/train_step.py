@@ -3,9 +3,10 @@
 LoRA r=16, alpha=32 on all seven projections of SmolLM2-135M-Instruct, AdamW
 (lr 2e-4, weight decay 0; torch's fused AdamW for every variant on CUDA), the
 same batches (same rows, same labels: assistant tokens only) for every variant.
-Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own; the lorakit
-variants, like ``lorakit train``, hand freed heap back to the OS after each CPU step
-and 3 times during each forward pass (:mod:`lorakit.memory`), the PEFT ones do not. Runs are
+Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own; the ``-trim``
+variants, like ``lorakit train`` with ``train.return_freed_memory: true``, hand freed heap
+back to the OS after each CPU step and 3 times during each forward pass (:mod:`lorakit.memory`;
+off by default for these full-precision and int8 bases, as in the trainer). Runs are
 repeated (``--repeats``), the variant order rotated on each repeat so that slow
 spells of the machine hit all variants alike; the table gives the median and the
 spread (min-max) over the repeats, and ratios against the matching PEFT baseline.
@@ -35,6 +36,9 @@ Variants (baseline in brackets):
     lorakit-gc2     [peft-gc] the same, every 2nd decoder layer only (gradient_checkpointing: 2)
     lorakit-int8    [peft-fp32] lorakit-fp32 with train.precision: int8 (frozen base Linears in int8, both matmuls
                     int8 x int8 on oneDNN, activations per row; head, embeddings, norms and LoRA fp32)
+    lorakit-fp32-trim, lorakit-int8-trim
+                    [peft-fp32] lorakit-fp32 / lorakit-int8 with train.return_freed_memory: true (freed heap back
+                    to the OS during and after each step: lower peak RSS, slower steps); not run by default
     lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
                     torch.compile'd
 
@@ -77,10 +81,12 @@ BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline it
     "lorakit-gc": "peft-gc",
     "lorakit-gc2": "peft-gc",
     "lorakit-int8": "peft-fp32",
+    "lorakit-fp32-trim": "peft-fp32",
+    "lorakit-int8-trim": "peft-fp32",
     "lorakit-compile": "peft-bf16",
 }
 VARIANTS = list(BASELINE)
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "lorakit-compile"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("lorakit-compile", "lorakit-fp32-trim", "lorakit-int8-trim")]
 AUTO = {"lorakit-auto", "lorakit-eager", "lorakit-compile"}  # bf16 where train.precision=auto picks bf16
 WORKLOADS = {"short": 8, "long": 4}  # name -> rows a step
 LONG_TOKENS = 256
@@ -127,6 +133,9 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.train.loop import GRAPH_PAD
     from lorakit.train.recompute import enable_checkpointing
     from lorakit.train.schedule import make_optimizer
+
+    trim = variant.endswith("-trim")  # train.return_freed_memory: true
+    variant = variant.removesuffix("-trim")
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -182,8 +191,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         if graphed:  # "on": a run that cannot use graphs is an error, as with train.cuda_graphs: on
             graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
 
-    trim = dev.type == "cpu" and not variant.startswith("peft")  # PEFT's loop (transformers.Trainer) does not
-    if trim:  # as `lorakit train` does on a CPU: freed heap back to the OS during the forward pass too
+    trim = dev.type == "cpu" and trim  # PEFT's loop (transformers.Trainer) never does
+    if trim:  # as `lorakit train` with return_freed_memory: true on a CPU: during the forward pass too
         return_freed_memory_during(decoder_layers(model))
 
     def step(batch):
@@ -192,7 +201,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=graphs is None)
-        if trim:  # as `lorakit train` does after each CPU step: freed heap back to the OS (lorakit.memory)
+        if trim:  # as `lorakit train` does after each CPU step then: freed heap back to the OS (lorakit.memory)
             return_freed_memory()
         return loss
 

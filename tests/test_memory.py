@@ -77,25 +77,40 @@ def test_returns_during_a_forward_pass_after_every_nth_layer(monkeypatch):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_trainer_returns_freed_memory_after_each_cpu_step_and_during_its_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("setting", "quantization", "returns"),
+    [(None, None, False), (True, None, True), (False, None, False), (None, "nf4", True), (False, "nf4", False)],
+)
+def test_trainer_returns_freed_memory_as_configured(tmp_path, monkeypatch, setting, quantization, returns):
+    """return_freed_memory: true returns after each CPU step and 3 times in its forward; unset: 4-bit only."""
     from tiny import make_tiny_model_dir, write_chat_jsonl
 
     from lorakit.train import loop
     from lorakit.train.config import RunConfig
 
+    if quantization:
+        pytest.importorskip("bitsandbytes")
     calls, during = [], []
     monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(memory, "return_freed_memory", lambda: during.append(1) or True)
     monkeypatch.setattr(memory, "can_return_freed_memory", lambda: True)
+    model = str(make_tiny_model_dir(tmp_path / "model", layers=6))
+    train = {"steps": 3, "batch_size": 2, "precision": "fp32", "eval_every": 0, "save_every": 0}
+    if setting is not None:
+        train["return_freed_memory"] = setting
     cfg = RunConfig.model_validate(
         {
-            "model": str(make_tiny_model_dir(tmp_path / "model", layers=6)),
+            "model": {"name": model, "quantization": quantization} if quantization else model,
             "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
             "data": {"train": str(write_chat_jsonl(tmp_path / "train.jsonl", n=8))},
-            "train": {"steps": 3, "batch_size": 2, "precision": "fp32", "eval_every": 0, "save_every": 0},
+            "train": {**train, "gradient_checkpointing": False},
             "output": {"dir": str(tmp_path / "run")},
         }
     )
-    loop.train(cfg, device="cpu")
-    assert len(calls) == 3  # after each of the 3 steps
-    assert len(during) == 3 * 3  # 3 times in each step's forward pass (6 layers: after the 2nd, 4th and 6th)
+    result = loop.train(cfg, device="cpu")
+    assert len(calls) == (3 if returns else 0)  # after each of the 3 steps
+    # 3 times in each forward pass (6 layers: after the 2nd, 4th, 6th); none when off
+    assert len(during) >= 3 * 3 if returns else len(during) == 0
+    # the model card (as the start line and summary) names the 4-bit default; an explicit setting needs no note
+    card = (result.run_dir / "README.md").read_text()
+    assert ("freed memory returned to the OS" in card) == (returns and setting is None)

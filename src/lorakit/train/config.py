@@ -119,6 +119,10 @@ class TrainConfig(_Section):
     # true (every decoder layer) / false, or N: every N-th layer (less recompute, less memory saved);
     # unset: on for a 4-bit (QLoRA) base, as PEFT's prepare_model_for_kbit_training does, else off
     gradient_checkpointing: bool | int | None = None
+    # CPU: hand freed heap back to the OS after each step and 3 times per forward pass (lorakit.memory): a lower
+    # peak RSS for more step time (re-faulted pages; benchmarks/RESULTS.md, int8_schemes and qlora); unset: on for a
+    # 4-bit (QLoRA) base, where memory is the point, else off
+    return_freed_memory: bool | None = None
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
     log_every: int = Field(1, gt=0)
 

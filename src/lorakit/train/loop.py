@@ -175,9 +175,10 @@ class _Run:
         reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
+        four_bit = bool(describe_quantization(model))
         checkpointing = t.gradient_checkpointing
         if checkpointing is None:  # unset: on for a 4-bit base (QLoRA's memory recipe; benchmarks/RESULTS.md, qlora)
-            checkpointing = bool(describe_quantization(model))
+            checkpointing = four_bit
             if checkpointing:
                 self.base_note += (
                     ", gradient checkpointing on (the 4-bit default; train.gradient_checkpointing: false "
@@ -187,7 +188,14 @@ class _Run:
             enable_checkpointing(model, self.say, every_n_layers=int(checkpointing))
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
-        if ctx.device.type == "cpu" and (layers := decoder_layers(model)) is not None:
+        release = four_bit if t.return_freed_memory is None else t.return_freed_memory
+        self.release_memory = release and ctx.device.type == "cpu"
+        if self.release_memory and t.return_freed_memory is None:
+            self.base_note += (
+                ", freed memory returned to the OS during and after each step (the 4-bit default; "
+                "train.return_freed_memory: false is faster and peaks higher)"
+            )
+        if self.release_memory and (layers := decoder_layers(model)) is not None:
             return_freed_memory_during(layers)  # a forward's freed temporaries back to the OS, 3 times (lorakit.memory)
         self.pad_id = tokenizer.pad_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -266,7 +274,7 @@ class _Run:
                 self.scheduler.step()
                 # With graphs, keep .grad allocated: backward then adds into it in place.
                 self.optimizer.zero_grad(set_to_none=self.graphs is None)
-                if ctx.device.type == "cpu":  # glibc keeps the step's freed activations: return them (lorakit.memory)
+                if self.release_memory:  # glibc keeps the step's freed activations: return them (lorakit.memory)
                     return_freed_memory()
                 self.step += 1
                 consistent = True
