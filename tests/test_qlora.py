@@ -209,7 +209,8 @@ def test_bf16_checkpointed_run_says_its_compute_dtype(assets, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4-bit base: fp4, compute dtype bf16" in out  # auto follows train.precision
     assert "bf16; 4-bit base: fp4, compute dtype bf16" in out  # the end-of-run summary too
-    assert "the 4-bit default" not in out  # set explicitly: no default to report
+    assert "checkpointing on (the 4-bit default" not in out  # set explicitly: no default to report
+    assert "freed memory returned to the OS during and after each step (the 4-bit default" in out  # left unset
 
 
 def test_checkpointing_off_when_asked_and_off_by_default_on_full_precision(assets, tmp_path, capsys):
