@@ -94,6 +94,7 @@ def test_trainer_returns_freed_memory_as_configured(tmp_path, monkeypatch, setti
     monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(memory, "return_freed_memory", lambda: during.append(1) or True)
     monkeypatch.setattr(memory, "can_return_freed_memory", lambda: True)
+    monkeypatch.setattr(loop, "can_return_freed_memory", lambda: True)
     model = str(make_tiny_model_dir(tmp_path / "model", layers=6))
     train = {"steps": 3, "batch_size": 2, "precision": "fp32", "eval_every": 0, "save_every": 0}
     if setting is not None:

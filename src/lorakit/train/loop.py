@@ -45,7 +45,7 @@ from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
-from lorakit.memory import return_freed_memory, return_freed_memory_during
+from lorakit.memory import can_return_freed_memory, return_freed_memory, return_freed_memory_during
 from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
@@ -189,7 +189,7 @@ class _Run:
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         release = four_bit if t.return_freed_memory is None else t.return_freed_memory
-        self.release_memory = release and ctx.device.type == "cpu"
+        self.release_memory = release and ctx.device.type == "cpu" and can_return_freed_memory()  # glibc only
         if self.release_memory and t.return_freed_memory is None:
             self.base_note += (
                 ", freed memory returned to the OS during and after each step (the 4-bit default; "
