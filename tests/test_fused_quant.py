@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_llama
-from tiny import count_dequantized
+from tiny import count_dequantized, swiglu_reference64
 
 pytest.importorskip("bitsandbytes")
 
@@ -106,14 +106,7 @@ def test_swiglu_over_quantized_bases_matches_float64(kind):
     leaves = [x, *(t for pair in pairs for t in pair)]
     grads = torch.autograd.grad(y, leaves, dy)
 
-    x64 = x.detach().double().requires_grad_()
-    p64 = [(A.detach().double().requires_grad_(), B.detach().double().requires_grad_()) for A, B in pairs]
-
-    def lin(h, W, A, B):
-        return h @ W.t() + 2.0 * (h @ A.t()) @ B.t()
-
-    h64 = torch.nn.functional.silu(lin(x64, Wg, *p64[0])) * lin(x64, Wu, *p64[1])
-    y64 = lin(h64, Wd, *p64[2])
+    x64, p64, _, y64 = swiglu_reference64(x, (Wg, Wu, Wd), pairs, 2.0)
     want = torch.autograd.grad(y64, [x64, *(t for pair in p64 for t in pair)], dy.double())
     assert rel_err(y, y64) < TOL[kind]
     for g, w in zip(grads, want):  # every gradient passes a base here (down's input h comes from gate/up)

@@ -26,15 +26,10 @@ from lorakit.runs import open_adapter  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
 from lorakit.train.loop import train  # noqa: E402
 
-pytestmark = pytest.mark.skipif(int8.int8_support() is not None, reason=f"no int8 kernels: {int8.int8_support()}")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(int8.int8_support() is not None, reason=f"no int8 kernels: {int8.int8_support()}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def layer_and_data(n=37, k=96, m=80, seed=0, bias=True):

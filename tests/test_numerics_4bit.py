@@ -22,7 +22,7 @@ pytest.importorskip("bitsandbytes")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_quant import linear4bit, reference_dequant  # noqa: E402
-from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
+from tiny import make_tiny_model_dir, swiglu_reference64, write_chat_jsonl  # noqa: E402
 
 from lorakit import ops, swiglu  # noqa: E402
 from lorakit.branches import LoraSpec  # noqa: E402
@@ -105,14 +105,7 @@ def test_swiglu_op_over_bf16_bases_keeps_down_lora_term_and_matches_float64():
     leaves = [x, *(t for pair in pairs for t in pair)]
     grads = torch.autograd.grad(y, leaves, dy)
 
-    x64 = x.detach().double().requires_grad_()
-    p64 = [(A.detach().double().requires_grad_(), B.detach().double().requires_grad_()) for A, B in pairs]
-
-    def lin(h, W, A, B):
-        return h @ W.t() + 2.0 * (h @ A.t()) @ B.t()
-
-    h64 = torch.nn.functional.silu(lin(x64, Wg, *p64[0])) * lin(x64, Wu, *p64[1])
-    y64 = lin(h64, Wd, *p64[2])
+    x64, p64, h64, y64 = swiglu_reference64(x, (Wg, Wu, Wd), pairs, 2.0)
     term = 2.0 * (h64 @ p64[2][0].t()) @ p64[2][1].t()
     want = torch.autograd.grad(y64, [x64, *(t for pair in p64 for t in pair)], dy.double())
     assert y.dtype == torch.float32

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_quant import KINDS  # noqa: E402
 from tiny import make_tiny_model_dir, write_chat_jsonl  # noqa: E402
 
 import lorakit  # noqa: E402
@@ -26,15 +27,7 @@ from lorakit.runs import open_adapter  # noqa: E402
 from lorakit.train.config import RunConfig  # noqa: E402
 from lorakit.train.loop import train  # noqa: E402
 
-KINDS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,14 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_quant import KINDS  # noqa: E402
 from tiny import make_tiny_model_dir  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import models, quant_load, quant_model  # noqa: E402
 from lorakit.errors import ModelLoadError  # noqa: E402
 
-KINDS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tied_sharded_dir(path: Path) -> Path:

@@ -145,3 +145,26 @@ def count_dequantized(monkeypatch) -> tuple[list[int], list]:  # noqa: ANN001 - 
 
     monkeypatch.setattr(quant, "dequantize_4bit", counting)
     return peak, alive
+
+
+def swiglu_reference64(x: torch.Tensor, weights, pairs, scale: float):  # noqa: ANN001 - tensors in sequences
+    """The LoRA SwiGLU MLP in float64: ``down(silu(gate(x)) * up(x))``, each Linear ``h·Wᵀ + s·(h·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: The MLP input; its float64 copy is a leaf that requires grad.
+        weights: ``(W_gate, W_up, W_down)``, the (decoded) base weights.
+        pairs: ``[(A, B)]`` for gate, up, down; float64 leaf copies are returned.
+        scale: The LoRA scaling ``s``.
+
+    Returns:
+        ``(x64, p64, h64, y64)``: the leaves, down's input and the output.
+    """
+    x64 = x.detach().double().requires_grad_()
+    p64 = [(A.detach().double().requires_grad_(), B.detach().double().requires_grad_()) for A, B in pairs]
+
+    def lin(h, W, A, B):  # noqa: ANN001, ANN202
+        return h @ W.double().t() + scale * (h @ A.t()) @ B.t()
+
+    (wg, wu, wd), (pg, pu, pd) = weights, p64
+    h64 = torch.nn.functional.silu(lin(x64, wg, *pg)) * lin(x64, wu, *pu)
+    return x64, p64, h64, lin(h64, wd, *pd)
