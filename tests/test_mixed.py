@@ -346,3 +346,105 @@ def test_stacked_row_layouts(tokens, monkeypatch):
             for i, name in enumerate(rows):
                 alone = _alone(model, name, input_ids=ids[i : i + 1])[0]
                 torch.testing.assert_close(out[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def _rows_alone(model, rows, ids, out):
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(out[i], _alone(model, name, input_ids=ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [ROWS, ["a"] * 3])  # stacked decoding; every row on one adapter
+def test_next_block_with_same_rows_resumes_the_decoding_records(rows, monkeypatch):
+    """A server enters one block per decoding step: a block with the previous block's row names takes its layers'
+    decoding records over (no route decided again), unless what they were made from changed in between: an
+    in-place weight change, an adapter deleted and added again under its name, a base weight replaced. Every
+    step's rows equal running them alone."""
+    monkeypatch.setattr(stacks, "STACKS", weakref.WeakKeyDictionary())
+    model = _model(embed=False)
+    g = torch.Generator().manual_seed(11)
+    resumed: list[bool] = []
+    real_resume = mixing.AdapterRows._resume
+    monkeypatch.setattr(
+        mixing.AdapterRows, "_resume", lambda self, layer: resumed.append(bool(r := real_resume(self, layer))) or r
+    )
+    # layers with a decoding record: two or more of the rows' adapters (stacked), or every row's one adapter
+    n_layers = sum(
+        1 for _, layer in lora_layers(model) if len(set(layer.r) & set(rows)) >= 2 or set(rows) <= set(layer.r)
+    )
+
+    def step():
+        ids = torch.randint(0, 96, (len(rows), 1), generator=g)
+        resumed.clear()
+        with torch.no_grad(), adapter_batch(model, rows):
+            out = model(input_ids=ids).logits
+        _rows_alone(model, rows, ids, out)
+        return resumed.count(True)
+
+    assert step() == 0  # nothing to resume yet
+    assert step() == n_layers > 0  # every layer resumed
+    assert step() == n_layers
+    stacked = len(set(rows)) > 1  # a stack copies the weights; the one-adapter route reads them live
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["a"].weight.mul_(-2.0)  # an optimizer step, say
+    assert step() == n_layers - stacked
+    cfg = lorakit.adapters.adapter_config(model, "a")
+    lorakit.delete_adapter(model, "a")
+    torch.manual_seed(12)
+    lorakit.add_adapter(model, "a", cfg)  # same name, new weights
+    assert step() < n_layers or not stacked
+    assert step() == n_layers
+    q0 = model.model.layers[0].self_attn.q_proj
+    q0.lora_A["a"] = torch.nn.Linear(q0.in_features, q0.r["a"], bias=False)  # a module replaced, names kept
+    assert step() == n_layers - stacked
+    q = model.model.layers[1].self_attn.q_proj.base_layer
+    q.weight = torch.nn.Parameter(q.weight.detach() * 1.5, requires_grad=False)
+    assert step() == n_layers - 1
+    assert step() == n_layers
+    with torch.no_grad(), adapter_batch(model, ["b", "a"]):  # other row names: no resuming ...
+        model(input_ids=torch.zeros(2, 1, dtype=torch.long))
+    assert step() == 0  # ... and the records of these rows are gone
+    mixing.forget_stacks(model)
+    assert model not in mixing._PREVIOUS and not any(stacks.STACKS.get(layer) for _, layer in lora_layers(model))
+
+
+def test_block_walk_skips_only_adapter_containers():
+    """adapter_batch's module walk: every module of model.modules() except those inside the LoRA layers' adapter
+    containers (lora_A, lora_B, lora_dropout, embedding A/B), each once, in the same order."""
+    model = _model(saved=True)
+    walked = mixing._modules(model)
+    inside = {
+        id(m)
+        for layer in model.modules()
+        if isinstance(layer, mixing.LoraLayer)
+        for name, child in layer.named_children()
+        if name != "base_layer"
+        for m in child.modules()
+    }
+    assert inside  # the test can fail
+    assert [id(m) for m in walked] == [id(m) for m in model.modules() if id(m) not in inside]
+
+
+def test_stack_fresh_sees_every_change():
+    """Stack.fresh (checked when a block resumes a layer's record): False after an in-place change, a new scaling,
+    a replaced weight or module, a removed adapter; True otherwise."""
+    model = make_llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    lorakit.inject(model, lorakit.LoraConfig(**cfg), "a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(**cfg))
+    layer = next(layer for _, layer in lora_layers(model))
+
+    def fresh_after(change) -> bool:
+        stack = stacks.Stack(layer, ["a", "b"])
+        assert stack.fresh(layer)
+        change()
+        return stack.fresh(layer)
+
+    assert fresh_after(lambda: None)
+    with torch.no_grad():
+        assert not fresh_after(lambda: layer.lora_A["b"].weight.add_(1.0))
+    scaling = dict(layer.scaling)
+    assert not fresh_after(lambda: layer.scaling.update(b=3.0))
+    layer.scaling.update(scaling)
+    assert not fresh_after(lambda: setattr(layer.lora_B["a"], "weight", torch.nn.Parameter(torch.ones(32, 4))))
+    assert not fresh_after(lambda: layer.lora_A.update({"b": torch.nn.Linear(32, 4, bias=False)}))
+    assert not fresh_after(lambda: layer.lora_B._modules.pop("a"))

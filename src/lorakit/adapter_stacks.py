@@ -19,6 +19,7 @@ batch's rows out over a stack as a :class:`RowPlan`, which adds the LoRA terms i
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -32,6 +33,9 @@ __all__ = ["SLACK", "STACKS", "RowPlan", "Stack", "forget_stacks", "plan_rows", 
 
 SLACK = 2  # a cached stack serves a batch whose adapters hold at least 1/this of its rank (rows leaving)
 STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its Stack
+_VERSION = operator.attrgetter("_version")
+_PARAMETERS = operator.attrgetter("_parameters")
+_WEIGHT = operator.itemgetter("weight")
 
 
 class RowPlan(NamedTuple):
@@ -60,15 +64,18 @@ class RowPlan(NamedTuple):
         Returns:
             ``y``.
         """
-        g, c, idx = len(self.a), self.c, self.idx
-        xs = x.to(dtype) if idx is None else x.index_select(0, idx).to(dtype)  # (G·c, ..., in)
-        xa = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), self.a)  # (G, c·seq, r)
-        if self.pad is not None:
-            xa.view(g, c, -1, xa.shape[-1]).mul_(self.pad.view(g, c, 1, 1))
+        a, b, c, idx, pad = self  # decoding runs this on every layer: locals, no attribute lookups
+        g = a.shape[0]
+        xs = x if idx is None else x.index_select(0, idx)  # (G·c, ..., in)
+        if xs.dtype != dtype:
+            xs = xs.to(dtype)
+        xa = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), a)  # (G, c·seq, r)
+        if pad is not None:
+            xa.view(g, c, -1, xa.shape[-1]).mul_(pad.view(g, c, 1, 1))
         if idx is None and y.dtype == dtype and y.is_contiguous():
-            y.view(g, -1, y.shape[-1]).baddbmm_(xa, self.b)
+            y.view(g, -1, y.shape[-1]).baddbmm_(xa, b)
             return y
-        d = torch.bmm(xa, self.b).view(g * c, *y.shape[1:]).to(y.dtype)  # (G·c, ..., out)
+        d = torch.bmm(xa, b).view(g * c, *y.shape[1:]).to(y.dtype)  # (G·c, ..., out)
         return y.add_(d) if idx is None else y.index_add_(0, idx, d)
 
 
@@ -84,9 +91,10 @@ class Stack:
     def __init__(self, layer: LoraLinear, names: list[str]) -> None:
         self.names = names
         a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
-        self.weights = [(a_mods[n].weight, b_mods[n].weight) for n in names]
-        self.versions = [(_version(a), _version(b)) for a, b in self.weights]
-        self.tracked = [t for pair in self.weights for t in pair if not t.is_inference()]  # may change in place
+        self.modules = [*(a_mods[n] for n in names), *(b_mods[n] for n in names)]  # A modules, then B modules
+        self.params = [m._parameters["weight"] for m in self.modules]
+        self.weights = list(zip(self.params[: len(names)], self.params[len(names) :]))
+        self.tracked = [t for t in self.params if not t.is_inference()]  # may change in place
         self.tracked_versions = [t._version for t in self.tracked]
         self.scalings = [layer.scaling[n] for n in names]
         self.rank = sum(a.shape[0] for a, _ in self.weights)
@@ -112,17 +120,31 @@ class Stack:
         r = layer.r
         if any(n not in self.names for n in names) or self.rank > SLACK * sum(r[n] for n in names):
             return False
-        mods, scaling = layer._modules, layer.scaling  # every decoding step, every layer: plain dict lookups
+        return self.fresh(layer)
+
+    def fresh(self, layer: LoraLinear) -> bool:
+        """Whether the stacked adapters are still the layer's: same modules, weights and scalings, unchanged in place.
+
+        Runs at the first call of every layer in every ``adapter_batch`` block (a server enters one per decoding
+        step), so the comparisons are ``map`` over lists, no Python loop per adapter.
+
+        Args:
+            layer: the stack's layer.
+
+        Returns:
+            True if the stack's copies equal what the layer holds now.
+        """
+        mods = layer._modules
         a_mods, b_mods = mods["lora_A"]._modules, mods["lora_B"]._modules
-        for n, (a, b), (va, vb), s in zip(self.names, self.weights, self.versions, self.scalings):
-            ma, mb = a_mods.get(n), b_mods.get(n)
-            if ma is None or mb is None or scaling.get(n) != s:
-                return False
-            if ma._parameters["weight"] is not a or mb._parameters["weight"] is not b:
-                return False
-            if _version(a) != va or _version(b) != vb:
-                return False
-        return True
+        now = [*map(a_mods.get, self.names), *map(b_mods.get, self.names)]
+        if not all(map(operator.is_, now, self.modules)):  # an adapter removed or replaced
+            return False
+        params = map(_WEIGHT, map(_PARAMETERS, now))
+        return (
+            all(map(operator.is_, params, self.params))
+            and list(map(layer.scaling.get, self.names)) == self.scalings
+            and self.unchanged()
+        )
 
     def unchanged(self) -> bool:
         """Whether the stacked weights are unchanged in place since the stack was made (no optimizer step).
@@ -130,7 +152,7 @@ class Stack:
         Returns:
             True if every tracked weight's version counter is the one seen when stacking.
         """
-        return [t._version for t in self.tracked] == self.tracked_versions
+        return list(map(_VERSION, self.tracked)) == self.tracked_versions
 
 
 def stack_for(layer: LoraLinear, names: list[str]) -> Stack:
@@ -153,11 +175,6 @@ def stack_for(layer: LoraLinear, names: list[str]) -> Stack:
     wanted = set(names)
     stack = STACKS[layer] = Stack(layer, [n for n in layer.r if n in wanted])
     return stack
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place changes seen so far (inference tensors cannot change in place: always 0)."""
-    return 0 if t.is_inference() else t._version
 
 
 def forget_stacks(model: nn.Module) -> None:

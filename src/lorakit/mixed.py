@@ -15,7 +15,9 @@ or their weights change, ``forget_stacks`` frees them). A batch with every row o
 the single-adapter inference kernels instead (``x·Aᵀ``, one ``addmm`` into the base output). Either
 way row ``i`` gets exactly what running it alone with its adapter gives, adapters of different ranks
 share a batch, and in training each adapter's gradient is the one from its own rows (the other rows
-never touch its weights).
+never touch its weights). A layer's decoding route is decided at its first step in a block and kept for
+the block's next steps; a server enters one block per step, so a block with the previous block's row names
+takes those decisions over, each checked once against the layer (same adapters, weights, scalings).
 ``"__base__"`` rows (and rows of an adapter a layer does not have) get the base output. ``modules_to_save`` copies are
 routed per row the same way (``index_copy`` of each copy's rows).
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import few_rows, fusion, routing
-from .adapter_stacks import RowPlan, Stack, forget_stacks, plan_rows, stack_for
+from . import adapter_stacks, few_rows, fusion, routing
+from .adapter_stacks import RowPlan, Stack, plan_rows, stack_for
 from .adapters import get_configs
 from .errors import AdapterNotFoundError, ConfigError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
@@ -60,6 +63,9 @@ _ALLOWED_OWNERS = {None, _SHORTCUT_OWNER, _FUSION_OWNER, few_rows.OWNER}  # rout
 # does; past this size the gathered path (no padding rows) is kept, as before (the limit was set for the
 # earlier masked stack, 0.95x the gathered path's time at 512 tokens, and not re-measured for bmm).
 _STACK_MAX_TOKENS = 512
+# model -> the AdapterRows of its last block: a block with the same row names (a server's next decoding step) takes
+# its layers' decoding records over, checked once per layer, instead of deciding every layer's route again.
+_PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class AdapterRows:
@@ -73,14 +79,16 @@ class AdapterRows:
 
     def __init__(self, names: Sequence[str], device: torch.device) -> None:
         self.names = list(names)
+        self.device = device
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).append(i)
         self._plans: dict[nn.Module, tuple[Stack, RowPlan]] = {}  # stacked path: each layer's plan for these rows
         self._layouts: dict[tuple, tuple] = {}  # stack's adapter names -> row layout, shared by layers
         # Decoding steps after a layer's first in this block: (x's numel, stack or None, plan or the one
-        # adapter's name, base weight, bias).
-        self._steps: dict[nn.Module, tuple[int, Stack | None, Any, Any, Any]] = {}
+        # adapter's name, base weight, bias, the base's linear function, the layer's adapter names).
+        self._steps: dict[nn.Module, tuple[int, Stack | None, Any, Any, Any, Any, tuple[str, ...]]] = {}
+        self._resumable: dict[nn.Module, tuple] = {}  # the previous block's _steps, when it had these names
         self.groups: list[tuple[str, torch.Tensor | None]] = [
             (name, None if len(idx) == len(self.names) else torch.tensor(idx, device=device))
             for name, idx in rows.items()
@@ -101,6 +109,8 @@ class AdapterRows:
     def lora_forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """A LoRA layer's output with each row's adapter: the base once, each adapter on its rows."""
         step = self._steps.get(layer)
+        if step is None and self._resumable:
+            step = self._resume(layer)
         if (
             step is not None
             and x.numel() == step[0]
@@ -108,7 +118,7 @@ class AdapterRows:
             and not (args or kwargs or layer.disabled or layer.training or torch.is_grad_enabled())
             and (step[1] is None or step[1].unchanged())
         ):
-            return self._step(layer, x, *step[1:])
+            return self._step(layer, x, *step[1:6])
         self._check_rows(x, layer)
         y = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
         if layer.disabled:
@@ -152,10 +162,7 @@ class AdapterRows:
         ):
             return None
         if x.numel() == len(self.names) * x.shape[-1]:  # one token per row: the next steps take _step
-            base = layer.base_layer
-            plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
-            weight, bias = (base.weight, base.bias) if plain else (None, None)
-            self._steps[layer] = (x.numel(), None, name, weight, bias)
+            self._record(layer, x, None, name)
         xa = F.linear(x, A)  # (B, ..., r)
         y.view(-1, y.shape[-1]).addmm_(
             xa.view(-1, xa.shape[-1]), layer.lora_B[name].weight.T, alpha=layer.scaling[name]
@@ -170,23 +177,62 @@ class AdapterRows:
             entry = self._plans[layer] = (stack, plan_rows(stack, self.names, self._layouts))
         plan = entry[1]
         if x.numel() == len(self.names) * x.shape[-1] and y.dtype == stack.dtype and y.is_contiguous():
-            # one token per row (a decoding step): the next steps of this block take _step
-            base = layer.base_layer
-            plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
-            weight, bias = (base.weight, base.bias) if plain else (None, None)
-            self._steps[layer] = (x.numel(), stack, plan, weight, bias)
+            self._record(layer, x, stack, plan)  # one token per row (a decoding step): the next steps take _step
         return plan.add_to(y, x, stack.dtype)
 
+    def _record(self, layer: LoraLinear, x: torch.Tensor, stack: Stack | None, plan: Any) -> None:
+        """Keep what a decoding step of ``layer`` needs, decided once: the stack and plan, the base's weights and
+        whether its few rows take :func:`lorakit.few_rows.linear` (then rechecked per call) or ``F.linear``."""
+        base = layer.base_layer
+        plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+        weight, bias = (base.weight, base.bias) if plain else (None, None)
+        x2 = x.reshape(len(self.names), -1)
+        routed = weight is not None and few_rows.takes_route(x2, weight, bias)
+        linear = few_rows.linear if routed else F.linear
+        self._steps[layer] = (x.numel(), stack, plan, weight, bias, linear, tuple(layer.r))
+
+    def _resume(self, layer: LoraLayer) -> tuple | None:
+        """The previous block's record of ``layer`` (same row names) if it still holds: same adapters on the layer,
+        same base parameters, the stack still the layer's current one and fresh; else None (decided anew)."""
+        step = self._resumable.pop(layer, None)
+        if step is None or tuple(layer.r) != step[6]:
+            return None
+        stack, plan, weight, bias = step[1:5]
+        if weight is not None:
+            base = layer._modules["base_layer"]
+            params = base._parameters
+            if params.get("weight") is not weight or params.get("bias") is not bias:
+                return None
+            if base._forward_hooks or base._forward_pre_hooks:
+                return None
+        if stack is not None and not (adapter_stacks.STACKS.get(layer) is stack and stack.fresh(layer)):
+            return None
+        if stack is None and weight is not None:  # the one adapter's weights are read live: still the base's dtype?
+            mods = layer._modules
+            dtypes = {mods[k]._modules[plan]._parameters["weight"].dtype for k in ("lora_A", "lora_B")}
+            if dtypes != {weight.dtype}:
+                return None
+        self._steps[layer] = step
+        return step
+
     def _step(
-        self, layer: LoraLinear, x: torch.Tensor, stack: Stack | None, plan: Any, weight: Any, bias: Any
+        self,
+        layer: LoraLinear,
+        x: torch.Tensor,
+        stack: Stack | None,
+        plan: Any,
+        weight: Any,
+        bias: Any,
+        linear: Any = F.linear,
     ) -> torch.Tensor:
         """A decoding step with nothing left to decide: the base, then the LoRA kernels, as few Python steps.
 
         ``plan`` is the stacked path's :class:`RowPlan`, or (``stack`` None) the name of the one adapter every
-        row runs, whose weights are read from the layer on each step.
+        row runs, whose weights are read from the layer on each step. ``linear`` computes the base from
+        ``weight`` (``F.linear``, or :func:`lorakit.few_rows.linear` where its route applies).
         """
         x2 = x.reshape(len(self.names), -1)  # (B, in)
-        y = few_rows.linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
+        y = linear(x2, weight, bias) if weight is not None else layer.base_layer(x2)  # (B, out)
         if stack is None:
             mods = layer._modules
             A = mods["lora_A"]._modules[plan]._parameters["weight"]
@@ -235,6 +281,38 @@ def _route_saved(rows: AdapterRows, wrapper: ModulesToSaveWrapper, x: torch.Tens
     return rows.saved_forward(wrapper, x, *args, **kwargs)
 
 
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """``model.modules()`` without the LoRA layers' adapter containers (``lora_A`` ...: 3 + 3·n modules per layer,
+    nothing there to route or check), which made most of ``adapter_batch``'s entry cost (a server enters it every
+    decoding step)."""
+    seen: set[int] = set()
+    out: list[nn.Module] = []
+    todo = [model]
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        children = module._modules
+        if isinstance(module, LoraLayer):
+            todo.append(children["base_layer"])
+        else:
+            todo.extend(m for m in reversed(children.values()) if m is not None)
+    return out
+
+
+def forget_stacks(model: nn.Module) -> None:
+    """Drop the cached adapter stacks of ``model``'s layers and its last ``adapter_batch`` block's decoding records
+    (after unloading adapters: frees their copies). See :func:`lorakit.adapter_stacks.forget_stacks`.
+
+    Args:
+        model: a model with LoRA layers.
+    """
+    _PREVIOUS.pop(model, None)
+    adapter_stacks.forget_stacks(model)
+
+
 def _check_names(model: nn.Module, names: list[str]) -> None:
     have = list(get_configs(model))
     if not names:
@@ -271,7 +349,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     """
     names = list(adapter_names)
     _check_names(model, names)
-    modules = list(model.modules())
+    modules = _modules(model)
     layers = [m for m in modules if isinstance(m, LoraLayer)]
     wrappers = [m for m in modules if isinstance(m, ModulesToSaveWrapper)]
     merged = [layer for layer in layers if layer.merged_adapters]
@@ -289,6 +367,9 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = AdapterRows(names, device)
+    previous = _PREVIOUS.pop(model, None)
+    if previous is not None and previous.names == rows.names and previous.device == device:
+        rows._resumable = previous._steps
     was_fused = _FUSION_OWNER in routes.values()
     if was_fused:
         fusion.unfuse_mlps(model)
@@ -304,7 +385,10 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
             routing.set_forward(wrapper, functools.partial(_route_saved, rows, wrapper), _OWNER)
             routed.append(wrapper)
         yield rows
+        if rows._steps:
+            _PREVIOUS[model] = rows
     finally:
+        rows._resumable = {}
         for module in routed:
             routing.remove_forward(module, _OWNER)
         if head_routed:
