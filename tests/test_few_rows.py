@@ -161,3 +161,17 @@ def test_route_head_leaves_other_owners_and_other_heads_alone(wide_model_dir):
     routing.remove_forward(head, "someone")
     assert not few_rows.route_head(model.bfloat16())  # not fp32: nothing to gain
     assert not few_rows.route_head(torch.nn.Linear(4, 4))  # no get_output_embeddings
+
+
+@pytest.mark.parametrize("n_out", [1024, 1088, 1000, 960])  # blocked copy (>= BLOCKED_MIN, multiple of BLOCK), not
+@pytest.mark.parametrize("rows", [2, 8, 32])
+def test_wide_output_copied_back_exactly(n_out, rows):
+    """The (out, rows) product comes back as (rows, out) unchanged, by the blocked copy or .T.contiguous()."""
+    torch.manual_seed(n_out + rows)
+    w, x = torch.randn(n_out, 16), torch.randn(rows, 1, 16)
+    blocked = n_out >= few_rows.BLOCKED_MIN and n_out % few_rows.BLOCK == 0
+    assert blocked == (n_out in (1024, 1088))
+    with torch.no_grad():
+        y = few_rows.linear(x, w)
+    assert few_rows.takes_route(x, w) and y.is_contiguous() and y.shape == (rows, 1, n_out)
+    assert torch.equal(y, torch.mm(w, x.view(rows, 16).T).T.reshape(rows, 1, n_out))
