@@ -134,17 +134,27 @@ def git_rev() -> str:
     return f"{rev} + uncommitted changes" if dirty else rev
 
 
-def run_worker(script: str, args: list[str], label: str) -> dict:
+def lorakit_train_env() -> dict[str, str]:
+    """The environment ``lorakit train`` runs in here: jemalloc preloaded where :mod:`lorakit.allocator` finds it
+    (the CLI starts itself again under it), else this process's own environment."""
+    from lorakit.allocator import relaunch_plan
+
+    plan = relaunch_plan(["train"], os.environ, "glibc")  # as from a fresh shell (this process is not preloaded)
+    return plan[1] if plan else dict(os.environ)
+
+
+def run_worker(script: str, args: list[str], label: str, env: dict[str, str] | None = None) -> dict:
     """Run ``script --worker ARGS`` in a fresh process (its own VmHWM) and return the dict it printed.
 
-    The worker prints one line ``RESULT <json>``; a worker that fails or prints none stops the
-    benchmark with its output's tail.
+    ``env`` is the worker's environment (None: this process's; :func:`lorakit_train_env` for a lorakit variant
+    run as ``lorakit train`` runs). The worker prints one line ``RESULT <json>``; a worker that fails or prints
+    none stops the benchmark with its output's tail.
     """
     out = subprocess.run(
         [sys.executable, script, "--worker", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
+        env={**(os.environ if env is None else env), "TQDM_DISABLE": "1"},
     )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:

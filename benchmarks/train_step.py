@@ -6,7 +6,9 @@ same batches (same rows, same labels: assistant tokens only) for every variant.
 Every run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own; the ``-trim``
 variants, like ``lorakit train`` with ``train.return_freed_memory: true``, hand freed heap
 back to the OS after each CPU step and 3 times during each forward pass (:mod:`lorakit.memory`;
-off by default for these full-precision and int8 bases, as in the trainer). Runs are
+off by default for these full-precision and int8 bases, as in the trainer). The lorakit
+variants run under jemalloc where :mod:`lorakit.allocator` finds it, as ``lorakit train``
+does (``-glibc``: without), PEFT's on the process's own malloc. Runs are
 repeated (``--repeats``), the variant order rotated on each repeat so that slow
 spells of the machine hit all variants alike; the table gives the median and the
 spread (min-max) over the repeats, and ratios against the matching PEFT baseline.
@@ -39,6 +41,12 @@ Variants (baseline in brackets):
     lorakit-fp32-trim, lorakit-int8-trim
                     [peft-fp32] lorakit-fp32 / lorakit-int8 with train.return_freed_memory: true (freed heap back
                     to the OS during and after each step: lower peak RSS, slower steps); not run by default
+    lorakit-fp32-glibc, lorakit-int8-glibc
+                    [peft-fp32] lorakit-fp32 / lorakit-int8 on glibc's malloc (LORAKIT_ALLOCATOR=system); the plain
+                    lorakit variants run under jemalloc where it is found, as `lorakit train` does; not run by default
+    peft-fp32-jemalloc
+                    [peft-fp32] peft-fp32 with jemalloc preloaded the same way (what the allocator alone gives PEFT);
+                    not run by default
     lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
                     torch.compile'd
 
@@ -61,6 +69,7 @@ from _common import (  # noqa: E402
     MODEL_ENV,
     git_rev,
     load_bench_model,
+    lorakit_train_env,
     machine,
     median,
     model_note,
@@ -84,9 +93,12 @@ BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline it
     "lorakit-fp32-trim": "peft-fp32",
     "lorakit-int8-trim": "peft-fp32",
     "lorakit-compile": "peft-bf16",
+    "lorakit-fp32-glibc": "peft-fp32",
+    "lorakit-int8-glibc": "peft-fp32",
+    "peft-fp32-jemalloc": "peft-fp32",
 }
 VARIANTS = list(BASELINE)
-DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("lorakit-compile", "lorakit-fp32-trim", "lorakit-int8-trim")]
+DEFAULT_VARIANTS = [v for v in VARIANTS if "compile" not in v and not v.endswith(("-trim", "-glibc", "-jemalloc"))]
 AUTO = {"lorakit-auto", "lorakit-eager", "lorakit-compile"}  # bf16 where train.precision=auto picks bf16
 WORKLOADS = {"short": 8, "long": 4}  # name -> rows a step
 LONG_TOKENS = 256
@@ -135,7 +147,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.train.schedule import make_optimizer
 
     trim = variant.endswith("-trim")  # train.return_freed_memory: true
-    variant = variant.removesuffix("-trim")
+    variant = variant.removesuffix("-trim").removesuffix("-glibc").removesuffix("-jemalloc")  # heap: see _run
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -212,6 +224,8 @@ def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict
     """Run one variant in this (fresh) process; return its per-step times, losses, tokens and peak memory."""
     import torch
 
+    from lorakit.allocator import active_allocator
+
     step, batches, bf16 = build(variant, workload, steps, device)
     rss_before = rss_kib("VmRSS")
     times, losses = [], []
@@ -236,11 +250,16 @@ def worker(variant: str, workload: str, steps: int, device: str = "cpu") -> dict
         "padded_tokens": sum(b["input_ids"].numel() for b in batches) / len(batches),
         "labelled": sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches),
         "longest_row": [int(b["attention_mask"].sum(1).max()) for b in batches],
+        "heap": active_allocator(),
     }
 
 
 def _run(variant: str, workload: str, steps: int, device: str) -> dict:
-    return run_worker(__file__, [variant, workload, str(steps), device], f"{variant}/{workload}")
+    # lorakit variants run as `lorakit train` does: under jemalloc where it is found (lorakit.allocator), except
+    # the -glibc ones; PEFT's as its users run it (the process's own malloc), except peft-fp32-jemalloc
+    preload = variant.endswith("-jemalloc") or (variant.startswith("lorakit") and not variant.endswith("-glibc"))
+    env = lorakit_train_env() if preload and device == "cpu" else None
+    return run_worker(__file__, [variant, workload, str(steps), device], f"{variant}/{workload}", env)
 
 
 def _spread(xs: list[float], fmt: str) -> str:
@@ -297,6 +316,16 @@ def _repeats(runs: list[dict]) -> str:
         counts[r["workload"], r["variant"]] = counts.get((r["workload"], r["variant"]), 0) + 1
     lo, hi = min(counts.values(), default=0), max(counts.values(), default=0)
     return f"{lo} times" if lo == hi else f"{lo}-{hi} times"
+
+
+def _heaps(runs: list[dict]) -> str:
+    """Which heap allocator each variant's runs had, e.g. "jemalloc: lorakit-int8; glibc: peft-fp32"."""
+    by: dict[str, list[str]] = {}
+    for r in runs:
+        names = by.setdefault(r.get("heap", "not recorded"), [])
+        if r["variant"] not in names:
+            names.append(r["variant"])
+    return "; ".join(f"{heap}: {', '.join(names)}" for heap, names in sorted(by.items()))
 
 
 def _workload_note(runs: list[dict]) -> str:
@@ -405,7 +434,8 @@ def main() -> None:
         f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
         f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
         "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
-        "cross-entropy over labelled tokens.",
+        "cross-entropy over labelled tokens. Heap allocator (lorakit.allocator: `lorakit train` preloads jemalloc "
+        f"where it finds it): {_heaps(runs)}.",
         "",
         *_table(runs, args.skip, fast_bf16, args.device),
     ]

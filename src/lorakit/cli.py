@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .allocator import relaunch_under_jemalloc
 from .errors import LorakitError
 
 try:  # typer >= 0.22 vendors its own click as typer._click; older typers use click itself
@@ -506,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     exits = tuple({typer.Exit, getattr(_click_errors, "Exit", typer.Exit)})
     aborts = tuple({typer.Abort, getattr(_click_errors, "Abort", typer.Abort), KeyboardInterrupt})
     try:
+        verb = next((a for a in args if not a.startswith("-")), None)
+        if argv is None and verb == "train":  # the real process: start again under jemalloc if found
+            relaunch_under_jemalloc(args)  # returns only where nothing is relaunched (lorakit.allocator)
         code = app(args=args, prog_name="lorakit", standalone_mode=False)
     except exits as e:  # raised by a verb itself (typer.Exit(code))
         code = e.exit_code

@@ -1,4 +1,4 @@
-"""Handing freed heap memory back to the operating system (glibc on Linux; a no-op elsewhere).
+"""Handing freed heap memory back to the operating system (glibc or jemalloc on Linux; a no-op elsewhere).
 
 glibc's ``malloc`` keeps memory a process frees for reuse: a CPU training step
 allocates and frees many activation tensors of a few MiB (below glibc's dynamic
@@ -24,6 +24,11 @@ slower (lorakit fp32: 4-10%), the re-faulted pages (benchmarks/RESULTS.md,
 (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``) lowered the peak as far but faults in every
 large tensor (2 ms for each 6 MiB one): steps about 25% slower.
 
+Where jemalloc is the process's allocator (``lorakit train`` preloads it when it finds
+it: :mod:`lorakit.allocator`), the same calls ask jemalloc to purge its unused pages
+(``arena.<all>.purge``); jemalloc also returns pages on its own after a while unused,
+which is why it peaks lower than glibc without these calls.
+
 Other C libraries (musl, macOS, Windows) have no ``malloc_trim``: the memory is
 reused, just not returned, and the function returns False without error.
 """
@@ -39,6 +44,8 @@ from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .allocator import active_allocator, purge_jemalloc
 
 __all__ = ["FORWARD_RELEASES", "return_freed_memory", "can_return_freed_memory", "return_freed_memory_during"]
 
@@ -59,23 +66,26 @@ def _malloc_trim() -> Any:
 
 
 def can_return_freed_memory() -> bool:
-    """Whether :func:`return_freed_memory` can do anything here (glibc on Linux).
+    """Whether :func:`return_freed_memory` can do anything here (glibc or jemalloc on Linux).
 
     Returns:
-        True where glibc's ``malloc_trim`` was found.
+        True where jemalloc is loaded or glibc's ``malloc_trim`` was found.
     """
-    return _malloc_trim() is not None
+    return active_allocator() == "jemalloc" or _malloc_trim() is not None
 
 
 def return_freed_memory() -> bool:
-    """Return the heap memory this process has freed to the operating system (glibc's ``malloc_trim(0)``).
+    """Return the heap memory this process has freed to the operating system.
 
-    Live allocations are untouched; only whole free pages of the heap (every arena)
-    leave the resident set. Where the C library has no ``malloc_trim``, nothing happens.
+    glibc: ``malloc_trim(0)``; jemalloc (preloaded): a purge of every arena. Live
+    allocations are untouched; only whole free pages of the heap leave the resident
+    set. Where neither is there, nothing happens.
 
     Returns:
-        True when glibc released some memory; False when it had none to release or cannot.
+        True when glibc released some memory or jemalloc purged; False when there was nothing or it cannot.
     """
+    if active_allocator() == "jemalloc":
+        return purge_jemalloc()
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
 

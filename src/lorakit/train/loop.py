@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lorakit.allocator import allocator_note
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TrainingError, TrainingInterrupted
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
@@ -189,7 +190,9 @@ class _Run:
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         release = four_bit if t.return_freed_memory is None else t.return_freed_memory
-        self.release_memory = release and ctx.device.type == "cpu" and can_return_freed_memory()  # glibc only
+        self.release_memory = release and ctx.device.type == "cpu" and can_return_freed_memory()  # glibc, jemalloc
+        # the start line says what holds the host heap (lorakit.allocator: `lorakit train` preloads jemalloc if found)
+        self.heap_note = allocator_note() if ctx.device.type == "cpu" else ""
         if self.release_memory and t.return_freed_memory is None:
             self.base_note += (
                 ", freed memory returned to the OS during and after each step (the 4-bit default; "
@@ -244,6 +247,7 @@ class _Run:
                 f"training {self.total_steps} steps (global batch {self.global_batch} rows, "
                 f"{ctx.world} process(es), {self.precision}: {self.precision_reason}) on {ctx.device}"
                 + (f", {self.base_note}" if self.base_note else "")
+                + (f", {self.heap_note}" if self.heap_note else "")
                 + (f", resuming after step {self.step}" if self.step else "")
             )
             bar = report.progress_bar(self.total_steps, self.step, enabled=True)
