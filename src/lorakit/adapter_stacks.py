@@ -34,7 +34,6 @@ __all__ = ["SLACK", "STACKS", "RowPlan", "Stack", "forget_stacks", "plan_rows", 
 SLACK = 2  # a cached stack serves a batch whose adapters hold at least 1/this of its rank (rows leaving)
 STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its Stack
 _VERSION = operator.attrgetter("_version")
-_PARAMETERS = operator.attrgetter("_parameters")
 _WEIGHT = operator.itemgetter("weight")
 
 
@@ -92,7 +91,8 @@ class Stack:
         self.names = names
         a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
         self.modules = [*(a_mods[n] for n in names), *(b_mods[n] for n in names)]  # A modules, then B modules
-        self.params = [m._parameters["weight"] for m in self.modules]
+        self.param_dicts = [m._parameters for m in self.modules]  # each module's own dict, never replaced by torch
+        self.params = [d["weight"] for d in self.param_dicts]
         self.weights = list(zip(self.params[: len(names)], self.params[len(names) :]))
         self.tracked = [t for t in self.params if not t.is_inference()]  # may change in place
         self.tracked_versions = [t._version for t in self.tracked]
@@ -139,7 +139,7 @@ class Stack:
         now = [*map(a_mods.get, self.names), *map(b_mods.get, self.names)]
         if not all(map(operator.is_, now, self.modules)):  # an adapter removed or replaced
             return False
-        params = map(_WEIGHT, map(_PARAMETERS, now))
+        params = map(_WEIGHT, self.param_dicts)  # the same modules (checked above): their dicts, one hop less
         return (
             all(map(operator.is_, params, self.params))
             and list(map(layer.scaling.get, self.names)) == self.scalings
