@@ -6,7 +6,9 @@ pairs a step, the same starting LoRA (PEFT's init, saved and loaded into lorakit
 r=16 alpha=32 on all seven projections, no dropout, AdamW (lr 5e-5, weight decay 0),
 β = 0.1, sigmoid loss, reference = the base with adapters disabled, fp32 (and bf16 pairs), no
 gradient checkpointing. Every run is a fresh subprocess, so its peak RSS
-(``VmHWM``) is its own; runs are repeated with the variant order rotated.
+(``VmHWM``) is its own; runs are repeated with the variant order rotated. The lorakit
+variants run under jemalloc where :mod:`lorakit.allocator` finds it, as ``lorakit train``
+does; TRL's on the process's own malloc.
 
 Variants:
     trl           TRL 1.16 DPOTrainer's own step computation (``_compute_loss``: policy and
@@ -34,7 +36,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_rev, load_bench_model, machine, median, model_note, rss_kib, run_worker, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    git_rev,
+    load_bench_model,
+    lorakit_train_env,
+    machine,
+    median,
+    model_note,
+    rss_kib,
+    run_worker,
+    write_section,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["trl", "lorakit", "lorakit-sft", "trl-bf16", "lorakit-bf16"]
@@ -152,7 +164,8 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
 
 
 def _run(variant: str, steps: int, pairs: int, tmp: Path) -> dict:
-    return run_worker(__file__, [variant, str(steps), str(pairs), str(tmp)], variant)
+    env = lorakit_train_env() if variant.startswith("lorakit") else None  # the heap `lorakit train` would have
+    return run_worker(__file__, [variant, str(steps), str(pairs), str(tmp)], variant, env)
 
 
 def main() -> None:

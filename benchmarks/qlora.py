@@ -7,7 +7,9 @@ to a multiple of 8). Every variant runs in a fresh subprocess, so its peak RSS
 (``VmHWM``) is its own; the lorakit nf4 variants, like ``lorakit train`` on a 4-bit base
 (``train.return_freed_memory`` unset), hand freed heap back to the OS after each step and 3
 times during each forward pass (:mod:`lorakit.memory`); lorakit fp32 (off by default there)
-and PEFT's do not.
+and PEFT's do not. The lorakit variants run under jemalloc where :mod:`lorakit.allocator`
+finds it (as ``lorakit train`` does; the returns then purge jemalloc's arenas), PEFT's on the
+process's own malloc.
 
     python benchmarks/qlora.py                     # 30 steps each (the setting)
     python benchmarks/qlora.py --steps 8 --skip 2  # a short run
@@ -48,7 +50,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_rev, machine, median, model_note, rss_kib, run_worker, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    git_rev,
+    lorakit_train_env,
+    machine,
+    median,
+    model_note,
+    rss_kib,
+    run_worker,
+    write_section,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["lorakit-fp32", "lorakit-nf4", "lorakit-nf4-gc", "peft-nf4"]
@@ -182,7 +193,8 @@ def worker(variant: str, steps: int, compute: str = "auto") -> dict:
 
 
 def _run(variant: str, steps: int, compute: str) -> dict:
-    return run_worker(__file__, [variant, str(steps), "--compute", compute], variant)
+    env = lorakit_train_env() if variant.startswith("lorakit") else None  # the heap `lorakit train` would have
+    return run_worker(__file__, [variant, str(steps), "--compute", compute], variant, env)
 
 
 def main() -> None:
