@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,15 +50,17 @@ def layer_and_data(n=37, k=96, m=80, seed=0, bias=True):
 # ----------------------------------------------------------------------------- the op
 
 
-def test_quantizers_round_to_nearest_in_float64():
+@pytest.mark.parametrize("code_max", [None, 127, 63])
+def test_quantizers_round_to_nearest_in_float64(code_max):
     lin, x = layer_and_data()
-    codes, scale = int8.quantize_weight_int8(lin.weight)
+    codes, scale = int8.quantize_weight_int8(lin.weight, code_max)
+    top = int8.weight_code_max() if code_max is None else code_max
     w64 = lin.weight.double()
-    step = w64.abs().amax(1) / 127
+    step = w64.abs().amax(1) / top
     assert torch.allclose(scale.double(), step, rtol=1e-6)
     want = torch.round(w64 / scale.double()[:, None])
     assert (codes.double() - want).abs().max() <= 1 and (codes.double() != want).float().mean() < 1e-3
-    assert codes.abs().max() == 127 and codes.dtype == torch.int8
+    assert codes.abs().max() == top and codes.dtype == torch.int8
     q, s = int8.quantize_rows(x)
     assert q.dtype == torch.uint8 and s[3].item() == 1.0 and (q[3] == 128).all()  # zero row: codes 0
     want = torch.round(x.double() / s.double()) + 128
@@ -88,6 +92,39 @@ def test_forward_and_grad_input_equal_float64_of_the_same_codes(smoothed):
     want = (r.double() - 128) @ Q * t.double() * inv
     got = layer.grad_input(dy)
     assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-12).all()
+
+
+def test_a_kernel_that_saturates_gets_7_bit_weights_and_stays_exact():
+    """Without VNNI/AMX, u8 x s8 pairs add into a saturating int16; oneDNN told to use AVX2 only behaves so here."""
+    code = (
+        "import torch\n"
+        "from lorakit import int8\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "codes, ws = int8.quantize_weight_int8(torch.randn(64, 576, generator=g))\n"
+        "q, s = int8.quantize_rows(torch.rand(8, 576, generator=g) * 2 - 1)\n"
+        "exact = ((q.double() - 128) @ codes.double().T) * ws.double()\n"
+        "zp, pack = torch.zeros(64, dtype=torch.int64), torch.ops.onednn.qlinear_prepack\n"
+        "y = int8._qlinear(q, pack(codes, [8, 576]), ws, zp)\n"
+        "sat = int8._qlinear(q, pack(torch.full_like(codes, 127), [8, 576]), ws, zp).double()\n"
+        "full = ((q.double() - 128) @ torch.full_like(codes, 127).double().T) * ws.double()\n"
+        "print(int8.weight_code_max(), float((y.double() - exact).abs().max() / exact.abs().max()),\n"
+        "      float((sat - full).abs().max() / full.abs().max()))\n"
+    )
+    for isa, saturates in (("AVX2", True), ("", None)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        top, err, sat_err = proc.stdout.split()
+        if saturates is None:  # this CPU as it is: whichever it needs, the product is exact
+            saturates = float(sat_err) > 1e-3
+        assert int(top) == (63 if saturates else 127)
+        assert float(err) < 1e-6  # the chosen codes: exact integer math up to the fp32 scaling
+        assert (float(sat_err) > 1e-3) == saturates  # full-range codes: wrong exactly where 63 was chosen
 
 
 def test_int8_against_fp32_within_the_rounding_bound():

@@ -50,6 +50,7 @@ __all__ = [
     "int8_support",
     "require_int8",
     "quantize_weight_int8",
+    "weight_code_max",
     "quantize_rows",
     "int8_matmul",
     "int8_matmul_row",
@@ -106,19 +107,45 @@ def require_int8(what: str = "int8 matmuls") -> None:
 # ----------------------------------------------------------------------------- quantization and the kernel
 
 
-def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+@functools.cache
+def weight_code_max() -> int:
+    """The largest weight code this CPU's int8 kernel multiplies exactly: 127, or 63 where it saturates.
+
+    Without VNNI (AVX512-VNNI, AVX-VNNI) or AMX, x86 int8 kernels multiply u8 x s8 with
+    ``vpmaddubsw``, which adds each pair of products into a saturating int16: a u8 code
+    of 255 against weights of 127 gives 64770, clipped to 32767 (on an AVX2-only CPU,
+    oneDNN's int8 matmul of random data was 7-8% off the exact integer result). Weight
+    codes of at most 63 keep every pair below 2^15 (255 * 63 * 2 = 32130): the weights lose
+    one bit, the kernel is exact. Probed once per process on the kernel itself, so it also
+    holds where oneDNN is told to use fewer instructions (``ONEDNN_MAX_CPU_ISA``).
+
+    Returns:
+        127 where a saturating pair comes out exact (or int8 cannot run here), else 63.
+    """
+    if int8_support() is not None:
+        return 127
+    q = torch.full((1, 2), 255, dtype=torch.uint8)  # x codes +127 (zero point 128)
+    w = torch.ops.onednn.qlinear_prepack(torch.full((1, 2), 127, dtype=torch.int8), [1, 2])
+    y = _qlinear(q, w, torch.ones(1), torch.zeros(1, dtype=torch.int64))
+    return 127 if float(y) == 127.0 * 127.0 * 2 else 63
+
+
+def quantize_weight_int8(weight: Tensor, code_max: int | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric int8 codes per output channel: ``W ≈ scale[:, None] * codes``.
 
     Args:
         weight: ``[out, in]``, any float dtype (quantized from its fp32 values).
+        code_max: The largest code; None: :func:`weight_code_max` (127, or 63 on a CPU whose int8
+            kernel saturates).
 
     Returns:
-        ``(codes int8 [out, in] in [-127, 127], scale fp32 [out])``; an all-zero row gets scale 1.
+        ``(codes int8 [out, in] in [-code_max, code_max], scale fp32 [out])``; an all-zero row gets scale 1.
     """
+    top = float(weight_code_max() if code_max is None else code_max)
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    codes = torch.round(w / scale[:, None]).clamp_(-top, top).to(torch.int8)
     return codes, scale
 
 
