@@ -8,9 +8,10 @@ freed heap back to the OS (:mod:`lorakit.memory`) lowers the peak, but glibc the
 faults every page in again when the heap reuses it: about 1 GiB a step, steps 9-17%
 slower. jemalloc keeps same-size blocks together and returns pages it has not reused
 for a while (``dirty_decay_ms`` / ``muzzy_decay_ms``: 30 s here, :data:`JEMALLOC_CONF`):
-on the same int8 runs the per-step peak fell from 1.8-2.0 to 1.4-1.6 GiB (short
-workload) and from 2.3 to 1.8 GiB (long) at glibc's step time
-(benchmarks/RESULTS.md, "int8_schemes", "Allocator").
+in 30-step int8 runs of the default model the peak RSS fell from 2.05 to 1.58 GiB
+(short workload) and from 2.44 to 1.80 GiB (long), 0.47x / 0.40x PEFT fp32's, for
+0-10% more step time, the pages it returns being faulted in again
+(benchmarks/RESULTS.md, "int8_schemes", "With jemalloc").
 
 A process picks its allocator when it starts (``LD_PRELOAD``), so ``lorakit train``
 starts itself again, once, under jemalloc (:func:`relaunch_under_jemalloc`, called by
