@@ -71,6 +71,21 @@ def test_bad_choice_and_missing_path_are_config_errors(tmp_path):
         allocator.find_jemalloc({PATH_ENV: str(tmp_path / "nope.so")})
 
 
+@linux
+def test_a_failed_relaunch_goes_on_and_says_so(fake_lib, monkeypatch, capsys):
+    def fail(*args):
+        raise OSError("no such file")
+
+    monkeypatch.setattr(os, "execve", fail)
+    monkeypatch.setenv(PATH_ENV, str(fake_lib))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(RELAUNCHED_ENV, raising=False)
+    monkeypatch.delenv(CHOICE_ENV, raising=False)
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "glibc")
+    assert allocator.relaunch_under_jemalloc(["train", "x.yaml"]) is None
+    assert "could not start again under jemalloc (no such file)" in capsys.readouterr().err
+
+
 def test_this_process_is_on_the_system_allocator_and_says_so():
     # pytest itself is not relaunched: glibc here (or jemalloc if the user preloaded it)
     kind = allocator.active_allocator()

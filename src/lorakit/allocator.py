@@ -153,7 +153,8 @@ def relaunch_plan(argv: Sequence[str], env: Mapping[str, str], loaded: str) -> t
 def relaunch_under_jemalloc(argv: Sequence[str]) -> None:
     """Replace this process by ``python -m lorakit ARGV`` under jemalloc where :func:`relaunch_plan` says so.
 
-    Returns only where nothing is relaunched. Call it before any work: the process is replaced.
+    Returns only where nothing is relaunched (or the relaunch itself fails: then this process goes on, on its
+    own allocator, and says so). Call it before any work: the process is replaced.
 
     Args:
         argv: The command's arguments after the program name.
@@ -166,7 +167,10 @@ def relaunch_under_jemalloc(argv: Sequence[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(plan[0][0], plan[0], plan[1])
+    try:
+        os.execve(plan[0][0], plan[0], plan[1])
+    except OSError as e:  # e.g. no executable to start again: go on as we are
+        print(f"lorakit: could not start again under jemalloc ({e}); going on with the system malloc", file=sys.stderr)
 
 
 def allocator_note() -> str:
