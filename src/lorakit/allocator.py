@@ -35,6 +35,7 @@ import platform
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -189,18 +190,25 @@ def allocator_note() -> str:
     return "heap: glibc malloc (jemalloc not found: it lowers peak RSS; apt install libjemalloc2 or scripts/setup.sh)"
 
 
+@functools.cache
+def _mallctl() -> Any:
+    """jemalloc's ``mallctl`` through ctypes, or None where jemalloc is not loaded (looked up once per process)."""
+    if active_allocator() != "jemalloc":
+        return None
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # the preloaded library's symbol, in the global namespace
+    except AttributeError:  # a build with prefixed symbols (je_mallctl): nothing to call
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    return mallctl
+
+
 def purge_jemalloc() -> bool:
     """Ask a loaded jemalloc to return every arena's unused pages to the OS now (``arena.<all>.purge``).
 
     Returns:
         True where jemalloc is loaded and did it; False otherwise.
     """
-    if active_allocator() != "jemalloc":
-        return False
-    try:
-        mallctl = ctypes.CDLL(None).mallctl  # the preloaded library's symbol, in the global namespace
-    except AttributeError:  # a build with prefixed symbols (je_mallctl): nothing to call
-        return False
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    mallctl.restype = ctypes.c_int
-    return mallctl(b"arena.4096.purge", None, None, None, 0) == 0  # 4096 = MALLCTL_ARENAS_ALL
+    mallctl = _mallctl()
+    return mallctl is not None and mallctl(b"arena.4096.purge", None, None, None, 0) == 0  # 4096: all arenas
