@@ -13,7 +13,8 @@ owner (tag)                   modules              the override
 ``lorakit.fusion``            Llama-style MLPs     the fused SwiGLU op (``fuse_swiglu_mlps``)
 ``lorakit.train.graphs``      decoder layers       CUDA-graph replay (``LayerGraphs``)
 ``lorakit.few_rows``          the output head      ``(W·xᵀ)ᵀ`` for few rows on the CPU (inference
-                                                   only: ``for_inference``, ``adapter_batch``)
+                                                   only: ``for_inference``, ``adapter_batch``,
+                                                   ``generate``)
 ============================  ===================  =========================================
 
 Each sets its override with :func:`set_forward`, undoes it with
