@@ -21,6 +21,7 @@ import torch
 from .adapters import disable_adapters
 from .errors import ConfigError
 from .few_rows import head_routed
+from .graph_decode import static_decode
 from .mixed import adapter_batch
 
 __all__ = ["prompt_ids", "generate_batch", "generate", "compare_base"]
@@ -72,7 +73,9 @@ def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, do_sampl
 
 
 @torch.inference_mode()
-def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_config: Any) -> list[list[int]]:
+def _generate_ids(
+    model: Any, tokenizer: Any, prompts: list[list[int]], gen_config: Any, static_cache: bool = False
+) -> list[list[int]]:
     """Greedy / sampled continuation of a batch of token-id prompts (left-padded)."""
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
@@ -80,6 +83,18 @@ def _generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], gen_conf
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     device = next(model.parameters()).device
     with head_routed(model):  # CPU decoding of 2-32 rows: the head as (W·xᵀ)ᵀ (lorakit.few_rows)
+        if static_cache:  # lorakit.graph_decode: a static KV cache; on a GPU each step replays one CUDA graph
+            new = static_decode(
+                model,
+                input_ids.to(device),
+                attention_mask.to(device),
+                max_new_tokens=gen_config.max_new_tokens,
+                eos_token_id=gen_config.eos_token_id,
+                pad_token_id=gen_config.pad_token_id,
+                do_sample=gen_config.do_sample,
+                temperature=gen_config.temperature or 1.0,
+            )
+            return [row.tolist() for row in new.cpu()]
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
         )
@@ -96,6 +111,7 @@ def generate_batch(
     temperature: float = 0.7,
     batch_size: int = 8,
     adapter_names: Sequence[str] | None = None,
+    static_cache: bool = False,
 ) -> list[str]:
     """Answer many tokenized prompts, ``batch_size`` at a time (left-padded).
 
@@ -109,13 +125,16 @@ def generate_batch(
         batch_size: Prompts per ``model.generate`` call.
         adapter_names: One adapter name per prompt (``"__base__"`` for none): each batch runs as a
             mixed-adapter batch (:func:`lorakit.adapter_batch`); None runs the active adapters.
+        static_cache: Decode with a static KV cache (:func:`lorakit.graph_decode.static_decode`):
+            on a CUDA device each decoding step replays one CUDA graph; elsewhere the same step
+            runs eagerly. The same tokens as ``model.generate``; not with ``adapter_names``.
 
     Returns:
         The answers in the order of ``prompts``, special tokens removed.
 
     Raises:
         ConfigError: ``max_new_tokens`` or ``batch_size`` < 1, ``temperature`` <= 0 when sampling,
-            or ``adapter_names`` not one per prompt.
+            or ``adapter_names`` not one per prompt (or given with ``static_cache``).
         AdapterNotFoundError: an adapter name is not on the model.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -125,12 +144,17 @@ def generate_batch(
             f"adapter_names has {len(adapter_names)} name(s) for {len(prompts)} prompt(s); give one "
             f"per prompt ('__base__' for none)."
         )
+    if static_cache and adapter_names is not None:
+        raise ConfigError(
+            "static_cache decoding runs one adapter set for the whole batch; mixed-adapter batches "
+            "(adapter_names=) decode with static_cache=False."
+        )
     gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample, temperature)
     answers: list[str] = []
     for i in range(0, len(prompts), batch_size):
         names = None if adapter_names is None else list(adapter_names[i : i + batch_size])
         with contextlib.nullcontext() if names is None else adapter_batch(model, names):
-            ids = _generate_ids(model, tokenizer, list(prompts[i : i + batch_size]), gen_config)
+            ids = _generate_ids(model, tokenizer, list(prompts[i : i + batch_size]), gen_config, static_cache)
         answers += [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
     return answers
 

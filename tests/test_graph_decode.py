@@ -1,0 +1,269 @@
+"""lorakit.graph_decode: static-KV-cache decoding equals model.generate; the step is capturable; CUDA graphs.
+
+References: transformers' ``model.generate`` (its dynamic cache, its mask and position code)
+for the tokens on the CPU; fake tensors (no values) for "nothing in the step reads a value on
+the host", checked to fail when a read is added; on a GPU (skipped here without one; run by
+``bash benchmarks/device_run.sh decode``), the eager step for the graphed one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import make_llama
+from tiny import make_tiny_model_dir
+
+import lorakit
+from lorakit import generation
+from lorakit.errors import ConfigError
+from lorakit.graph_decode import StaticDecoder, capture_blocker, fake_step, static_decode
+from lorakit.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LENGTHS = [5, 9, 3]  # prompts of different lengths: rows 0 and 2 left-padded
+NEW = 12
+
+
+def _plain(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    model = make_llama(seed, layers=layers)
+    model.generation_config.eos_token_id = None  # generate's default EOS off: rows run to max_new_tokens unless told
+    return model
+
+
+def _lora(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(seed + 1)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = lorakit.inject(_plain(seed, layers), config)
+    with torch.no_grad():  # non-zero B: the adapter changes the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+MODELS = {"plain": _plain, "unmerged-lora": _lora}
+
+
+def _batch(lengths=LENGTHS, seed: int = 1, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    rows = [torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _reference(model, ids, mask, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1] :]
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_greedy_tokens_equal_generate(kind):
+    model = MODELS[kind]()
+    ids, mask = _batch()
+    ref = _reference(model, ids, mask, do_sample=False)
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, pad_token_id=0)
+    assert torch.equal(got, ref), (got, ref)
+    one = static_decode(model, ids[1:2, -LENGTHS[1] :], mask[1:2, -LENGTHS[1] :], max_new_tokens=NEW)
+    assert torch.equal(one[0], got[1])  # the unpadded row alone: padding changes nothing
+
+
+def test_the_adapter_is_decoded_unmerged():
+    plain, lora = _plain(), _lora()
+    ids, mask = _batch()
+    tuned = static_decode(lora, ids, mask, max_new_tokens=NEW)
+    assert not torch.equal(tuned, static_decode(plain, ids, mask, max_new_tokens=NEW))  # the adapter is computed
+    assert not any(layer.merged_adapters for layer in lora.modules() if hasattr(layer, "merged_adapters"))
+    with lorakit.disable_adapters(lora):
+        assert torch.equal(static_decode(lora, ids, mask, max_new_tokens=NEW), _reference(plain, ids, mask))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_eos_stops_rows_and_decoding(kind):
+    model = MODELS[kind]()
+    ids, mask = _batch()
+    free = static_decode(model, ids, mask, max_new_tokens=NEW)
+    eos = [int(free[1, 2]), int(free[0, 4])]  # row 1 stops at step 2 at the latest, row 0 at step 4
+    ref = _reference(model, ids, mask, do_sample=False, eos_token_id=eos)
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, ref), (got, ref)
+    first = [int((torch.isin(row, torch.tensor(eos))).nonzero()[0, 0]) for row in got[:2]]
+    assert all((got[r, first[r] + 1 :] == 0).all() for r in range(2))  # padded after the row's EOS
+    # every row stopping ends decoding early, at the step the last row stopped, as generate does
+    last = [int(free[r, 1]) for r in range(3)]
+    both = static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=last, pad_token_id=0)
+    assert both.shape[1] <= 2 and torch.equal(both, _reference(model, ids, mask, eos_token_id=last))
+
+
+def test_sampling_draws_as_generate_does():
+    model = _lora()
+    ids, mask = _batch()
+    torch.manual_seed(5)
+    ref = _reference(model, ids, mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0)
+    torch.manual_seed(5)
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, pad_token_id=0, do_sample=True, temperature=0.7)
+    assert torch.equal(got, ref)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = static_decode(model, ids, mask, max_new_tokens=NEW, do_sample=True, temperature=2.0, generator=g1)
+    b = static_decode(model, ids, mask, max_new_tokens=NEW, do_sample=True, temperature=2.0, generator=g2)
+    assert torch.equal(a, b) and not torch.equal(a, static_decode(model, ids, mask, max_new_tokens=NEW))
+
+
+def test_eager_attention_masks_as_sdpa():
+    model = _lora()
+    model.set_attn_implementation("eager")
+    ids, mask = _batch()
+    assert torch.equal(static_decode(model, ids, mask, max_new_tokens=NEW), _reference(model, ids, mask))
+
+
+def test_step_logits_equal_generate_scores():
+    model = _lora()
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    decoder = StaticDecoder(model, ids.shape[1] + 6)
+    logits = decoder.prefill(ids, mask)
+    for t, ref in enumerate(out.logits):
+        torch.testing.assert_close(logits, ref.float(), atol=1e-5, rtol=1e-5)
+        if t < len(out.logits) - 1:
+            logits = decoder.step(out.sequences[:, ids.shape[1] + t])
+    decoder.step(out.sequences[:, -1])  # the cache's last position
+    with pytest.raises(ConfigError, match="full"):
+        decoder.step(out.sequences[:, -1])
+
+
+# --------------------------------------------------------------------------- capturability proxy
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_the_step_reads_no_value_on_the_host(kind):
+    model = MODELS[kind]()
+    logits = fake_step(model, batch=3, width=5)
+    assert logits.shape == (3, 96)
+    assert all(not p.is_meta and p.device.type == "cpu" for p in model.parameters())  # the model is untouched
+
+
+def _reads(how: str, module, x, *args, **kwargs):
+    value = {
+        "item": lambda: x.sum().item(),
+        "tolist": lambda: x[0, 0, :2].tolist(),
+        "bool": lambda: bool((x > 0).any()),
+        "nonzero": lambda: torch.nonzero(x[0, 0]),
+        "boolean index": lambda: x[x > 0],
+    }[how]()
+    assert value is not None
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["item", "tolist", "bool", "nonzero", "boolean index"])
+def test_the_proxy_fails_when_the_step_reads_a_value(how):
+    model = _lora()
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.forward = functools.partial(_reads, how, o_proj)
+    ids, mask = _batch()
+    assert static_decode(model, ids, mask, max_new_tokens=3).shape == (3, 3)  # real tensors: it just runs
+    with pytest.raises(Exception, match="local_scalar_dense|nonzero|DataDependent|DynamicOutputShape"):
+        fake_step(model)
+
+
+# --------------------------------------------------------------------------- refusals and the generation hook
+
+
+def test_refusals():
+    model = _lora()
+    ids, mask = _batch()
+    with pytest.raises(ConfigError, match="CUDA"):
+        static_decode(model, ids, mask, max_new_tokens=4, graph="on")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        static_decode(model, ids, mask, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        static_decode(model, ids, mask, max_new_tokens=2, do_sample=True, temperature=0)
+    with lorakit.adapter_batch(model, ["default", "__base__", "default"]):
+        assert "adapter_batch" in capture_blocker(model)
+        with pytest.raises(ConfigError, match="adapter_batch"):
+            static_decode(model, ids, mask, max_new_tokens=4)
+    assert capture_blocker(model) is None
+    model.train()
+    with pytest.raises(ConfigError, match="training mode"):
+        static_decode(model, ids, mask, max_new_tokens=4)
+
+
+def test_generate_batch_with_static_cache_answers_the_same(tmp_path):
+    model, tok = load_model(make_tiny_model_dir(tmp_path / "m"))
+    model = lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = [generation.prompt_ids(tok, p) for p in ["hi", "say cat dog bird", "x", "a b c"]]
+    kwargs = dict(max_new_tokens=10, batch_size=3)
+    assert generation.generate_batch(model, tok, prompts, static_cache=True, **kwargs) == generation.generate_batch(
+        model, tok, prompts, **kwargs
+    )
+    with pytest.raises(ConfigError, match="static_cache"):
+        generation.generate_batch(model, tok, prompts, static_cache=True, adapter_names=["default"] * 4)
+
+
+# --------------------------------------------------------------------------- CUDA graphs (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+
+
+def _on_cuda(kind: str, dtype: torch.dtype) -> torch.nn.Module:
+    return MODELS[kind]().to("cuda", dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_graphed_step_equals_eager_step(kind, dtype):
+    model = _on_cuda(kind, dtype)
+    ids, mask = _batch(device="cuda")
+    eager = StaticDecoder(model, ids.shape[1] + NEW)
+    graphed = StaticDecoder(model, ids.shape[1] + NEW, graph=True)
+    a, b = eager.prefill(ids, mask), graphed.prefill(ids, mask)
+    torch.testing.assert_close(b, a, **TOL[dtype])
+    for _ in range(NEW - 1):
+        tokens = a.argmax(-1)  # both fed the eager tokens
+        a, b = eager.step(tokens).clone(), graphed.step(tokens).clone()
+        torch.testing.assert_close(b, a, **TOL[dtype])
+    assert graphed.graph is not None and eager.graph is None
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_graphed_decoding_tokens_equal_eager(kind, dtype):
+    model = _on_cuda(kind, dtype)
+    ids, mask = _batch(device="cuda")
+    graphed = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on")
+    assert torch.equal(graphed, static_decode(model, ids, mask, max_new_tokens=NEW, graph="off"))
+    if dtype == torch.float32:
+        assert torch.equal(graphed, _reference(model, ids, mask))
+    eos = [int(graphed[1, 2]), int(graphed[0, 9])]  # a stop between two of the every-8-steps host checks
+    assert torch.equal(
+        static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, graph="on"),
+        static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, graph="off"),
+    )
+
+
+@cuda
+def test_a_host_read_in_the_step_falls_back_to_eager_with_a_message():
+    model = _on_cuda("unmerged-lora", torch.float32)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.forward = functools.partial(_reads, "item", o_proj)
+    ids, mask = _batch(device="cuda")
+    said: list[str] = []
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, say=said.append)
+    assert len(said) == 1 and "eagerly" in said[0], said
+    assert torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW, graph="off"))
+    with pytest.raises(ConfigError, match="graph='on'"):
+        static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", say=said.append)
