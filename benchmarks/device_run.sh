@@ -4,13 +4,27 @@
 # upload (64 MiB) for the default model's weights, so the caller carries:
 #   .whl/          wheels of the pinned packages it lacks (transformers, peft, pydantic, ...)
 #   .bench_model/  SmolLM2-135M-Instruct's config + tokenizer (no weights -> random weights)
-# Make them here (both are ignored through .git/info/exclude):
+# Make them here with `bash benchmarks/device_run.sh prep` (on this machine, not the GPU one; both are
+# ignored through .git/info/exclude), which runs:
 #   mkdir .bench_model && cp ~/.cache/lorakit/models/smollm2-135m-instruct/{*.json,*.jinja} .bench_model/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
 #       transformers==5.23.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 typing_extensions==4.16.0 tokenizers==0.23.3
-# Usage there:  bash benchmarks/device_run.sh [what ...]
-#   what: env train layer inference profile compile, or a pytest target such as tests/test_cuda.py
+# Usage there:  bash benchmarks/device_run.sh [what ...]   (carry .whl and .bench_model)
+#   what: env train layer inference profile compile decode, or a pytest target such as tests/test_cuda.py
+#   decode: lorakit.graph_decode's CUDA tests (graphed step == eager step), then its benchmark
+#           (inference.py --static: unmerged vs plain decoding with CUDA graphs, batch 1 and 8)
+if [ "${1:-}" = prep ]; then
+  set -e
+  mkdir -p .bench_model && cp ~/.cache/lorakit/models/smollm2-135m-instruct/{*.json,*.jinja} .bench_model/
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux_2_17_x86_64 -d .whl transformers==5.23.0 peft==0.21.2 pydantic==2.14.4 \
+      pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 tokenizers==0.23.3
+  mkdir -p .git/info
+  for p in /.whl/ /.bench_model/; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
+  du -sh .whl .bench_model
+  exit 0
+fi
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 if [ -d .whl ]; then
@@ -29,6 +43,9 @@ for w in $what; do
     inference) python3 benchmarks/inference.py --device cuda ;;
     profile) for v in lorakit-auto; do python3 benchmarks/profile_step.py --device cuda --variant $v --rows 20; done ;;
     compile) python3 benchmarks/train_step.py --device cuda --keep --variants lorakit-compile ;;
+    decode) python3 -m pytest -q -rs tests/test_graph_decode.py
+            python3 benchmarks/inference.py --device cuda --static
+            python3 benchmarks/inference.py --device cuda --static --batch 8 --no-write ;;
     *) python3 -m pytest -q -x $w ;;
   esac 2>&1 | tee -a "$out/log.txt"
 done

@@ -7,13 +7,19 @@ them alike. Also times one forward over a 8 x 128 batch (prefill-like).
 On the CPU also plain-int8 and lorakit-int8-unmerged: the base's Linears in int8
 (`--quantize int8`, lorakit.int8), the adapter unmerged in fp32 on top.
 
-    python benchmarks/inference.py [--new-tokens 48] [--repeats 5]
+`--static` times lorakit.graph_decode instead (its own RESULTS section): static-KV-cache
+decoding of plain / unmerged / merged, each step one CUDA graph replay on a GPU (the graph
+recorded inside every timed call) and eager on the CPU, next to `model.generate`; the
+"x plain" column is the ratio issue 14 targets (unmerged <= 1.2x plain on a GPU).
+
+    python benchmarks/inference.py [--new-tokens 48] [--repeats 5] [--static [--batch 1]] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -32,15 +38,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _variants(base, peft, tok=None):
+def _variants(base, peft, tok=None, others: bool = True):
+    """plain / lorakit-unmerged / lorakit-merged, and (``others``) PEFT's and, on the CPU, the int8 variants."""
     import lorakit
 
     cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
     torch.manual_seed(0)
     unmerged = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(init_lora_weights=False, **cfg)).eval()
     merged = lorakit.for_inference(copy.deepcopy(unmerged))
+    variants = {"plain": base, "lorakit-unmerged": unmerged, "lorakit-merged": merged}
+    if not others:
+        return variants
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg)).eval()
-    variants = {"plain": base, "lorakit-unmerged": unmerged, "lorakit-merged": merged, "peft-unmerged": peft_model}
+    variants["peft-unmerged"] = peft_model
     if next(base.parameters()).device.type == "cpu":  # --quantize int8: int8 base Linears, the adapter fp32 on top
         from lorakit.int8_model import calibration_ids, quantize_int8
 
@@ -102,12 +112,93 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
     return lines
 
 
+def static_decode_table(variants, prompt, device: torch.device, new_tokens: int, repeats: int, batch: int) -> str:
+    """Tokens/s of lorakit.graph_decode.static_decode (graphed on CUDA) vs model.generate: plain / unmerged / merged.
+
+    Every call decodes ``new_tokens`` (no EOS stop); a graphed call records its graph inside the timed call.
+    "x plain" compares each variant with the plain model decoded the same way (issue 14: unmerged <= 1.2x).
+    """
+    from lorakit.graph_decode import static_decode
+
+    ids, mask = prompt["input_ids"].repeat(batch, 1), prompt["attention_mask"].repeat(batch, 1)
+    methods = {"generate": ["plain", "lorakit-unmerged"], "static eager": ["plain", "lorakit-unmerged"]}
+    if device.type == "cuda":
+        methods["static graph"] = ["plain", "lorakit-unmerged", "lorakit-merged"]
+    else:
+        methods["static eager"].append("lorakit-merged")
+    runs = {}
+    for method, names in methods.items():
+        for k in names:
+            if method == "generate":
+                runs[(k, method)] = functools.partial(_hf_decode, variants[k], ids, mask, new_tokens)
+            else:
+                graph = "on" if method == "static graph" else "off"
+                runs[(k, method)] = functools.partial(
+                    static_decode, variants[k], ids, mask, max_new_tokens=new_tokens, graph=graph
+                )
+    # The same tokens as generate (both stopping at the model's EOS here; the timed calls never stop early).
+    unmerged, eos = variants["lorakit-unmerged"], variants["lorakit-unmerged"].generation_config.eos_token_id
+    last = list(methods)[-1]
+    same = torch.equal(
+        static_decode(
+            unmerged,
+            ids,
+            mask,
+            max_new_tokens=new_tokens,
+            eos_token_id=eos,
+            pad_token_id=0,
+            graph="on" if last == "static graph" else "off",
+        ),
+        _hf_decode(unmerged, ids, mask, new_tokens, stop=True),
+    )
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    how = "each step one CUDA graph replay, recorded in every call" if last == "static graph" else "eager steps"
+    lines = [
+        f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.",
+        "",
+        f"Greedy decoding of {new_tokens} tokens (batch {batch}, no EOS stop), median of {repeats} calls; "
+        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}); its unmerged tokens equal "
+        f"model.generate's: {same}.",
+        "",
+        "| variant | method | tokens/s | x plain (same method) |",
+        "|---|---|---:|---:|",
+    ]
+    for (k, method), ts in times.items():
+        ratio = median(ts) / median(times[("plain", method)])
+        lines.append(f"| {k} | {method} | {batch * new_tokens / median(ts):.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _hf_decode(model, ids, mask, new_tokens: int, stop: bool = False) -> torch.Tensor:
+    """model.generate's new tokens: exactly ``new_tokens`` of them, or up to them, stopping at EOS (``stop``)."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=None if stop else new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", help=f"model directory (sets ${MODEL_ENV}); config + tokenizer only -> random weights")
+    ap.add_argument("--static", action="store_true", help="time lorakit.graph_decode (CUDA graphs on a GPU) only")
+    ap.add_argument("--batch", type=int, default=1, help="rows per call with --static")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     if args.model:
         os.environ[MODEL_ENV] = args.model
@@ -116,7 +207,7 @@ def main() -> None:
     device = torch.device(args.device)
     base, tok = load_bench_model(device)
     base.eval()
-    variants = _variants(base, peft, tok)
+    variants = _variants(base, peft, tok, others=not args.static)
     merged, unmerged = variants["lorakit-merged"], variants["lorakit-unmerged"]
 
     prompt = tok.apply_chat_template(
@@ -126,6 +217,12 @@ def main() -> None:
         return_dict=True,
     )
     prompt = {k: v.to(device) for k, v in prompt.items()}
+    if args.static:
+        table = static_decode_table(variants, prompt, device, args.new_tokens, args.repeats, args.batch)
+        print(table)
+        if not args.no_write:
+            write_section(section("inference.py --static", device.type), table)
+        return
     batch = torch.randint(0, base.config.vocab_size, (8, 128), device=device)
     gen_t: dict[str, list[float]] = {k: [] for k in variants}
     fwd_t: dict[str, list[float]] = {k: [] for k in variants}
@@ -169,7 +266,8 @@ def main() -> None:
     lines += overhead_proxy(device, args.repeats)
     table = "\n".join(lines)
     print(table)
-    write_section(section("inference.py", device.type), table)
+    if not args.no_write:
+        write_section(section("inference.py", device.type), table)
 
 
 if __name__ == "__main__":
