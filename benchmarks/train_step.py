@@ -30,7 +30,8 @@ Variants (baseline in brackets):
     peft-gc         peft-fp32 with transformers' gradient checkpointing as PEFT users enable it:
                     gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads
     lorakit-fp32    [peft-fp32] lorakit as `lorakit train` runs it: fused LoRA ops, fused SwiGLU MLPs,
-                    loss only at labelled positions; on CUDA its CUDA graphs
+                    loss only at labelled positions; on a CPU padding-free (the batch's real tokens as one row,
+                    attention per example), on CUDA its CUDA graphs
     lorakit-auto    [peft-bf16] lorakit with train.precision=auto (skipped where auto resolves to fp32):
                     base stored in bf16, adapters fp32, autocast; on CUDA its CUDA graphs
     lorakit-eager   [peft-bf16] lorakit-auto without CUDA graphs (CUDA only: on a CPU it is lorakit-auto)
@@ -47,6 +48,9 @@ Variants (baseline in brackets):
     peft-fp32-jemalloc
                     [peft-fp32] peft-fp32 with jemalloc preloaded the same way (what the allocator alone gives PEFT);
                     not run by default
+    lorakit-fp32-padded, lorakit-int8-padded
+                    [peft-fp32] lorakit-fp32 / lorakit-int8 with train.padding_free: off (the padded batch as it is);
+                    the plain lorakit variants run padding-free on a CPU, as `lorakit train` does; not run by default
     lorakit-compile [peft-bf16] experiment, not run by default: lorakit-auto with each decoder layer
                     torch.compile'd
 
@@ -96,9 +100,13 @@ BASELINE = {  # variant -> the PEFT run it is compared with (None: a baseline it
     "lorakit-fp32-glibc": "peft-fp32",
     "lorakit-int8-glibc": "peft-fp32",
     "peft-fp32-jemalloc": "peft-fp32",
+    "lorakit-fp32-padded": "peft-fp32",
+    "lorakit-int8-padded": "peft-fp32",
 }
 VARIANTS = list(BASELINE)
-DEFAULT_VARIANTS = [v for v in VARIANTS if "compile" not in v and not v.endswith(("-trim", "-glibc", "-jemalloc"))]
+DEFAULT_VARIANTS = [
+    v for v in VARIANTS if "compile" not in v and not v.endswith(("-trim", "-glibc", "-jemalloc", "-padded"))
+]
 AUTO = {"lorakit-auto", "lorakit-eager", "lorakit-compile"}  # bf16 where train.precision=auto picks bf16
 WORKLOADS = {"short": 8, "long": 4}  # name -> rows a step
 LONG_TOKENS = 256
@@ -139,6 +147,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.examples import collate
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
     from lorakit.memory import return_freed_memory, return_freed_memory_during
+    from lorakit.padding_free import setup_padding_free
     from lorakit.train.device import resolve_precision
     from lorakit.train.graphs import decoder_layers, setup_graphs
     from lorakit.train.lm_loss import causal_lm_loss
@@ -147,7 +156,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.train.schedule import make_optimizer
 
     trim = variant.endswith("-trim")  # train.return_freed_memory: true
-    variant = variant.removesuffix("-trim").removesuffix("-glibc").removesuffix("-jemalloc")  # heap: see _run
+    padding_free = "off" if variant.endswith("-padded") else "auto"  # train.padding_free
+    variant = variant.removesuffix("-trim").removesuffix("-glibc").removesuffix("-jemalloc").removesuffix("-padded")
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -202,6 +212,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
         if graphed:  # "on": a run that cannot use graphs is an error, as with train.cuda_graphs: on
             graphs = setup_graphs(model, "on", dev, say=lambda msg: None)
+        setup_padding_free(model, padding_free, dev, graphs=graphs is not None)  # on a CPU, as `lorakit train` does
 
     trim = dev.type == "cpu" and trim  # PEFT's loop (transformers.Trainer) never does
     if trim:  # as `lorakit train` with return_freed_memory: true on a CPU: during the forward pass too

@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     # 4-bit (QLoRA) base, where memory is the point, else off
     return_freed_memory: bool | None = None
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
+    # a padded batch's real tokens as one row, attention per example (lorakit.padding_free): no work on padding;
+    # auto: on for CPU runs whose model allows it (SDPA attention, causal, no sliding window)
+    padding_free: Literal["auto", "on", "off"] = "auto"
     log_every: int = Field(1, gt=0)
 
     @field_validator("gradient_checkpointing", mode="before")

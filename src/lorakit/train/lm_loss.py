@@ -37,6 +37,7 @@ from torch import nn
 from ..examples import IGNORE_INDEX
 from ..logprobs import drop_right_padding_mask, split_head
 from ..losses import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
+from ..padding_free import flatten_batch
 
 __all__ = ["causal_lm_loss"]
 
@@ -58,7 +59,8 @@ def causal_lm_loss(
         ``(loss_sum, n_tokens)``.
     """
     labels = batch["labels"]
-    inputs = drop_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, model)
+    given = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = drop_right_padding_mask(given, model)
     parts = split_head(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
@@ -69,11 +71,16 @@ def causal_lm_loss(
             )
         return loss, int((targets != IGNORE_INDEX).sum())
     backbone, head = parts
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
-    picked = hidden[:, :-1][keep]  # (n, H)
+    flat = flatten_batch(given, model)  # a padding-free model: the real tokens as one row (lorakit.padding_free)
+    if flat is not None and bool((flat.index[:, :-1][keep] >= 0).all()):
+        hidden = backbone(**flat.inputs, use_cache=False).last_hidden_state[0]  # (N, H)
+        picked = hidden[flat.index[:, :-1][keep]]  # (n, H)
+    else:
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        picked = hidden[:, :-1][keep]  # (n, H)
     wanted = targets[keep]  # (n,)
     if n == 0:
         return picked.sum().float() * 0.0, 0

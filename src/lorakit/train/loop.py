@@ -47,6 +47,7 @@ from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
 from lorakit.memory import can_return_freed_memory, return_freed_memory, return_freed_memory_during
+from lorakit.padding_free import disable_padding_free, setup_padding_free
 from lorakit.train import report
 from lorakit.train.batching import make_batches
 from lorakit.train.checkpoint import check_run_dir, latest_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
@@ -189,6 +190,8 @@ class _Run:
             enable_checkpointing(model, self.say, every_n_layers=int(checkpointing))
         model.train()
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
+        # "padding-free batches" or "": the start line says it (lorakit.padding_free)
+        self.padding_note = setup_padding_free(model, t.padding_free, ctx.device, graphs=self.graphs is not None)
         release = four_bit if t.return_freed_memory is None else t.return_freed_memory
         self.release_memory = release and ctx.device.type == "cpu" and can_return_freed_memory()  # glibc, jemalloc
         # the start line says what holds the host heap (lorakit.allocator: `lorakit train` preloads jemalloc if found)
@@ -247,6 +250,7 @@ class _Run:
                 f"training {self.total_steps} steps (global batch {self.global_batch} rows, "
                 f"{ctx.world} process(es), {self.precision}: {self.precision_reason}) on {ctx.device}"
                 + (f", {self.base_note}" if self.base_note else "")
+                + (f", {self.padding_note}" if self.padding_note else "")
                 + (f", {self.heap_note}" if self.heap_note else "")
                 + (f", resuming after step {self.step}" if self.step else "")
             )
@@ -330,6 +334,7 @@ class _Run:
                 logger.close()
             if self.graphs is not None:  # free the recorded graphs, give the layers their own forward back
                 self.graphs.remove()
+            disable_padding_free(self.model)  # its attention as loaded (a no-op when not padding-free)
         elapsed = self.elapsed_before + time.perf_counter() - t0
         result = TrainResult(
             self.run_dir,

@@ -1,0 +1,239 @@
+"""Padding-free forward passes: a padded batch's real tokens as one row, attention per example.
+
+A right-padded batch spends every matmul, norm and elementwise pass on its padding
+too (the short benchmark batch: 653 positions for 567 tokens, 13% waste), and a
+packed row's block-diagonal mask makes attention compute every pair of tokens in the
+row and throw most away. Here the batch's real tokens run as one row of ``N`` tokens
+(``input_ids [1, N]``, ``position_ids`` restarting at 0 for each example), so every
+layer but attention sees exactly the real tokens, and attention runs once per
+example (transformers' own SDPA function on that example's slice, causal, no mask).
+The math is the padded batch's: each real token sees the same tokens at the same
+positions; only the matmuls' row blocking, and so float rounding, differs.
+
+It works through transformers' attention interface: :func:`enable_padding_free`
+switches a model's attention to :data:`ATTENTION`, a function that splits the row at
+the example bounds it is given (``lorakit_segments=``, passed down by the model like
+any attention kwarg, and kept by a gradient-checkpointing rerun) and is transformers'
+SDPA otherwise, with SDPA's masks, so the model still runs ordinary padded batches
+(eval, generation) unchanged. :func:`flatten_batch` builds the one-row inputs; the
+loss (:mod:`lorakit.train.lm_loss`) maps labels to the flat rows.
+
+    enable_padding_free(model)            # after loading; padding_free_blocker(model) says why not
+    flat = flatten_batch(batch, model)    # None when the batch has nothing to gain or cannot
+    hidden = backbone(**flat.inputs).last_hidden_state[0]   # [N, H]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .logprobs import attends_causally
+
+__all__ = [
+    "ATTENTION",
+    "FlatBatch",
+    "padding_free_blocker",
+    "enable_padding_free",
+    "disable_padding_free",
+    "setup_padding_free",
+    "flatten_batch",
+]
+
+ATTENTION = "lorakit_padding_free"  # the attention implementation's name in transformers' registry
+_SEGMENTS = "lorakit_segments"  # the keyword the model passes down to the attention function
+_BEFORE = "_lorakit_attention_before"  # the model's attention implementation before enable_padding_free
+
+
+def _attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    lorakit_segments: tuple[int, ...] | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' SDPA attention, once per example when the row is a padding-free batch.
+
+    ``query`` is ``[1, heads, N, d]`` there and ``lorakit_segments`` the examples' bounds
+    ``(0, n_1, n_1 + n_2, ..., N)``; each example attends causally to itself only. The
+    output is ``[1, N, heads, d]``, as transformers' attention functions return it.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if lorakit_segments is None:  # an ordinary batch (eval, generation): SDPA with its mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    parts = [
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs
+        )[0]
+        for a, b in zip(lorakit_segments[:-1], lorakit_segments[1:], strict=False)
+    ]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # ordinary batches: SDPA's masks
+
+
+def padding_free_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run padding-free, or None when it can.
+
+    It can when its attention is transformers' SDPA (the default on a CPU), every token
+    sees only the tokens before it, and no attention is windowed or soft-capped.
+
+    Args:
+        model: A transformers causal LM (adapters injected or not).
+
+    Returns:
+        None, or the reason in a few words.
+    """
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if attention == ATTENTION:
+        return None
+    if attention != "sdpa":
+        return f"its attention is {attention!r}, not transformers' 'sdpa'"
+    if not attends_causally(model):
+        return "its attention looks ahead (not a causal LM)"
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    ):
+        return "it has sliding-window attention"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "it soft-caps attention logits"
+    return None
+
+
+def enable_padding_free(model: nn.Module) -> None:
+    """Switch ``model``'s attention to :data:`ATTENTION` (undone by :func:`disable_padding_free`).
+
+    Args:
+        model: A transformers causal LM.
+
+    Raises:
+        ConfigError: :func:`padding_free_blocker` names a reason.
+    """
+    why = padding_free_blocker(model)
+    if why is not None:
+        raise ConfigError(f"padding-free batches need SDPA attention in a causal LM, but {why}; set padding_free: off")
+    if model.config._attn_implementation == ATTENTION:
+        return
+    _register()
+    setattr(model, _BEFORE, model.config._attn_implementation)
+    model.config._attn_implementation = ATTENTION  # the setter passes it on to sub-configs
+
+
+def disable_padding_free(model: nn.Module) -> None:
+    """Give ``model`` back the attention it had before :func:`enable_padding_free` (a no-op if never enabled).
+
+    Args:
+        model: The model.
+    """
+    before = vars(model).pop(_BEFORE, None)
+    if before is not None:
+        model.config._attn_implementation = before
+
+
+def setup_padding_free(model: nn.Module, mode: str, device: torch.device, graphs: bool = False) -> str:
+    """``train.padding_free``: make ``model`` padding-free when ``mode`` and the run allow it.
+
+    ``auto`` turns it on for CPU runs whose model allows it: there every padded position
+    costs its full share of the step. On a GPU the per-example attention calls cost
+    launches and CUDA graphs record one padded shape per batch, so only ``on`` asks for it.
+
+    Args:
+        model: The model to train.
+        mode: ``"auto"``, ``"on"`` or ``"off"``.
+        device: The training device.
+        graphs: Whether CUDA graphs replay the decoder layers (they take no per-batch bounds).
+
+    Returns:
+        A few words for the run's start line ("padding-free batches"), or "" when off.
+
+    Raises:
+        ConfigError: ``mode == "on"`` but the model or the run cannot (the reason is in the message).
+    """
+    if mode == "off":
+        return ""
+    why = "CUDA graphs replay the decoder layers (train.cuda_graphs)" if graphs else padding_free_blocker(model)
+    if why is not None:
+        if mode == "on":
+            raise ConfigError(f"train.padding_free is on, but {why}; set it to auto or off")
+        return ""
+    if mode == "auto" and device.type != "cpu":
+        return ""
+    enable_padding_free(model)
+    return "padding-free batches"
+
+
+@dataclass(frozen=True)
+class FlatBatch:
+    """A padded batch as one row of its real tokens.
+
+    Attributes:
+        inputs: The model's keyword inputs: ``input_ids`` and ``position_ids`` ``[1, N]`` and the
+            examples' bounds for the attention function.
+        index: ``[B, T]`` long: the flat position of each padded position's token, -1 on padding.
+    """
+
+    inputs: dict[str, Any]
+    index: Tensor
+
+
+def flatten_batch(inputs: dict[str, Tensor], model: nn.Module) -> FlatBatch | None:
+    """The one-row, padding-free form of a right-padded or packed batch, for a model made padding-free.
+
+    Plain rows are right-padded (``attention_mask`` 1s then 0s): their real tokens, row after
+    row, each row one example. Packed rows (``position_ids`` restarting at 0 per example, no
+    mask) keep every position, and each restart begins an example.
+
+    Args:
+        inputs: The model's keyword inputs: ``input_ids [B, T]`` and ``attention_mask`` or ``position_ids``.
+        model: The model (flattening only pays where :func:`enable_padding_free` was called on it).
+
+    Returns:
+        The flat batch, or None where the batch is not of those kinds (left padding, extra
+        inputs such as ``token_type_ids``), the model is not padding-free, or there is nothing to gain.
+    """
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTENTION:
+        return None
+    ids, mask, positions = inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("position_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or set(inputs) - {"input_ids", "attention_mask", "position_ids"}:
+        return None
+    b, t = ids.shape
+    if positions is None:  # plain rows: right padding only, one example per row
+        if mask is None or mask.shape != ids.shape or bool((mask[:, 1:] > mask[:, :-1]).any()):
+            return None
+        real = mask.bool()
+        lengths = real.sum(dim=1)
+        if int(lengths.min()) == 0 or (b == 1 and int(lengths[0]) == t):
+            return None  # an empty row; or one unpadded row: the ordinary pass is this one
+        positions = torch.arange(t, device=ids.device).expand(b, t)
+        starts = real & (positions == 0)
+    else:  # packed rows: every position, an example begins wherever the positions restart
+        if mask is not None or positions.shape != ids.shape:
+            return None
+        real = torch.ones_like(ids, dtype=torch.bool)
+        starts = torch.ones_like(real)
+        starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+    flat_starts = starts[real].nonzero().flatten().tolist()
+    n = int(real.sum())
+    index = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+    index[real] = torch.arange(n, device=ids.device)
+    flat = {
+        "input_ids": ids[real][None],
+        "position_ids": positions[real][None],
+        _SEGMENTS: (*flat_starts, n),
+    }
+    return FlatBatch(flat, index)
