@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .row_quant import ZERO_POINT, quantize_rows
 
 __all__ = [
     "INT8_ALTERNATIVE",
@@ -60,8 +61,6 @@ __all__ = [
 ]
 
 INT8_ALTERNATIVE = "train.precision: fp32 (or bf16 on a CPU with AVX512-BF16/AMX), or --quantize none"
-_ZP = 128  # u8 activation codes are the int8 codes + 128 (oneDNN's fast x86 path is u8 x s8)
-_HALF_ZP = torch.tensor(_ZP + 0.5)
 
 
 # ----------------------------------------------------------------------------- can this machine do it
@@ -149,31 +148,10 @@ def quantize_weight_int8(weight: Tensor, code_max: int | None = None) -> tuple[T
     return codes, scale
 
 
-def quantize_rows(x2: Tensor, in_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 quantization per row, as u8 codes with zero point 128: ``x ≈ s * (q - 128)``.
-
-    Four passes over ``x``: max and min per row, ``x / s + 128.5`` and the cast to u8
-    (which truncates: ``floor(v + 128.5) = round(v) + 128`` for ``|v| <= 127``,
-    rounding ties up instead of to even).
-
-    Args:
-        x2: ``[N, K]`` float.
-        in_scale: Optional fp32 ``[K]``: quantize ``x2 * in_scale`` (SmoothQuant's ``1 / s``; one more pass).
-
-    Returns:
-        ``(q uint8 [N, K], s fp32 [N, 1])``; an all-zero row gets scale 1.
-    """
-    x = x2.float() if in_scale is None else x2.float() * in_scale
-    amax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())  # faster than aminmax
-    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.addcmul(_HALF_ZP, x, s.reciprocal()).to(torch.uint8)  # in [1, 255]: |x / s| <= 127
-    return q, s
-
-
 def _qlinear(q: Tensor, packed: Tensor, w_scale: Tensor, w_zp: Tensor) -> Tensor:
     """oneDNN: fp32 ``(q - 128) Qᵀ · w_scale`` (int32 accumulation), ``q`` u8 ``[N, K]``, ``Q`` packed ``[M, K]``."""
     return torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, _ZP, packed, w_scale, w_zp, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, ZERO_POINT, packed, w_scale, w_zp, None, 1.0, 0, torch.float32, "none", [], ""
     )
 
 
