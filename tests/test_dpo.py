@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.logprobs import completion_logps, token_logprobs
+from lorakit.padding_free import enable_padding_free
 from lorakit.pairs import collate_pairs, load_pairs, pack_pairs
 from lorakit.preference import collate_for, dpo_loss, pair_logps, pair_metrics, reference_mode, shares_prompts
 from lorakit.train.dpo import DpoObjective
@@ -310,13 +311,19 @@ def _logps_and_grads(model, batch):
     return (c.detach(), r.detach(), nc, nr), grads
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "padding_free"])
 def test_packed_pairs_score_what_padded_rows_score(tiny, attn):
     """pack_pairs (each prompt once, pairs packed, one row or several) gives the padded layout's log-probs,
-    token counts and LoRA gradients in float64; an empty prompt leaves the first answer token unscored in both."""
+    token counts and LoRA gradients in float64; an empty prompt leaves the first answer token unscored in both.
+    A padding-free model (what `lorakit train` makes on a CPU) still shares prompts: its attention is SDPA there."""
     model_dir, data, _ = tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float64, attn_implementation="sdpa" if attn == "padding_free" else attn
+    )
+    if attn == "padding_free":
+        enable_padding_free(model)
+        assert shares_prompts(model)
     lorakit.inject(model, lorakit.LoraConfig(init_lora_weights=False, **LORA))
     pairs, _ = load_pairs(data, tok)
     pairs.append({"prompt_ids": [], "chosen_ids": [5, 6, 7], "rejected_ids": [8, 9]})  # no prompt: by hand

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .adapters import active_adapters, disable_adapters, set_adapter
 from .errors import ConfigError
 from .logprobs import attends_causally, completion_logps, scored_logps
+from .padding_free import ATTENTION as PADDING_FREE
 from .pairs import collate_pairs, load_pairs, pack_pairs
 
 __all__ = [
@@ -189,8 +190,9 @@ def shares_prompts(model: nn.Module) -> bool:
     """Whether ``model`` scores :func:`lorakit.pairs.pack_pairs`' layout exactly.
 
     It must take a 4-D attention mask as given (transformers' ``sdpa`` and ``eager``
-    attention), attend causally, use positions from ``position_ids`` and have no sliding
-    window (a window could cut what the mask allows).
+    attention, or :mod:`lorakit.padding_free`'s, which is SDPA for such a batch), attend
+    causally, use positions from ``position_ids`` and have no sliding window (a window
+    could cut what the mask allows).
 
     Args:
         model: A causal LM.
@@ -200,7 +202,8 @@ def shares_prompts(model: nn.Module) -> bool:
     """
     config = getattr(model, "config", None)
     return (
-        getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        getattr(config, "_attn_implementation", None)
+        in ("sdpa", "eager", PADDING_FREE)  # the last: SDPA, mask as given
         and getattr(config, "sliding_window", None) is None
         and not getattr(config, "is_encoder_decoder", False)
         and attends_causally(model)

@@ -125,7 +125,7 @@ class TrainConfig(_Section):
     return_freed_memory: bool | None = None
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA runs that allow it
     # a padded batch's real tokens as one row, attention per example (lorakit.padding_free): no work on padding;
-    # auto: on for CPU runs whose model allows it (SDPA attention, causal, no sliding window)
+    # auto: on for CPU runs whose model allows it (SDPA attention, causal, no sliding window); method sft only
     padding_free: Literal["auto", "on", "off"] = "auto"
     log_every: int = Field(1, gt=0)
 
