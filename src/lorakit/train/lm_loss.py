@@ -26,6 +26,10 @@ attention that looks ahead (encoder-decoder, ``use_bidirectional_attention``, a
 module with ``is_causal = False``) or with ``token_type_ids`` (prefix-LM masks).
 That rule and the head split are :mod:`lorakit.logprobs`' (``drop_right_padding_mask``,
 ``split_head``), shared with the DPO log-probs.
+
+A padding-free model (``train.padding_free``, on for CPU runs: :mod:`lorakit.padding_free`)
+skips the padding altogether: the batch's real tokens run as one row, attention once per
+example, and the labelled positions are picked from that row.
 """
 
 from __future__ import annotations
