@@ -41,6 +41,7 @@ __all__ = [
     "split_head",
     "attends_causally",
     "drop_right_padding_mask",
+    "right_padded",
 ]
 
 DEFAULT_CHUNK_SIZE = 512  # rows per chunk, as lorakit.losses (measured fastest on the project's CPU)
@@ -224,9 +225,21 @@ def drop_right_padding_mask(inputs: dict[str, Tensor], model: nn.Module) -> dict
         or not attends_causally(model)
     ):
         return inputs
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1: left or inner padding
+    if not right_padded(mask):
         return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def right_padded(mask: Tensor) -> bool:
+    """Whether a ``[B, T]`` padding mask pads only on the right (no 0 followed by a 1 in any row).
+
+    Args:
+        mask: 1 on tokens, 0 on padding.
+
+    Returns:
+        False for left or inner padding.
+    """
+    return not bool((mask[:, 1:] > mask[:, :-1]).any())
 
 
 def scored_logps(

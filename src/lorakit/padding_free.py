@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .logprobs import attends_causally
+from .logprobs import attends_causally, right_padded
 
 __all__ = [
     "ATTENTION",
@@ -213,7 +213,7 @@ def flatten_batch(inputs: dict[str, Tensor], model: nn.Module) -> FlatBatch | No
         return None
     b, t = ids.shape
     if positions is None:  # plain rows: right padding only, one example per row
-        if mask is None or mask.shape != ids.shape or bool((mask[:, 1:] > mask[:, :-1]).any()):
+        if mask is None or mask.shape != ids.shape or not right_padded(mask):
             return None
         real = mask.bool()
         lengths = real.sum(dim=1)

@@ -79,9 +79,10 @@ def causal_lm_loss(
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     flat = flatten_batch(given, model)  # a padding-free model: the real tokens as one row (lorakit.padding_free)
-    if flat is not None and bool((flat.index[:, :-1][keep] >= 0).all()):
+    rows = None if flat is None else flat.index[:, :-1][keep]  # (n,): the flat row predicting each label
+    if rows is not None and bool((rows >= 0).all()):
         hidden = backbone(**flat.inputs, use_cache=False).last_hidden_state[0]  # (N, H)
-        picked = hidden[flat.index[:, :-1][keep]]  # (n, H)
+        picked = hidden[rows]  # (n, H)
     else:
         hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden[:, :-1][keep]  # (n, H)
