@@ -133,6 +133,31 @@ def test_preloaded_jemalloc_is_detected_and_purges_what_it_keeps():
 
 
 @needs_jemalloc
+def test_freed_activations_are_reused_without_page_faults():
+    # A step's pattern: three 6 MiB tensors live at once, then freed, again and again. Freed neighbours merge into
+    # blocks of 8 MiB or more, which jemalloc 5.3 hands back to the OS at once unless a decay is off; the next
+    # iteration then faults all their pages in again. Under JEMALLOC_CONF the pages stay and are reused; the
+    # contrast (muzzy decay on, as before) shows the test can tell the two apart.
+    code = (
+        "import resource, torch\n"
+        "a = torch.ones(1024, 1536)\n"
+        "def faults():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5):\n"
+        "    xs = [a * 2 for _ in range(3)]; del xs\n"
+        "f = faults()\n"
+        "for _ in range(20):\n"
+        "    xs = [a * 2 for _ in range(3)]; del xs\n"
+        "print((faults() - f) // 20)\n"
+    )
+    page_faults_per_tensor = 1024 * 1536 * 4 // 4096  # 1536
+    kept = int(_python(code, LD_PRELOAD=str(FOUND), MALLOC_CONF=JEMALLOC_CONF))
+    refaulted = int(_python(code, LD_PRELOAD=str(FOUND), MALLOC_CONF="dirty_decay_ms:30000,muzzy_decay_ms:30000"))
+    assert kept < page_faults_per_tensor // 4, kept
+    assert refaulted >= page_faults_per_tensor, refaulted  # the old setting refaults at least one tensor a round
+
+
+@needs_jemalloc
 def test_lorakit_train_relaunches_itself_under_jemalloc(tmp_path):
     from tiny import make_tiny_model_dir, write_chat_jsonl
 

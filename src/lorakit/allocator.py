@@ -7,11 +7,21 @@ grows with heap it does not use (the default model's int8 training peaked at
 freed heap back to the OS (:mod:`lorakit.memory`) lowers the peak, but glibc then
 faults every page in again when the heap reuses it: about 1 GiB a step, steps 9-17%
 slower. jemalloc keeps same-size blocks together and returns pages it has not reused
-for a while (``dirty_decay_ms`` / ``muzzy_decay_ms``: 30 s here, :data:`JEMALLOC_CONF`):
+for a while (``dirty_decay_ms``: 30 s here, :data:`JEMALLOC_CONF`):
 in 30-step int8 runs of the default model the peak RSS fell from 2.05 to 1.58 GiB
-(short workload) and from 2.44 to 1.80 GiB (long), 0.47x / 0.40x PEFT fp32's, for
-0-10% more step time, the pages it returns being faulted in again
+(short workload) and from 2.44 to 1.80 GiB (long), 0.47x / 0.40x PEFT fp32's
 (benchmarks/RESULTS.md, "int8_schemes", "With jemalloc").
+
+One jemalloc 5.3 rule undoes that decay for a training step: a freed block that
+merges with free neighbours into 8 MiB or more goes back to the OS at once, whatever ``dirty_decay_ms`` says, unless the decay of dirty or of
+muzzy pages is switched off (``extent_may_force_decay`` in its ``extent.c``). A step's
+activations are such blocks (a [1024, 1536] fp32 tensor is 6 MiB), so every step
+faulted and zeroed the same pages again: about 145,000 page faults (570 MiB) a step
+on the long int8 workload. ``muzzy_decay_ms:-1`` switches that rule off: pages unused
+for 30 s still leave the dirty state, as lazily freed pages (``MADV_FREE``) that the
+kernel takes back when it needs memory, so a reused page costs no fault. That cut the
+faults to about 21,000 a step and the AVX2 long int8 step by about 10%, for about
+3% more peak RSS.
 
 A process picks its allocator when it starts (``LD_PRELOAD``), so ``lorakit train``
 starts itself again, once, under jemalloc (:func:`relaunch_under_jemalloc`, called by
@@ -54,9 +64,10 @@ __all__ = [
 CHOICE_ENV = "LORAKIT_ALLOCATOR"  # auto | jemalloc | system
 PATH_ENV = "LORAKIT_JEMALLOC"  # an explicit path to libjemalloc.so.2
 RELAUNCHED_ENV = "LORAKIT_ALLOCATOR_RELAUNCHED"  # set in the relaunched process: never relaunch twice
-# Pages a process has freed go back to the OS after ~30 s unused (jemalloc's defaults: 10 s dirty, 0 muzzy). On the
-# int8 runs' probes (3 fresh processes each) the defaults gave the same peak and 2.09 s/step against 1.95 (glibc 1.92).
-JEMALLOC_CONF = "dirty_decay_ms:30000,muzzy_decay_ms:30000"
+# Pages a process has freed leave after ~30 s unused (jemalloc's default: 10 s). On the int8 runs' probes (3 fresh
+# processes each) the default gave the same peak and 2.09 s/step against 1.95 (glibc 1.92). Muzzy decay off (-1):
+# else jemalloc returns every freed block that merges into >= 8 MiB at once (see the module docstring).
+JEMALLOC_CONF = "dirty_decay_ms:30000,muzzy_decay_ms:-1"
 _CHOICES = ("auto", "jemalloc", "system")
 _NAMES = ("libjemalloc.so.2", "libjemalloc.so")
 _SYSTEM_DIRS = (
