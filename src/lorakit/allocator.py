@@ -13,15 +13,16 @@ in 30-step int8 runs of the default model the peak RSS fell from 2.05 to 1.58 Gi
 (benchmarks/RESULTS.md, "int8_schemes", "With jemalloc").
 
 One jemalloc 5.3 rule undoes that decay for a training step: a freed block that
-merges with free neighbours into 8 MiB or more goes back to the OS at once, whatever ``dirty_decay_ms`` says, unless the decay of dirty or of
-muzzy pages is switched off (``extent_may_force_decay`` in its ``extent.c``). A step's
-activations are such blocks (a [1024, 1536] fp32 tensor is 6 MiB), so every step
-faulted and zeroed the same pages again: about 145,000 page faults (570 MiB) a step
-on the long int8 workload. ``muzzy_decay_ms:-1`` switches that rule off: pages unused
-for 30 s still leave the dirty state, as lazily freed pages (``MADV_FREE``) that the
-kernel takes back when it needs memory, so a reused page costs no fault. That cut the
-faults to about 21,000 a step and the AVX2 long int8 step by about 10%, for about
-3% more peak RSS.
+merges with free neighbours into 8 MiB or more goes back to the OS at once, whatever
+``dirty_decay_ms`` says, unless the decay of dirty or of muzzy pages is switched off
+(``extent_may_force_decay`` in its ``extent.c``). A step's activations are such
+blocks (a [1024, 1536] fp32 tensor is 6 MiB), so every step faulted and zeroed the
+same pages again: about 145,000 page faults (570 MiB) a step on the long int8
+workload. ``muzzy_decay_ms:-1`` switches that rule off: pages unused for 30 s still
+leave the dirty state, as lazily freed pages (``MADV_FREE``) that the kernel takes
+back when it needs memory, so a reused page costs no fault. That cut the faults to
+about 21,000 a step and the AVX2 long int8 step by about 10%, for about 3% more
+peak RSS.
 
 A process picks its allocator when it starts (``LD_PRELOAD``), so ``lorakit train``
 starts itself again, once, under jemalloc (:func:`relaunch_under_jemalloc`, called by
