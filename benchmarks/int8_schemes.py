@@ -11,7 +11,7 @@ Quality: SmolLM2-135M-Instruct with every Linear but the head fake-quantized in 
 per token and top-1 agreement, on 8 x 64 tokens of examples/data/quickstart_train.jsonl;
 SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl (or README.md's text).
 
-    python benchmarks/int8_schemes.py [--repeats 20] [--no-quality]
+    python benchmarks/int8_schemes.py [--repeats 20] [--no-quality] [--no-speed] [--no-head]
 """
 
 from __future__ import annotations
@@ -267,16 +267,67 @@ def quality_table() -> str:
     return "\n".join(lines)
 
 
+def head_table(repeats: int) -> str:
+    """The output head in int8 (issue 13 keeps it fp32): quality of its logits and input gradient, and its speed.
+
+    Quality: SmolLM2's final hidden states on the same 8 x 64 tokens, the head alone quantized (the rest fp32):
+    KL and top-1 of the logits; for the backward, the relative error of ``dL/dh = (softmax - onehot) W``
+    with the probabilities quantized per row (weight scales folded in), as :meth:`Int8Linear.grad_input` does.
+    Speed: one step's labelled rows of the long train_step workload (434) through the real kernels.
+    """
+    from lorakit.int8 import Int8Linear, quantize_weight_int8
+    from lorakit.models import load_model
+
+    model, tok = load_model()
+    model.eval()
+    ids = _tokens(tok, _rows_of(ROOT / "examples" / "data" / "quickstart_train.jsonl"), 8, 64)
+    with torch.no_grad():
+        h = model.model(ids).last_hidden_state.float()
+    W = model.lm_head.weight.detach().float()
+    ref = (h @ W.t()).log_softmax(-1)
+    head = Int8Linear(*quantize_weight_int8(W), None)  # the kernels' codes (7-bit where the CPU saturates)
+    lines = ["| head | KL per token | top-1 agreement | rel. error of dL/dh |", "|---|---|---|---|"]
+    hh, tgt = h[:, :-1].reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1)
+    dz = (hh @ W.t()).softmax(-1)
+    dz[torch.arange(len(tgt)), tgt] -= 1
+    g_ref = dz @ W
+    for name, logits, g in (
+        ("int8 weights only", h @ head.dequantized().t(), dz @ head.dequantized()),
+        ("int8 weights + a8 per row (the kernels)", head.output(h.reshape(-1, h.shape[-1])).view_as(ref), None),
+    ):
+        got = logits.log_softmax(-1)
+        kl = F.kl_div(got.flatten(0, 1), ref.flatten(0, 1), log_target=True, reduction="batchmean").item()
+        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        g = head.grad_input(dz) if g is None else g
+        err = ((g - g_ref).norm() / g_ref.norm()).item()
+        lines.append(f"| {name} | {kl:.4f} | {top1:.1%} | {err:.1%} |")
+    x, dzr = torch.randn(434, W.shape[1]), torch.randn(434, W.shape[0])
+    t = {
+        "forward fp32": _time(lambda: x @ W.t(), repeats),
+        "forward int8": _time(lambda: head.output(x), repeats),
+        "input gradient fp32": _time(lambda: dzr @ W, repeats),
+        "input gradient int8": _time(lambda: head.grad_input(dzr), repeats),
+    }
+    lines += ["", "| head matmul, 434 rows, 576 -> 49152 | ms | x fp32 |", "|---|---:|---:|"]
+    for name, v in t.items():
+        base = t[name.replace("int8", "fp32")]
+        lines.append(f"| {name} | {v * 1e3:.1f} | {v / base:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-head", action="store_true", help="skip the output head's int8 table")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     speed = "" if args.no_speed else speed_table(args.repeats)
     print(speed, flush=True)
     quality = "" if args.no_quality else quality_table()
+    head = "" if args.no_head else head_table(max(3, args.repeats // 4))
+    print(head, flush=True)
     body = (
         f"{machine()}; {git_rev()}\n\n"
         "Kernel time for `x Wᵀ` as a fraction of fp32 sgemm (median of "
@@ -286,6 +337,10 @@ def main() -> None:
         body += (
             "\nQuality on SmolLM2-135M-Instruct (every Linear but the head fake-quantized; "
             f"8 x 64 tokens; KL(fp32 || int8) of next-token distributions):\n\n{quality}\n"
+        )
+    if head:
+        body += (
+            f"\nThe output head in int8 (it stays fp32: `head_table`'s docstring says what is measured):\n\n{head}\n"
         )
     if not args.no_write:
         write_section("int8_schemes", body)
