@@ -20,8 +20,8 @@ An AVX2-only CPU (issue 13's kind) can be emulated on a newer x86 one: every ker
 instructions at run time is told to stop at AVX2 (workers inherit the environment), and int8 weights drop to
 7-bit codes as on a real one (:func:`lorakit.int8.weight_code_max` probes the kernel):
 
-    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        python benchmarks/train_step.py --variants peft-fp32 lorakit-int8 --no-write
+    export FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+    python benchmarks/train_step.py --variants peft-fp32 lorakit-int8 --no-write
 
 Workloads (from examples/data/quickstart_train.jsonl; the header of each result
 gives the measured token counts):
