@@ -139,7 +139,8 @@ def test_freed_activations_are_reused_without_page_faults():
     # iteration then faults all their pages in again. Under JEMALLOC_CONF the pages stay and are reused; the
     # contrast (muzzy decay on, as before) shows the test can tell the two apart.
     code = (
-        "import resource, torch\n"
+        "import ctypes, resource, torch\n"
+        "ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)\n"  # PR_SET_THP_DISABLE: count 4 KiB faults even where THP is always
         "a = torch.ones(1024, 1536)\n"
         "def faults():\n"
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
