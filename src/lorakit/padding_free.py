@@ -69,11 +69,12 @@ def _attention(
     if lorakit_segments is None:  # an ordinary batch (eval, generation): SDPA with its mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    sizes = [b - a for a, b in zip(lorakit_segments[:-1], lorakit_segments[1:], strict=False)]
+    # split, not slicing: split's backward writes the examples' gradients into one tensor (a cat), where each
+    # slice's would allocate a zero-filled full-size gradient and add it to the others
     parts = [
-        sdpa_attention_forward(
-            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs
-        )[0]
-        for a, b in zip(lorakit_segments[:-1], lorakit_segments[1:], strict=False)
+        sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     ]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
 
