@@ -212,6 +212,9 @@ def test_blockers_and_modes():
     with pytest.raises(ConfigError, match="CUDA graphs"):
         setup_padding_free(model, "on", CPU, graphs=True)
     assert setup_padding_free(model, "auto", torch.device("cuda")) == ""  # auto: CPU runs only
+    with pytest.raises(ConfigError, match="method dpo keeps its own batch layout"):  # the run's own reason
+        setup_padding_free(model, "on", CPU, run_blocker="method dpo keeps its own batch layout (pack_pairs)")
+    assert setup_padding_free(model, "auto", CPU, run_blocker="method dpo keeps its own layout") == ""
     assert model.config._attn_implementation == "sdpa"
     assert setup_padding_free(model, "off", CPU) == ""
     assert setup_padding_free(model, "auto", CPU) == "padding-free batches"

@@ -146,7 +146,9 @@ def disable_padding_free(model: nn.Module) -> None:
         model.config._attn_implementation = before
 
 
-def setup_padding_free(model: nn.Module, mode: str, device: torch.device, graphs: bool = False) -> str:
+def setup_padding_free(
+    model: nn.Module, mode: str, device: torch.device, graphs: bool = False, run_blocker: str | None = None
+) -> str:
     """``train.padding_free``: make ``model`` padding-free when ``mode`` and the run allow it.
 
     ``auto`` turns it on for CPU runs whose model allows it: there every padded position
@@ -158,6 +160,7 @@ def setup_padding_free(model: nn.Module, mode: str, device: torch.device, graphs
         mode: ``"auto"``, ``"on"`` or ``"off"``.
         device: The training device.
         graphs: Whether CUDA graphs replay the decoder layers (they take no per-batch bounds).
+        run_blocker: Why the run itself cannot use it (e.g. its objective keeps its own batch layout), or None.
 
     Returns:
         A few words for the run's start line ("padding-free batches"), or "" when off.
@@ -167,7 +170,9 @@ def setup_padding_free(model: nn.Module, mode: str, device: torch.device, graphs
     """
     if mode == "off":
         return ""
-    why = "CUDA graphs replay the decoder layers (train.cuda_graphs)" if graphs else padding_free_blocker(model)
+    why = run_blocker
+    why = why or ("CUDA graphs replay the decoder layers (train.cuda_graphs)" if graphs else None)
+    why = why or padding_free_blocker(model)
     if why is not None:
         if mode == "on":
             raise ConfigError(f"train.padding_free is on, but {why}; set it to auto or off")

@@ -192,8 +192,10 @@ class _Run:
         self.graphs = setup_graphs(model, t.cuda_graphs, ctx.device, self.say)
         # "padding-free batches" or "": the start line says it (lorakit.padding_free); the SFT loss flattens its
         # batches, DPO's pairs keep their own layout (pack_pairs: each prompt once)
-        padding_free = t.padding_free if cfg.method == "sft" else "off"
-        self.padding_note = setup_padding_free(model, padding_free, ctx.device, graphs=self.graphs is not None)
+        blocker = None if cfg.method == "sft" else f"method {cfg.method} keeps its own batch layout (pack_pairs)"
+        self.padding_note = setup_padding_free(
+            model, t.padding_free, ctx.device, graphs=self.graphs is not None, run_blocker=blocker
+        )
         release = four_bit if t.return_freed_memory is None else t.return_freed_memory
         self.release_memory = release and ctx.device.type == "cpu" and can_return_freed_memory()  # glibc, jemalloc
         # the start line says what holds the host heap (lorakit.allocator: `lorakit train` preloads jemalloc if found)
