@@ -154,6 +154,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     from lorakit.examples import collate
     from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
     from lorakit.memory import return_freed_memory, return_freed_memory_during
+    from lorakit.norms import route_rms_norms
     from lorakit.padding_free import setup_padding_free
     from lorakit.train.device import resolve_precision
     from lorakit.train.graphs import decoder_layers, setup_graphs
@@ -199,6 +200,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
+        route_rms_norms(model)
         if variant in ("lorakit-gc", "lorakit-gc2"):  # as `lorakit train` with gradient_checkpointing: true / 2
             enable_checkpointing(model, every_n_layers=2 if variant == "lorakit-gc2" else 1)
         if variant == "lorakit-compile":  # experiment: regional torch.compile, one decoder layer at a time

@@ -408,3 +408,20 @@ def test_lorakit_train_is_the_loop(assets, tmp_path):
     from lorakit.train.loop import train as loop_train
 
     assert loop_train is train
+
+
+def test_the_run_routes_its_rms_norms_to_save_their_output(assets, tmp_path, monkeypatch):
+    """Every RMSNorm of the tiny Llama (two a layer and the final one) goes through lorakit.norms in a run."""
+    from lorakit import norms, routing
+
+    routed = []
+
+    def route(model):
+        n = norms.route_rms_norms(model)
+        routed.append((n, [routing.forward_owner(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")]))
+        return n
+
+    monkeypatch.setattr(loop, "route_rms_norms", route)
+    train(make_cfg(assets, tmp_path / "run", steps=1), device="cpu")
+    [(n, owners)] = routed
+    assert n == 2 * 2 + 1 and owners == ["lorakit.norms"] * n

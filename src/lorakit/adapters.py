@@ -19,6 +19,7 @@ from .errors import AdapterNotFoundError, ConfigError
 from .fusion import unfuse_mlps, unfuse_shared_inputs
 from .inject import add_lora, lora_layers, remove_lora, route_adapters, set_module, set_requires_grad
 from .layers import LoraLayer, ModulesToSaveWrapper
+from .norms import unroute_rms_norms
 
 __all__ = [
     "inject",
@@ -278,6 +279,7 @@ def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
     few_rows.unroute_head(model)  # the plain model gets its stock head back
     unfuse_mlps(model)
     unfuse_shared_inputs(model)
+    unroute_rms_norms(model)
     names = [name for name, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
     modules = dict(model.named_modules())
     for name in names:

@@ -1,6 +1,6 @@
 """Instance-level ``forward`` overrides: who replaced a module's forward, set and undone in one place.
 
-Four parts of lorakit route a module's calls elsewhere without changing the
+Five parts of lorakit route a module's calls elsewhere without changing the
 model's code, its module tree or its state dict:
 
 ============================  ===================  =========================================
@@ -11,6 +11,7 @@ owner (tag)                   modules              the override
                                                    in the call path); dropped on any adapter
                                                    state change
 ``lorakit.fusion``            Llama-style MLPs     the fused SwiGLU op (``fuse_swiglu_mlps``)
+``lorakit.norms``             RMSNorms             the output-saving norm (``route_rms_norms``)
 ``lorakit.train.graphs``      decoder layers       CUDA-graph replay (``LayerGraphs``)
 ``lorakit.few_rows``          the output head      ``(W·xᵀ)ᵀ`` for few rows on the CPU (inference
                                                    only: ``for_inference``, ``adapter_batch``,

@@ -47,6 +47,7 @@ from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
 from lorakit.inject import trainable_parameters
 from lorakit.io import save_adapter
 from lorakit.memory import can_return_freed_memory, return_freed_memory, return_freed_memory_during
+from lorakit.norms import route_rms_norms
 from lorakit.padding_free import disable_padding_free, setup_padding_free
 from lorakit.train import report
 from lorakit.train.batching import make_batches
@@ -177,6 +178,7 @@ class _Run:
         reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
         fuse_swiglu_mlps(model)  # Llama-style MLPs: one fused op, activation recomputed in backward
         fuse_shared_inputs(model)  # q/k/v read one x: one op, one down-projection matmul, x saved once
+        route_rms_norms(model)  # RMSNorms save their output (which q/k/v and gate/up save too), not their input
         four_bit = bool(describe_quantization(model))
         checkpointing = t.gradient_checkpointing
         if checkpointing is None:  # unset: on for a 4-bit base (QLoRA's memory recipe; benchmarks/RESULTS.md, qlora)
