@@ -17,6 +17,7 @@ from conftest import make_llama
 from transformers import AttentionInterface
 
 import lorakit
+from lorakit import padding_free
 from lorakit.errors import ConfigError
 from lorakit.examples import collate
 from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
@@ -90,6 +91,13 @@ def attention_calls(monkeypatch):
 
     monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", spy)  # what lorakit.padding_free calls
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)  # what a model with SDPA attention calls
+    real_example = padding_free._example_attention
+
+    def spy_example(q, *args):
+        calls.append(q.shape[2])
+        return real_example(q, *args)
+
+    monkeypatch.setattr(padding_free, "_example_attention", spy_example)  # the padding-free kernel per example
     return calls
 
 
@@ -250,3 +258,45 @@ def test_train_run_padding_free_matches_padded(tmp_path, capsys):
         assert ("padding-free batches" in captured.out + captured.err) == (mode == "auto")
     assert len(losses["auto"]) == 3
     assert losses["auto"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+def _stock_examples(q, k, v, sizes, scale):
+    """The reference: torch's SDPA per example (its own autograd), outputs concatenated."""
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale, enable_gqa=True)
+        for a, b, c in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True)
+    ]
+    return torch.cat([p.transpose(1, 2) for p in parts], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_examples_attention_is_sdpa_bitwise_and_keeps_each_output_once(dtype):
+    sizes = [7, 12, 1, 9]
+    bounds = (0, 7, 19, 20, 29)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(heads):  # [1, heads, N, d] over a [1, N, heads, d] tensor, as the model's projections give it
+        return torch.randn(1, 29, heads, 8, generator=g, dtype=dtype).transpose(1, 2).requires_grad_(True)
+
+    q, k, v = leaf(4), leaf(2), leaf(2)
+    attn = torch.nn.Module()
+    attn.num_key_value_groups = 2  # what transformers' SDPA function reads for grouped heads
+    dout = torch.randn(1, 29, 4, 8, generator=g, dtype=dtype)
+    ref = _stock_examples(q, k, v, sizes, 0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, _ = padding_free._attention(attn, q, k, v, None, lorakit_segments=bounds, scaling=0.3)
+    assert type(out.grad_fn).__name__ == "_ExamplesAttentionBackward"
+    assert out.shape == (1, 29, 4, 8) and torch.equal(out, ref)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), ref_grads, strict=True):
+        assert torch.equal(got, want)
+    # what backward keeps: q, k, v, the returned output itself (no per-example copy of it) and the logsumexps
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    assert out.untyped_storage().data_ptr() in storages
+    big = sorted(n for n in storages.values() if n >= k.numel() * k.element_size())
+    assert big == sorted([k.numel() * k.element_size()] * 2 + [q.numel() * q.element_size()] * 2)
+    # dropout (or no autograd): transformers' SDPA per example, the same numbers
+    with torch.no_grad():
+        plain, _ = padding_free._attention(attn, q, k, v, None, lorakit_segments=bounds, scaling=0.3)
+    assert torch.equal(plain, ref)

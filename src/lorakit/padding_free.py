@@ -6,7 +6,9 @@ packed row's block-diagonal mask makes attention compute every pair of tokens in
 row and throw most away. Here the batch's real tokens run as one row of ``N`` tokens
 (``input_ids [1, N]``, ``position_ids`` restarting at 0 for each example), so every
 layer but attention sees exactly the real tokens, and attention runs once per
-example (transformers' own SDPA function on that example's slice, causal, no mask).
+example (causal, no mask: SDPA's own CPU kernel, each output written straight into
+the row's output tensor, which is all its backward keeps; transformers' SDPA function
+where that kernel does not apply).
 The math is the padded batch's: each real token sees the same tokens at the same
 positions; only the matmuls' row blocking, and so float rounding, differs.
 
@@ -49,6 +51,67 @@ _SEGMENTS = "lorakit_segments"  # the keyword the model passes down to the atten
 _BEFORE = "_lorakit_attention_before"  # the model's attention implementation before enable_padding_free
 
 
+def _example_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+    """One example's causal attention: ``(out [1, heads, T, d], logsumexp)``, SDPA's CPU flash kernel."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+
+
+class _ExamplesAttention(torch.autograd.Function):
+    """Causal flash attention once per example of a padding-free row, the outputs written into one tensor.
+
+    Stock autograd would keep every example's SDPA output for its backward and, beside them,
+    their concatenation, which the output projection's LoRA saves: the same numbers twice.
+    This function writes each output into the concatenated tensor at once and saves only that
+    tensor; its backward hands each example's slice back to the same kernel. The kernel is
+    the one SDPA itself runs on a CPU here (``aten._scaled_dot_product_flash_attention_for_cpu``,
+    grouped K/V heads read unrepeated), so outputs and gradients are bitwise SDPA's.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, sizes: list[int], scale: float | None) -> Tensor:
+        _, heads, n, _ = query.shape
+        out = query.new_empty(1, n, heads, value.shape[-1])  # [1, N, heads, d]: what attention functions return
+        lse, start = [], 0
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True):
+            o, m = _example_attention(q, k, v, scale)
+            out[:, start : start + q.shape[2]].copy_(o.transpose(1, 2))  # o is freed here, not kept for backward
+            lse.append(m)
+            start += q.shape[2]
+        ctx.sizes, ctx.scale = sizes, scale
+        ctx.save_for_backward(query, key, value, out, *lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        query, key, value, out, *lse = ctx.saved_tensors
+        sizes = ctx.sizes
+        grads: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        parts = zip(
+            query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), out.split(sizes, 1),
+            grad_out.split(sizes, 1), lse, strict=True,
+        )  # fmt: skip
+        for q, k, v, o, do, m in parts:
+            got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do.transpose(1, 2), q, k, v, o.transpose(1, 2), m, 0.0, True, scale=ctx.scale
+            )
+            for acc, g in zip(grads, got, strict=True):
+                acc.append(g)
+        return *(g[0] if len(g) == 1 else torch.cat(g, 2) for g in grads), None, None
+
+
+def _kernel_fits(query: Tensor, key: Tensor, value: Tensor, dropout: float) -> bool:
+    """Whether :class:`_ExamplesAttention` computes what SDPA would: CPU, no dropout, grouped heads, one dtype."""
+    return (
+        query.device.type == "cpu"
+        and dropout == 0.0
+        and query.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and query.dtype == key.dtype == value.dtype
+        and query.shape[1] % key.shape[1] == 0
+        and key.shape[1] == value.shape[1]
+        and key.shape[-1] == value.shape[-1] <= 256  # transformers' own condition for grouped heads in SDPA
+    )
+
+
 def _attention(
     module: nn.Module,
     query: Tensor,
@@ -70,6 +133,9 @@ def _attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     sizes = [b - a for a, b in zip(lorakit_segments[:-1], lorakit_segments[1:], strict=False)]
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if grad and _kernel_fits(query, key, value, kwargs.get("dropout", 0.0)):
+        return _ExamplesAttention.apply(query, key, value, sizes, kwargs.get("scaling")), None
     # split, not slicing: split's backward writes the examples' gradients into one tensor (a cat), where each
     # slice's would allocate a zero-filled full-size gradient and add it to the others
     parts = [
