@@ -108,6 +108,7 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
     else:
         import lorakit
         from lorakit.fusion import fuse_shared_inputs, fuse_swiglu_mlps
+        from lorakit.norms import route_rms_norms
         from lorakit.train.dpo import DpoObjective
         from lorakit.train.objective import CausalLmObjective
 
@@ -119,6 +120,7 @@ def worker(variant: str, steps: int, pairs: int, tmp: str) -> dict:
         model = lorakit.load_adapter(base, Path(tmp) / "start", is_trainable=True)
         fuse_swiglu_mlps(model)
         fuse_shared_inputs(model)
+        route_rms_norms(model)  # as `lorakit train` does
         params = [p for p in model.parameters() if p.requires_grad]
         to_pairs = [
             [
