@@ -133,6 +133,9 @@ def route_rms_norms(model: nn.Module) -> int:
         if routing.forward_owner(module) is None and _is_rms_norm(module) and _weight_ok(module.weight):
             # a partial of a module-level function pickles (torch.save of the model)
             routing.set_forward(module, functools.partial(_routed_forward, module), _ROUTE_OWNER)
+            # checked here, so a first call inside a CUDA-graph capture needs no host sync
+            module.__dict__["_lorakit_norm_ok"] = True
+            module.__dict__["_lorakit_norm_checked"] = module.weight._version
             count += 1
     return count
 
