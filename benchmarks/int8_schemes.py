@@ -11,12 +11,13 @@ Quality: SmolLM2-135M-Instruct with every Linear but the head fake-quantized in 
 per token and top-1 agreement, on 8 x 64 tokens of examples/data/quickstart_train.jsonl;
 SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl (or README.md's text).
 
-    python benchmarks/int8_schemes.py [--repeats 20] [--no-quality] [--no-speed] [--no-head]
+    python benchmarks/int8_schemes.py [--repeats 20] [--no-quality] [--no-speed] [--no-head] [--rounding]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -315,12 +316,107 @@ def head_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def _gptq_codes(W: torch.Tensor, H: torch.Tensor, code_max: int, damp: float, block: int = 128):
+    """GPTQ (Frantar et al. 2022) with lorakit's per-channel scales: codes column by column, each rounding error
+    pushed onto the columns not yet rounded through the Cholesky factor of ``H⁻¹`` (``H = XᵀX`` + damping)."""
+    W = W.double().clone()
+    K = W.shape[1]
+    scale = W.abs().amax(1).clamp_min(1e-12) / code_max  # as lorakit.int8.quantize_weight_int8
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for b in range(0, K, block):
+        e = min(b + block, K)
+        W1, E, U1 = W[:, b:e].clone(), torch.zeros(W.shape[0], e - b, dtype=W.dtype), U[b:e, b:e]
+        for i in range(e - b):
+            q = torch.round(W1[:, i] / scale).clamp(-code_max, code_max)
+            Q[:, b + i] = q
+            E[:, i] = (W1[:, i] - q * scale) / U1[i, i]
+            W1[:, i:] -= E[:, i : i + 1] * U1[i, i:][None, :]
+        W[:, e:] -= E @ U[b:e, e:]
+    return Q.to(torch.int8), scale.float()
+
+
+def _add_gram(H: dict, name: str, mod, args) -> None:
+    """Forward pre-hook: add ``XᵀX`` of the layer's kernel input (``x · input_scale``) to ``H[name]``."""
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    x = x if mod.input_scale is None else x * mod.input_scale.double()
+    H[name] = H.get(name, 0) + x.T @ x
+
+
+def rounding_table() -> str:
+    """Weight rounding for the real kernels: round to nearest (what lorakit does) against GPTQ.
+
+    A lead for 7-bit codes (AVX2-only CPUs, :func:`lorakit.int8.weight_code_max`): the int8 model as
+    :func:`lorakit.int8_model.quantize_int8` builds it (SmoothQuant on its built-in text), then each layer's
+    codes rerounded by GPTQ on that layer's kernel inputs (``x · input_scale``) from a calibration forward;
+    scales and kernels unchanged. KL and top-1 against fp32 on the same 8 x 64 tokens as ``quality_table``.
+    """
+    import copy
+
+    from lorakit.int8 import Int8Linear, weight_code_max
+    from lorakit.int8_model import calibration_ids, quantize_int8
+    from lorakit.models import load_model
+
+    model, tok = load_model()
+    model.eval()
+    data = ROOT / "examples" / "data"
+    ids = _tokens(tok, _rows_of(data / "quickstart_train.jsonl"), 8, 64)
+    with torch.no_grad():
+        ref = model(ids).logits.float().log_softmax(-1)
+    orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    code_max = weight_code_max()
+
+    def score(q) -> str:
+        with torch.no_grad():
+            got = q(ids).logits.float().log_softmax(-1)
+        kl = F.kl_div(got.flatten(0, 1), ref.flatten(0, 1), log_target=True, reduction="batchmean").item()
+        return f"{kl:.4f} | {(got.argmax(-1) == ref.argmax(-1)).float().mean().item():.1%}"
+
+    lines = [
+        f"| weight rounding ({code_max} codes a side) | calibration | damping | KL per token | top-1 | seconds |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    nearest = quantize_int8(copy.deepcopy(model), calibration=calibration_ids(tok))
+    lines.append(f"| round to nearest (lorakit) | | | {score(nearest)} | |")
+    del nearest
+    print(lines[-1], flush=True)
+    sets = {
+        "built-in text": calibration_ids(tok),
+        "8 x 64 of quickstart_eval": _tokens(tok, _rows_of(data / "quickstart_eval.jsonl"), 8, 64),
+    }
+    for cname, calib in sets.items():
+        for damp in (0.01, 0.1):
+            q = quantize_int8(copy.deepcopy(model), calibration=calibration_ids(tok))
+            H: dict[str, torch.Tensor] = {}
+            layers = {n: m for n, m in q.named_modules() if isinstance(m, Int8Linear)}
+            hooks = [m.register_forward_pre_hook(functools.partial(_add_gram, H, n)) for n, m in layers.items()]
+            with torch.no_grad():
+                q(calib)
+            for h in hooks:
+                h.remove()
+            t = time.perf_counter()
+            for n, m in layers.items():
+                W = orig[n].double() if m.input_scale is None else orig[n].double() / m.input_scale.double()
+                m.qweight, m.weight_scale = _gptq_codes(W, H[n], code_max, damp)
+                m._packed = {}
+            took = time.perf_counter() - t
+            lines.append(f"| GPTQ | {cname} ({calib.numel()} tokens) | {damp} | {score(q)} | {took:.0f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-head", action="store_true", help="skip the output head's int8 table")
+    ap.add_argument("--rounding", action="store_true", help="add the GPTQ weight-rounding table (slow: ~3 min)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     speed = "" if args.no_speed else speed_table(args.repeats)
@@ -328,6 +424,7 @@ def main() -> None:
     quality = "" if args.no_quality else quality_table()
     head = "" if args.no_head else head_table(max(3, args.repeats // 4))
     print(head, flush=True)
+    rounding = rounding_table() if args.rounding else ""
     body = (
         f"{machine()}; {git_rev()}\n\n"
         "Kernel time for `x Wᵀ` as a fraction of fp32 sgemm (median of "
@@ -342,6 +439,8 @@ def main() -> None:
         body += (
             f"\nThe output head in int8 (it stays fp32: `head_table`'s docstring says what is measured):\n\n{head}\n"
         )
+    if rounding:
+        body += f"\nWeight rounding for the real kernels (`rounding_table`'s docstring):\n\n{rounding}\n"
     if not args.no_write:
         write_section("int8_schemes", body)
 
