@@ -181,3 +181,13 @@ def test_routed_norms_under_the_training_loop_setup(checkpointing):
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_in_place_write_to_the_output_is_an_error_not_a_wrong_gradient():
+    norm = llama_norm()
+    route_rms_norms(norm)
+    x = torch.randn(4, 48, requires_grad=True)
+    y = norm(x)
+    y.mul_(2.0)  # the saved output changed under autograd's feet
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

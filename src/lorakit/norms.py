@@ -23,8 +23,9 @@ A weight with a zero (or a magnitude below :data:`MIN_WEIGHT`) is left alone, si
 ``x̂`` cannot be recovered through it; the check runs again whenever the weight
 changes (its version counter). At call time the route steps aside for anything but
 a float32 input with autograd on and a frozen float32 weight (a bf16 base, a
-trained norm, inference), where the module's own forward runs. Undo with
-:func:`unroute_rms_norms`.
+trained norm, inference), where the module's own forward runs. A model that wrote into a
+norm's output in place would meet autograd's version check (an error, never a wrong
+gradient); the Llama-family models do not. Undo with :func:`unroute_rms_norms`.
 """
 
 from __future__ import annotations
