@@ -17,7 +17,6 @@ SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl (or REA
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -316,49 +315,18 @@ def head_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def _gptq_codes(W: torch.Tensor, H: torch.Tensor, code_max: int, damp: float, block: int = 128):
-    """GPTQ (Frantar et al. 2022) with lorakit's per-channel scales: codes column by column, each rounding error
-    pushed onto the columns not yet rounded through the Cholesky factor of ``H⁻¹`` (``H = XᵀX`` + damping)."""
-    W = W.double().clone()
-    K = W.shape[1]
-    scale = W.abs().amax(1).clamp_min(1e-12) / code_max  # as lorakit.int8.quantize_weight_int8
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    for b in range(0, K, block):
-        e = min(b + block, K)
-        W1, E, U1 = W[:, b:e].clone(), torch.zeros(W.shape[0], e - b, dtype=W.dtype), U[b:e, b:e]
-        for i in range(e - b):
-            q = torch.round(W1[:, i] / scale).clamp(-code_max, code_max)
-            Q[:, b + i] = q
-            E[:, i] = (W1[:, i] - q * scale) / U1[i, i]
-            W1[:, i:] -= E[:, i : i + 1] * U1[i, i:][None, :]
-        W[:, e:] -= E @ U[b:e, e:]
-    return Q.to(torch.int8), scale.float()
-
-
-def _add_gram(H: dict, name: str, mod, args) -> None:
-    """Forward pre-hook: add ``XᵀX`` of the layer's kernel input (``x · input_scale``) to ``H[name]``."""
-    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-    x = x if mod.input_scale is None else x * mod.input_scale.double()
-    H[name] = H.get(name, 0) + x.T @ x
-
-
 def rounding_table() -> str:
-    """Weight rounding for the real kernels: round to nearest (what lorakit does) against GPTQ.
+    """Weight rounding for the real kernels: round to nearest against GPTQ (:mod:`lorakit.gptq`).
 
-    A lead for 7-bit codes (AVX2-only CPUs, :func:`lorakit.int8.weight_code_max`): the int8 model as
-    :func:`lorakit.int8_model.quantize_int8` builds it (SmoothQuant on its built-in text), then each layer's
-    codes rerounded by GPTQ on that layer's kernel inputs (``x · input_scale``) from a calibration forward;
-    scales and kernels unchanged. KL and top-1 against fp32 on the same 8 x 64 tokens as ``quality_table``.
+    The int8 model as :func:`lorakit.int8_model.quantize_int8` builds it (SmoothQuant, alpha 0.5) with each
+    ``rounding``, calibrated on lorakit's built-in text (what ``lorakit train`` and ``--quantize int8`` use) or on
+    8 x 64 tokens of quickstart_eval.jsonl (the task's own domain); the codes are this CPU's
+    (:func:`lorakit.int8.weight_code_max`: 63 a side where the kernel saturates, else 127). KL and top-1
+    against fp32 on the same 8 x 64 tokens as ``quality_table``; seconds: the whole ``quantize_int8`` call.
     """
     import copy
 
-    from lorakit.int8 import Int8Linear, weight_code_max
+    from lorakit.int8 import weight_code_max
     from lorakit.int8_model import calibration_ids, quantize_int8
     from lorakit.models import load_model
 
@@ -368,7 +336,6 @@ def rounding_table() -> str:
     ids = _tokens(tok, _rows_of(data / "quickstart_train.jsonl"), 8, 64)
     with torch.no_grad():
         ref = model(ids).logits.float().log_softmax(-1)
-    orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     code_max = weight_code_max()
 
     def score(q) -> str:
@@ -378,35 +345,21 @@ def rounding_table() -> str:
         return f"{kl:.4f} | {(got.argmax(-1) == ref.argmax(-1)).float().mean().item():.1%}"
 
     lines = [
-        f"| weight rounding ({code_max} codes a side) | calibration | damping | KL per token | top-1 | seconds |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| weight rounding ({code_max} codes a side) | calibration | KL per token | top-1 | seconds |",
+        "|---|---|---:|---:|---:|",
     ]
-    nearest = quantize_int8(copy.deepcopy(model), calibration=calibration_ids(tok))
-    lines.append(f"| round to nearest (lorakit) | | | {score(nearest)} | |")
-    del nearest
-    print(lines[-1], flush=True)
     sets = {
         "built-in text": calibration_ids(tok),
         "8 x 64 of quickstart_eval": _tokens(tok, _rows_of(data / "quickstart_eval.jsonl"), 8, 64),
     }
     for cname, calib in sets.items():
-        for damp in (0.01, 0.1):
-            q = quantize_int8(copy.deepcopy(model), calibration=calibration_ids(tok))
-            H: dict[str, torch.Tensor] = {}
-            layers = {n: m for n, m in q.named_modules() if isinstance(m, Int8Linear)}
-            hooks = [m.register_forward_pre_hook(functools.partial(_add_gram, H, n)) for n, m in layers.items()]
-            with torch.no_grad():
-                q(calib)
-            for h in hooks:
-                h.remove()
+        for rounding in ("nearest", "gptq"):
             t = time.perf_counter()
-            for n, m in layers.items():
-                W = orig[n].double() if m.input_scale is None else orig[n].double() / m.input_scale.double()
-                m.qweight, m.weight_scale = _gptq_codes(W, H[n], code_max, damp)
-                m._packed = {}
+            q = quantize_int8(copy.deepcopy(model), calibration=calib, rounding=rounding)
             took = time.perf_counter() - t
-            lines.append(f"| GPTQ | {cname} ({calib.numel()} tokens) | {damp} | {score(q)} | {took:.0f} |")
+            lines.append(f"| {rounding} | {cname} ({calib.numel()} tokens) | {score(q)} | {took:.0f} |")
             print(lines[-1], flush=True)
+            del q
     return "\n".join(lines)
 
 
@@ -416,7 +369,7 @@ def main() -> None:
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-head", action="store_true", help="skip the output head's int8 table")
-    ap.add_argument("--rounding", action="store_true", help="add the GPTQ weight-rounding table (slow: ~3 min)")
+    ap.add_argument("--rounding", action="store_true", help="add the GPTQ weight-rounding table (~1.5 min)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     speed = "" if args.no_speed else speed_table(args.repeats)

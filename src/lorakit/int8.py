@@ -273,11 +273,21 @@ class Int8Linear(nn.Linear):
     Attributes:
         in_features: Input width.
         out_features: Output width.
+        rounding: How the codes were chosen: ``"nearest"`` (:func:`quantize_weight_int8`) or ``"gptq"``
+            (:mod:`lorakit.gptq`, by :func:`lorakit.int8_model.quantize_int8`).
     """
 
-    def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, input_scale: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        codes: Tensor,
+        scale: Tensor,
+        bias: Tensor | None,
+        input_scale: Tensor | None = None,
+        rounding: str = "nearest",
+    ) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: no float weight
         self.out_features, self.in_features = codes.shape
+        self.rounding = rounding  # how the codes were chosen: "nearest" or "gptq" (lorakit.gptq); for logs
         self.register_buffer("qweight", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("input_scale", input_scale)
@@ -377,7 +387,9 @@ class Int8Linear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        how = "" if self.rounding == "nearest" else f" ({self.rounding})"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, int8{how}"
 
 
 class Base8bit:

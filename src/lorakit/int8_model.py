@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ModelLoadError
-from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8
+from .gptq import DAMP, gptq_quantize
+from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8, weight_code_max
 from .memory import return_freed_memory
 from .quant_model import release_checkpoint  # shared with 4-bit bases; re-exported here
 
@@ -24,6 +25,8 @@ __all__ = [
     "quantize_int8",
     "input_maxima",
     "smoothing_factors",
+    "gptq_codes",
+    "ROUNDING_CHOICES",
     "calibration_ids",
     "CALIBRATION_TEXT",
     "describe_int8",
@@ -33,6 +36,7 @@ __all__ = [
 ]
 
 QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
+ROUNDING_CHOICES = ("auto", "nearest", "gptq")  # quantize_int8's weight rounding
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; measured best of 0.5 / 0.8 here)
 # The calibration text SmoothQuant's per-channel maxima come from: ordinary prose, a list, numbers and code,
 # as a chat exchange (what fine-tuning data looks like); about 300 tokens.
@@ -125,6 +129,87 @@ def smoothing_factors(
     return out
 
 
+def gptq_codes(
+    model: nn.Module,
+    names: Sequence[str],
+    ids: Tensor,
+    smooth: dict[str, Tensor] | None = None,
+    code_max: int | None = None,
+    damp: float = DAMP,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """GPTQ's int8 codes for the named Linear layers, calibrated on one forward of ``ids``.
+
+    Each layer's codes are chosen (:func:`lorakit.gptq.gptq_quantize`) during the forward, from
+    the Gram matrix of its input; siblings reading one input tensor (q/k/v, gate/up) are
+    quantized as one stacked matrix (GPTQ treats rows alike), and no Gram matrix outlives its
+    layers. With SmoothQuant factors ``s``, the layer quantized is ``W diag(s)`` and its inputs
+    ``x diag(1 / s)``, as the kernel sees them.
+    The inputs are the full-precision model's (the model is not changed here).
+
+    Args:
+        model: The full-precision model.
+        names: The Linear layers to be quantized.
+        ids: Calibration token ids ``[B, T]``.
+        smooth: ``{name: s}`` from :func:`smoothing_factors`; None or a missing name: no smoothing.
+        code_max: The largest code; None: :func:`lorakit.int8.weight_code_max`.
+        damp: GPTQ's damping (fraction of the Gram matrix's mean diagonal).
+
+    Returns:
+        ``{name: (codes int8 [out, in], scale fp32 [out])}``, for :class:`Int8Linear`.
+    """
+    smooth = smooth or {}
+    top = weight_code_max() if code_max is None else code_max
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    pending: list = []  # [input tensor, [(name, module), ...]]: siblings reading it, quantized as one matrix
+
+    def flush() -> None:
+        if not pending:
+            return
+        x, group = pending
+        pending.clear()
+        x2 = x.detach().reshape(-1, x.shape[-1]).double()
+        gram = x2.T @ x2
+        by_scale: dict[int, list] = {}  # siblings smoothed alike (lorakit's factors: all of them) share H
+        for name, module in group:
+            by_scale.setdefault(id(smooth.get(name)), []).append((name, module))
+        for members in by_scale.values():
+            s = smooth.get(members[0][0])
+            w = torch.cat([_weight(m) for _, m in members])
+            g = gram
+            if s is not None:
+                inv = s.double().reciprocal()
+                g, w = gram * inv[:, None] * inv[None, :], w * s
+            codes, scale = gptq_quantize(w, g, top, damp)
+            rows = 0
+            for name, module in members:
+                n = _weight(module).shape[0]
+                out[name] = (codes[rows : rows + n].clone(), scale[rows : rows + n].clone())
+                rows += n
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if name in out or any(name == n for n, _ in (pending[1] if pending else ())):
+                return  # a module called twice in one forward: calibrated on its first call
+            if pending and pending[0] is not args[0]:
+                flush()
+            if not pending:
+                pending[:] = [args[0], []]
+            pending[1].append((name, module))
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        flush()
+    finally:
+        for h in handles:
+            h.remove()
+        pending.clear()
+    return out
+
+
 def calibration_ids(tokenizer) -> Tensor:  # noqa: ANN001 - any transformers tokenizer
     """Token ids of lorakit's built-in calibration text (a chat exchange when the tokenizer has a template).
 
@@ -149,6 +234,7 @@ def quantize_int8(
     skip_modules: Sequence[str] | None = None,
     calibration: Tensor | None = None,
     alpha: float = SMOOTH_ALPHA,
+    rounding: str = "auto",
 ) -> nn.Module:
     """Replace a loaded model's Linear layers by :class:`Int8Linear` ones, in place.
 
@@ -169,17 +255,26 @@ def quantize_int8(
         calibration: Token ids ``[B, T]`` to calibrate SmoothQuant's factors on
             (:func:`calibration_ids`); None: no smoothing.
         alpha: SmoothQuant's migration strength.
+        rounding: ``"nearest"``, ``"gptq"`` (needs ``calibration``) or ``"auto"`` (GPTQ with calibration
+            ids on a CPU with 63 codes a side, else nearest).
 
     Returns:
         ``model``.
 
     Raises:
         ConfigError: no int8 kernel here (the message says what to use instead); a model not
-            on the CPU; a model that already has LoRA layers.
+            on the CPU; a model that already has LoRA layers; an unknown ``rounding``, or ``"gptq"``
+            without calibration ids.
     """
     from .quant_model import modules_to_quantize
 
     require_int8("int8 bases")
+    if rounding not in ROUNDING_CHOICES:
+        raise ConfigError(f"unknown int8 weight rounding {rounding!r}; use one of {', '.join(ROUNDING_CHOICES)}.")
+    if rounding == "gptq" and calibration is None:
+        raise ConfigError("GPTQ rounding needs calibration token ids (calibration=calibration_ids(tokenizer)).")
+    if rounding == "auto":
+        rounding = "gptq" if calibration is not None and weight_code_max() < 127 else "nearest"
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type != "cpu":
         raise ConfigError(
@@ -192,13 +287,17 @@ def quantize_int8(
     if not names:
         raise ModelLoadError(f"{type(model).__name__} has no nn.Linear layer to quantize to int8 (besides the head).")
     smooth = smoothing_factors(model, names, calibration, alpha) if calibration is not None else {}
+    codes = gptq_codes(model, names, calibration, smooth) if rounding == "gptq" else {}
     shared: dict[int, Tensor] = {}  # id(s) -> the one input_scale tensor siblings share
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         s = smooth.get(name)
-        new = Int8Linear.from_linear(old, s)
+        if name in codes:
+            new = Int8Linear(*codes.pop(name), old.bias, None if s is None else s.float().reciprocal(), "gptq")
+        else:
+            new = Int8Linear.from_linear(old, s)
         if s is not None:
             new.input_scale = shared.setdefault(id(s), new.input_scale)
         setattr(parent, child, new)
@@ -216,7 +315,8 @@ def describe_int8(model: nn.Module) -> str:
     if not layers:
         return ""
     smoothed = sum(m.input_scale is not None for m in layers)
-    how = f", SmoothQuant on {smoothed}" if smoothed else ""
+    gptq = sum(m.rounding == "gptq" for m in layers)
+    how = (f", SmoothQuant on {smoothed}" if smoothed else "") + (f", GPTQ rounding on {gptq}" if gptq else "")
     return (
         f"int8 base: {len(layers)} Linear layers (int8 weights per output channel, int8 activations per row{how}; "
         "head, embeddings, norms and LoRA fp32)"
