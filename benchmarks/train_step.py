@@ -117,6 +117,7 @@ DEFAULT_VARIANTS = [
 AUTO = {"lorakit-auto", "lorakit-eager", "lorakit-compile"}  # bf16 where train.precision=auto picks bf16
 WORKLOADS = {"short": 8, "long": 4}  # name -> rows a step
 LONG_TOKENS = 256
+LAST = 10  # the paired loss column: mean over the last LAST steps of loss / baseline's loss on the same batch, - 1
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 
 
@@ -174,10 +175,8 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
     # lorakit pads to GRAPH_PAD when it records CUDA graphs (as `lorakit train` does): more padding, same loss
     graphed = variant in ("lorakit-fp32", "lorakit-auto") and dev.type == "cuda"
     pad = GRAPH_PAD if graphed else 8
-    batches = [
-        {k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=pad).items()}
-        for b in _rows(tok, workload, steps)
-    ]
+    rows = _rows(tok, workload, steps)
+    batches = [{k: v.to(dev) for k, v in collate(b, tok.pad_token_id, pad_to_multiple_of=pad).items()} for b in rows]
     bf16 = _uses_bf16(variant, resolve_precision("auto", dev)[0] == "bf16")
     if bf16:  # both libraries' bf16 users: the frozen base stored in bf16
         model = model.to(torch.bfloat16)
@@ -194,9 +193,10 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
             return model(**batch).loss
     else:
         if variant == "lorakit-int8":  # as `lorakit train` with train.precision: int8
-            from lorakit.int8_model import calibration_ids, quantize_int8
+            from lorakit.int8_model import calibration_from_examples, quantize_int8
 
-            quantize_int8(model, calibration=calibration_ids(tok))  # SmoothQuant calibrated as the run does
+            # calibrated as the run does: on the first 512 tokens of its training rows
+            quantize_int8(model, calibration=calibration_from_examples([r for b in rows for r in b], tok))
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         fuse_swiglu_mlps(model)  # as `lorakit train` does
         fuse_shared_inputs(model)
@@ -299,8 +299,8 @@ def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[st
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
     lines = [
         f"| workload | variant | vs | s/step | x vs | x peft-fp32 | tokens/s | {mem} | x vs | x peft-fp32 "
-        "| loss after N steps | loss vs |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss after N steps | loss vs | last 10 steps vs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (workload, variant), a in sorted(
         agg.items(), key=lambda kv: (list(WORKLOADS).index(kv[0][0]), VARIANTS.index(kv[0][1]))
@@ -316,15 +316,17 @@ def _table(runs: list[dict], skip: int, fast_bf16: bool, device: str) -> list[st
         loss = "n/a" if slow16 else f"{median(a['loss']):.4f} (N={r0['steps']})"
         if len(set(round(x, 4) for x in a["loss"])) > 1:
             loss += f", runs differ: {min(a['loss']):.4f}-{max(a['loss']):.4f}"
-        loss_vs = (
-            f"{(median(a['loss']) / median(ref['loss']) - 1) * 100:+.3f}%"
-            if ref and not slow16 and ref["runs"][0]["steps"] == r0["steps"]
-            else ""
-        )
+        paired = ref and not slow16 and ref["runs"][0]["steps"] == r0["steps"]
+        loss_vs = f"{(median(a['loss']) / median(ref['loss']) - 1) * 100:+.3f}%" if paired else ""
+        if paired:  # the same batches: step by step against the baseline's first run, less noisy than one step
+            pairs = list(zip(r0["losses"], ref["runs"][0]["losses"]))[-LAST:]
+            last_vs = f"{sum(x / y - 1 for x, y in pairs) / len(pairs) * 100:+.2f}%"
+        else:
+            last_vs = ""
         lines.append(
             f"| {workload} | {variant} | {base or ''} | {_spread(a['s'], '.3f')} | {ratio('s', ref) if base else ''} "
             f"| {ratio('s', ref32)} | {r0['real_tokens'] / median(a['s']):.0f} | {_spread(a['peak'], '.2f')} "
-            f"| {ratio('peak', ref) if base else ''} | {ratio('peak', ref32)} | {loss} | {loss_vs} |"
+            f"| {ratio('peak', ref) if base else ''} | {ratio('peak', ref32)} | {loss} | {loss_vs} | {last_vs} |"
         )
     return lines
 
@@ -454,7 +456,9 @@ def main() -> None:
         f"s/step is the median over the runs of each run's median of steps {args.skip + 1}..N, with the "
         f"spread (min-max) over the runs in brackets; {mem}, same median (min-max). `vs` is the matching "
         "PEFT baseline; `x` columns divide medians. Loss is after the run's last step (N), mean "
-        "cross-entropy over labelled tokens. Heap allocator (lorakit.allocator: `lorakit train` preloads jemalloc "
+        f"cross-entropy over labelled tokens; `last {LAST} steps vs` averages each of the last {LAST} steps' loss "
+        "over the baseline's on the same batch (first runs; one step's loss is one batch's, noisier). "
+        "Heap allocator (lorakit.allocator: `lorakit train` preloads jemalloc "
         f"where it finds it): {_heaps(runs)}.",
         "",
         *_table(runs, args.skip, fast_bf16, args.device),

@@ -200,3 +200,49 @@ def test_quantize_int8_rounding_errors(tiny):
     with pytest.raises(ConfigError, match="GPTQ rounding needs calibration token ids"):
         int8_model.quantize_int8(model, rounding="gptq")
     assert not int8_model.is_int8_model(model)  # nothing changed by a refused call
+
+
+# ----------------------------------------------------------------------------- calibrated on the run's rows
+
+
+def test_calibration_from_examples_takes_the_first_rows_and_tops_up_short_data(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(tiny[0]().name_or_path))
+    rows = [{"input_ids": list(range(i * 100, i * 100 + 90)), "labels": [-100] * 90} for i in range(10)]
+    ids = int8_model.calibration_from_examples(rows, tok, tokens=200)
+    assert ids.shape == (1, 200) and ids.dtype == torch.long
+    assert ids[0].tolist() == list(range(0, 90)) + list(range(100, 190)) + list(range(200, 220))
+    builtin = int8_model.calibration_ids(tok)[0].tolist()
+    few = int8_model.calibration_from_examples(rows[:1], tok, tokens=512)  # 90 < 256 tokens: the built-in text too
+    assert few[0].tolist() == (list(range(90)) + builtin)[:512]
+    assert int8_model.calibration_from_examples([], tok)[0].tolist() == builtin[:512]
+
+
+@needs_int8
+def test_an_int8_run_calibrates_on_its_own_training_rows(tmp_path, monkeypatch):
+    from tiny import write_chat_jsonl
+
+    from lorakit.train.config import RunConfig
+    from lorakit.train.loop import train
+
+    path = make_tiny_model_dir(tmp_path / "m", hidden=64)
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=64)
+    seen = []
+    real = int8_model.quantize_int8
+    monkeypatch.setattr(int8_model, "quantize_int8", lambda m, calibration=None: seen.append(calibration) or real(m))
+    cfg = {
+        "model": str(path),
+        "lora": {"r": 4, "target_modules": "all-linear"},
+        "data": {"train": str(data), "eval_fraction": 0.0},
+        "train": {"steps": 1, "batch_size": 4, "precision": "int8", "eval_every": 0},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    train(RunConfig.model_validate(cfg), device="cpu")
+    from transformers import AutoTokenizer
+
+    from lorakit.examples import load_examples
+
+    examples, _ = load_examples(data, AutoTokenizer.from_pretrained(path))
+    want = [t for e in examples for t in e["input_ids"]][: int8_model.CALIBRATION_TOKENS]
+    assert len(seen) == 1 and seen[0][0].tolist() == want

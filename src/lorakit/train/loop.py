@@ -169,10 +169,15 @@ class _Run:
         self.base_note = describe_quantization(model)  # "" for a full-precision base
         if self.base_note:  # what a 4-bit base computes in (the policy is lorakit.branches.prepare's)
             self.base_note += quantized_base_note(self.precision, quantization_info(model)["compute_dtype"])
+        self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_data(
+            cfg, tokenizer, t.seed, t.batch_size, self.say
+        )
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
-            from lorakit.int8_model import calibration_ids, describe_int8, quantize_int8
+            from lorakit.int8_model import calibration_from_examples, describe_int8, quantize_int8
 
-            self.base_note = describe_int8(quantize_int8(model, calibration=calibration_ids(tokenizer)))
+            # SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on the run's own training rows
+            calibration = calibration_from_examples(self.train_rows, tokenizer)
+            self.base_note = describe_int8(quantize_int8(model, calibration=calibration))
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = model
         reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
@@ -213,9 +218,6 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable, self.total_params = trainable_parameters(model)
 
-        self.train_rows, self.eval_rows, self.eval_batches, self.data_card = load_data(
-            cfg, tokenizer, t.seed, t.batch_size, self.say
-        )
         # What a micro-batch's loss is (SFT: token cross-entropy; DPO: pair losses against the reference).
         self.objective = make_objective(cfg, self.pad_id, reference, lambda m, b: _forward_loss(m, b))
         self.objective.prepare(
