@@ -319,10 +319,11 @@ def rounding_table() -> str:
     """Weight rounding for the real kernels: round to nearest against GPTQ (:mod:`lorakit.gptq`).
 
     The int8 model as :func:`lorakit.int8_model.quantize_int8` builds it (SmoothQuant, alpha 0.5) with each
-    ``rounding``, calibrated on lorakit's built-in text (what ``lorakit train`` and ``--quantize int8`` use) or on
-    8 x 64 tokens of quickstart_eval.jsonl (the task's own domain); the codes are this CPU's
-    (:func:`lorakit.int8.weight_code_max`: 63 a side where the kernel saturates, else 127). KL and top-1
-    against fp32 on the same 8 x 64 tokens as ``quality_table``; seconds: the whole ``quantize_int8`` call.
+    ``rounding``, calibrated on lorakit's built-in text (what ``--quantize int8`` uses) or on 8 x 64 tokens of
+    quickstart_eval.jsonl (the task's own domain, as ``lorakit train`` calibrates on its training rows); the
+    codes are this CPU's (:func:`lorakit.int8.weight_code_max`: 63 a side where the kernel saturates, else 127).
+    KL and top-1 against fp32 on the same 8 x 64 tokens as ``quality_table``; seconds: the whole ``quantize_int8``
+    call.
     """
     import copy
 

@@ -177,7 +177,10 @@ class _Run:
 
             # SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on the run's own training rows
             calibration = calibration_from_examples(self.train_rows, tokenizer)
+            self.say(f"int8 base: quantizing, calibrated on {calibration.shape[1]} tokens of the training rows ...")
+            start = time.perf_counter()
             self.base_note = describe_int8(quantize_int8(model, calibration=calibration))
+            self.base_note += f", quantized in {time.perf_counter() - start:.0f} s"
         model.config.use_cache = False  # with a cache, packed rows get no block-diagonal mask
         self.model = model
         reference = add_adapters(cfg, model, lora_config)  # a fresh LoRA; for DPO from `adapter`, with its reference
