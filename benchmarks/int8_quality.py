@@ -27,6 +27,7 @@ difference, since one seed's fp32 runs alone differ by a few points.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def train_pair(
     runs = {}
     for precision in PRECISIONS:
         name = precision if seed is None else f"{precision}-seed{seed}"
+        if (out / name).exists():  # this benchmark's own scratch run from an earlier invocation
+            print(f"replacing the earlier run in {out / name}", flush=True)
+            shutil.rmtree(out / name)
         overrides = [f"train.precision={precision}", f"output.dir={out / name}"]
         overrides += [f"train.steps={steps}"] if steps else []
         overrides += [f"model={model}"] if model else []

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .errors import ConfigError, ModelLoadError
 from .gptq import DAMP, gptq_quantize
@@ -41,8 +42,8 @@ QUANTIZE_CHOICES = ("none", "int8")  # --quantize for generate / chat / eval
 ROUNDING_CHOICES = ("auto", "nearest", "gptq")  # quantize_int8's weight rounding
 CALIBRATION_TOKENS = 512  # of a run's training rows (calibration_from_examples)
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; measured best of 0.5 / 0.8 here)
-# The calibration text SmoothQuant's per-channel maxima come from: ordinary prose, a list, numbers and code,
-# as a chat exchange (what fine-tuning data looks like); about 300 tokens.
+# The calibration text of --quantize int8 (and the top-up of a run's too-short training rows): ordinary prose, a
+# list, numbers and code, as a chat exchange (what fine-tuning data looks like); about 300 tokens.
 CALIBRATION_TEXT = (
     "Can you explain how a bicycle stays upright, and give me a short checklist for a safe ride? "
     "Also, what is 17 * 23, and how would I write a Python function that adds two numbers?",
@@ -188,6 +189,7 @@ def gptq_codes(
                 n = _weight(module).shape[0]
                 out[name] = (codes[rows : rows + n].clone(), scale[rows : rows + n].clone())
                 rows += n
+            bar.update(len(members))
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
@@ -202,11 +204,14 @@ def gptq_codes(
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    # seconds to minutes (~15 s for a 135M model): a bar on a terminal's stderr, nothing in logs
+    bar = tqdm(total=len(names), desc="GPTQ codes", unit="layer", leave=False, disable=None)
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
         flush()
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         pending.clear()
@@ -287,7 +292,7 @@ def quantize_int8(
         model: A model on the CPU, without LoRA layers (quantize first, then inject or load an adapter).
         skip_modules: More module names (or name suffixes) to keep in full precision.
         calibration: Token ids ``[B, T]`` to calibrate SmoothQuant's factors on
-            (:func:`calibration_ids`); None: no smoothing.
+            (:func:`calibration_ids`, :func:`calibration_from_examples`); None: no smoothing.
         alpha: SmoothQuant's migration strength.
         rounding: ``"nearest"``, ``"gptq"`` (needs ``calibration``) or ``"auto"`` (GPTQ with calibration
             ids on a CPU with 63 codes a side, else nearest).
@@ -382,7 +387,8 @@ def quantize_for_inference(model: nn.Module, quantize: str, tokenizer=None) -> n
     Args:
         model: The loaded base model (CPU, no LoRA yet).
         quantize: ``"none"`` or ``"int8"``.
-        tokenizer: The model's tokenizer: SmoothQuant calibrated on :data:`CALIBRATION_TEXT`, as training does.
+        tokenizer: The model's tokenizer: SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on
+            :data:`CALIBRATION_TEXT` (``lorakit train`` calibrates on its training rows instead).
 
     Returns:
         ``model``.

@@ -253,7 +253,7 @@ def open_adapter(
     if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
         from .int8_model import quantize_for_inference
 
-        quantize_for_inference(base, quantize, tokenizer)  # SmoothQuant calibrated as training does
+        quantize_for_inference(base, quantize, tokenizer)  # SmoothQuant calibrated on the built-in text
     try:
         load_adapter(base, adapter_dir)
     except ModelMismatchError as e:
