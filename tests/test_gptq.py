@@ -7,6 +7,7 @@ layer's output on the inputs it was given), and the fp32 model.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -227,6 +228,9 @@ def test_an_int8_run_calibrates_on_its_own_training_rows(tmp_path, monkeypatch):
     from lorakit.train.loop import train
 
     path = make_tiny_model_dir(tmp_path / "m", hidden=64)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 256  # a context shorter than CALIBRATION_TOKENS: one row that fits it
+    (path / "config.json").write_text(json.dumps(config))
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=64)
     seen = []
     real = int8_model.quantize_int8
@@ -244,5 +248,5 @@ def test_an_int8_run_calibrates_on_its_own_training_rows(tmp_path, monkeypatch):
     from lorakit.examples import load_examples
 
     examples, _ = load_examples(data, AutoTokenizer.from_pretrained(path))
-    want = [t for e in examples for t in e["input_ids"]][: int8_model.CALIBRATION_TOKENS]
+    want = [t for e in examples for t in e["input_ids"]][:256]
     assert len(seen) == 1 and seen[0][0].tolist() == want

@@ -12,7 +12,7 @@ which code each weight gets differs.
 
 It pays where the codes are coarse: on CPUs whose int8 kernel saturates
 (AVX2 without VNNI) lorakit keeps 63 codes a side, and there GPTQ cut the KL
-divergence of the default model's logits to fp32's by 20-37%; with 127 codes
+divergence of the default model's logits to fp32's by 20-36%; with 127 codes
 it gained nothing (benchmarks/RESULTS.md, "int8_schemes").
 :func:`lorakit.int8_model.quantize_int8` calls it (``rounding="auto"``
 chooses it where :func:`lorakit.int8.weight_code_max` is 63).

@@ -173,10 +173,12 @@ class _Run:
             cfg, tokenizer, t.seed, t.batch_size, self.say
         )
         if self.precision == "int8":  # frozen Linears (not head, embeddings, norms) to int8, before LoRA goes on
-            from lorakit.int8_model import calibration_from_examples, describe_int8, quantize_int8
+            from lorakit.int8_model import CALIBRATION_TOKENS, calibration_from_examples, describe_int8, quantize_int8
 
-            # SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on the run's own training rows
-            calibration = calibration_from_examples(self.train_rows, tokenizer)
+            # SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on the run's own training rows, as one
+            # row no longer than the model's context
+            context = getattr(model.config, "max_position_embeddings", None) or CALIBRATION_TOKENS
+            calibration = calibration_from_examples(self.train_rows, tokenizer, min(CALIBRATION_TOKENS, context))
             self.say(f"int8 base: quantizing, calibrated on {calibration.shape[1]} tokens of the training rows ...")
             start = time.perf_counter()
             self.base_note = describe_int8(quantize_int8(model, calibration=calibration))
