@@ -43,7 +43,7 @@ for w in $what; do
     inference) python3 benchmarks/inference.py --device cuda ;;
     profile) for v in lorakit-auto; do python3 benchmarks/profile_step.py --device cuda --variant $v --rows 20; done ;;
     compile) python3 benchmarks/train_step.py --device cuda --keep --variants lorakit-compile ;;
-    decode) python3 -m pytest -q -rs tests/test_graph_decode.py
+    decode) python3 -m pytest -q -rs tests/test_decode_lora.py tests/test_graph_decode.py
             python3 benchmarks/inference.py --device cuda --static
             python3 benchmarks/inference.py --device cuda --static --batch 8 --no-write ;;
     *) python3 -m pytest -q -x $w ;;

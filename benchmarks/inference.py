@@ -112,6 +112,9 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
     return lines
 
 
+UNFUSED = "static graph, LoRA as 3 ops"
+
+
 def static_decode_table(variants, prompt, device: torch.device, new_tokens: int, repeats: int, batch: int) -> str:
     """Tokens/s of lorakit.graph_decode.static_decode (graphed on CUDA) vs model.generate: plain / unmerged / merged.
 
@@ -124,6 +127,7 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
     methods = {"generate": ["plain", "lorakit-unmerged"], "static eager": ["plain", "lorakit-unmerged"]}
     if device.type == "cuda":
         methods["static graph"] = ["plain", "lorakit-unmerged", "lorakit-merged"]
+        methods[UNFUSED] = ["lorakit-unmerged"]  # the LoRA terms recorded as torch's three ops (fuse_lora=False)
     else:
         methods["static eager"].append("lorakit-merged")
     runs = {}
@@ -132,13 +136,19 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
             if method == "generate":
                 runs[(k, method)] = functools.partial(_hf_decode, variants[k], ids, mask, new_tokens)
             else:
-                graph = "on" if method == "static graph" else "off"
+                graph = "off" if method == "static eager" else "on"
                 runs[(k, method)] = functools.partial(
-                    static_decode, variants[k], ids, mask, max_new_tokens=new_tokens, graph=graph
+                    static_decode,
+                    variants[k],
+                    ids,
+                    mask,
+                    max_new_tokens=new_tokens,
+                    graph=graph,
+                    fuse_lora=method != UNFUSED,
                 )
     # The same tokens as generate (both stopping at the model's EOS here; the timed calls never stop early).
     unmerged, eos = variants["lorakit-unmerged"], variants["lorakit-unmerged"].generation_config.eos_token_id
-    last = list(methods)[-1]
+    last = "static graph" if "static graph" in methods else "static eager"
     same = torch.equal(
         static_decode(
             unmerged,
@@ -164,16 +174,53 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
         f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.",
         "",
         f"Greedy decoding of {new_tokens} tokens (batch {batch}, no EOS stop), median of {repeats} calls; "
-        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}); its unmerged tokens equal "
+        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; an unmerged LoRA term is one "
+        f"decode_lora kernel in the graph, or torch's three ops in the last row); its unmerged tokens equal "
         f"model.generate's: {same}.",
         "",
         "| variant | method | tokens/s | x plain (same method) |",
         "|---|---|---:|---:|",
     ]
     for (k, method), ts in times.items():
-        ratio = median(ts) / median(times[("plain", method)])
+        ratio = median(ts) / median(times[("plain", "static graph" if method == UNFUSED else method)])
         lines.append(f"| {k} | {method} | {batch * new_tokens / median(ts):.1f} | {ratio:.2f} |")
+    if device.type == "cuda":
+        lines += replay_table(variants, ids, mask, new_tokens, repeats)
     return "\n".join(lines)
+
+
+def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
+    """One decoding step's time as a graph replay (recorded once, outside the timing): the steady state."""
+    from lorakit.graph_decode import StaticDecoder
+
+    rows = [("plain", True), ("lorakit-unmerged", True), ("lorakit-unmerged", False), ("lorakit-merged", True)]
+    times: dict[tuple[str, bool], list[float]] = {row: [] for row in rows}
+    decoders = {}
+    for k, fuse in rows:
+        decoder = StaticDecoder(variants[k], ids.shape[1] + (repeats + 1) * steps + 1, graph=True, fuse_lora=fuse)
+        tokens = decoder.prefill(ids, mask).argmax(-1)
+        decoder.step(tokens)  # records the graph
+        decoders[(k, fuse)] = (decoder, tokens)
+    for _ in range(repeats):
+        for row, (decoder, tokens) in decoders.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decoder.step(tokens)
+            torch.cuda.synchronize()
+            times[row].append((time.perf_counter() - t0) / steps)
+    plain = median(times[("plain", True)])
+    lines = [
+        "",
+        f"One decoding step as a CUDA graph replay (recorded once, untimed), median of {repeats} x {steps} steps:",
+        "",
+        "| variant | LoRA term | µs/step | x plain |",
+        "|---|---|---:|---:|",
+    ]
+    for (k, fuse), ts in times.items():
+        how = "-" if k != "lorakit-unmerged" else ("one decode_lora kernel" if fuse else "torch's 3 ops")
+        lines.append(f"| {k} | {how} | {median(ts) * 1e6:.0f} | {median(ts) / plain:.2f} |")
+    return lines
 
 
 def _hf_decode(model, ids, mask, new_tokens: int, stop: bool = False) -> torch.Tensor:

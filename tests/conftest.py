@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # lorakit.decode_lora's Triton kernel runs on CPU tensors in Triton's interpreter (tests/test_decode_lora.py).
+    # Triton reads this when it is first imported (transformers imports it), so it is set before anything else.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def make_llama(seed: int = 0, bias: bool = False, layers: int = 2) -> LlamaForCausalLM:

@@ -35,20 +35,82 @@ values), where every such read raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import routing
+from . import decode_lora, routing
 from .errors import ConfigError
+from .layers import LoraLinear
 
-__all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "static_decode", "fake_step"]
+__all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "fused_lora_terms", "static_decode", "fake_step"]
 
 SYNC_EVERY = 8  # on a GPU, read "every row stopped" back to the host once per this many steps
 _WARMUP = 2  # eager steps on a side stream before capture (allocator, cuBLAS workspace, lazy inits)
 _REFUSED_OWNERS = {"lorakit.mixed": "a mixed-adapter batch (adapter_batch) routes rows per block in Python"}
+_OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_lora while a graph is recorded
+
+
+def _fused_lora_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``layer``'s inference forward with its LoRA term as one kernel (decode_lora), where that applies."""
+    active = layer.active_adapters
+    if (
+        not args
+        and not kwargs
+        and len(active) == 1
+        and not layer.merged_adapters
+        and not layer.disabled
+        and active[0] in layer.r
+        and layer.quantized is None
+        and layer.shared_input is None
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and decode_lora.fits(x.numel() // max(1, x.shape[-1]), layer.r[active[0]])
+    ):
+        name = active[0]
+        A, B, W = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_weight()
+        if x.dtype == A.dtype == B.dtype == W.dtype and x.dtype in decode_lora.DTYPES:
+            y = F.linear(x, W, getattr(layer.base_layer, "bias", None))
+            return decode_lora.add_lora_(y, x, A, B, layer.scaling[name])
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def fused_lora_terms(model: nn.Module, device_types: Sequence[str] = ("cuda",)) -> Iterator[list[LoraLinear]]:
+    """Within the block, ``model``'s unmerged LoRA Linears add their LoRA term with one kernel.
+
+    Each unrouted :class:`~lorakit.layers.LoraLinear` whose base weight is on one of
+    ``device_types`` runs ``F.linear(x, W, bias)`` plus :func:`lorakit.decode_lora.add_lora_`
+    for calls that fit it (one active unmerged adapter, a plain base, at most
+    :data:`~lorakit.decode_lora.MAX_ROWS` rows (:func:`~lorakit.decode_lora.fits`), no autograd, one dtype);
+    other calls run the
+    class's forward. :class:`StaticDecoder` records its graph inside this block. Nothing is routed
+    when Triton is missing.
+
+    Args:
+        model: The model.
+        device_types: Where to route (the CPU runs the kernel only in Triton's interpreter).
+
+    Yields:
+        The routed layers (their routes are removed when the block ends).
+    """
+    routed: list[LoraLinear] = []
+    if decode_lora.available() is None:
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and routing.forward_owner(module) is None and module.quantized is None:
+                if module.base_layer.weight.device.type in device_types:
+                    routing.set_forward(module, functools.partial(_fused_lora_forward, module), _OWNER)
+                    routed.append(module)
+    try:
+        yield routed
+    finally:
+        for module in routed:
+            routing.remove_forward(module, _OWNER)
 
 
 def capture_blocker(model: nn.Module) -> str | None:
@@ -84,12 +146,16 @@ class StaticDecoder:
         max_len: Prompt width plus the most new tokens: the cache's length.
         graph: Record the step as a CUDA graph (CUDA only) on the first :meth:`step`.
         say: Called with one line if capture fails and the step runs eagerly instead.
+        fuse_lora: Record each unmerged LoRA Linear's LoRA term as one Triton kernel
+            (:mod:`lorakit.decode_lora`) instead of three torch ops: fewer kernels per replay.
 
     Raises:
         ConfigError: :func:`capture_blocker` names a reason, or ``graph`` off a CUDA device.
     """
 
-    def __init__(self, model: nn.Module, max_len: int, graph: bool = False, say: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, max_len: int, graph: bool = False, say: Any = None, fuse_lora: bool = True
+    ) -> None:
         from transformers import StaticCache
 
         blocker = capture_blocker(model)
@@ -99,7 +165,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, the model is on {self.device.type}; use graph=False")
-        self.graph_wanted = graph
+        self.graph_wanted, self.fuse_lora = graph, fuse_lora
         self.graph: torch.cuda.CUDAGraph | None = None
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         kinds = {type(layer).__name__ for layer in self.cache.layers}
@@ -204,24 +270,26 @@ class StaticDecoder:
         saved, previous = self._counters(), torch.cuda.get_sync_debug_mode()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        try:
-            with torch.cuda.stream(side):
-                torch.cuda.set_sync_debug_mode("error")  # a host read in the step raises here, naming the op
-                try:
-                    for _ in range(_WARMUP):  # each warm-up writes the first step's slot; the counters go back
-                        self._run_step()
-                        self._restore(saved)
-                finally:
-                    torch.cuda.set_sync_debug_mode(previous)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._out = self._run_step()
-            self.graph = graph
-        except RuntimeError as e:
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph_wanted = False
-            self.say(f"CUDA graph decoding off, the step runs eagerly: {str(e).splitlines()[0]}")
+        # The LoRA terms' one-kernel route only while warming up and recording: the graph keeps it.
+        with fused_lora_terms(self.model) if self.fuse_lora else contextlib.nullcontext():
+            try:
+                with torch.cuda.stream(side):
+                    torch.cuda.set_sync_debug_mode("error")  # a host read in the step raises here, naming the op
+                    try:
+                        for _ in range(_WARMUP):  # each warm-up writes the first step's slot; the counters go back
+                            self._run_step()
+                            self._restore(saved)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(previous)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._out = self._run_step()
+                self.graph = graph
+            except RuntimeError as e:
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self.graph_wanted = False
+                self.say(f"CUDA graph decoding off, the step runs eagerly: {str(e).splitlines()[0]}")
         self._restore(saved)
 
 
@@ -247,6 +315,7 @@ def static_decode(
     generator: torch.Generator | None = None,
     graph: str = "auto",
     say: Any = None,
+    fuse_lora: bool = True,
 ) -> torch.Tensor:
     """Continue a batch of left-padded prompts with a static KV cache (greedy, or sampled with a temperature).
 
@@ -267,6 +336,7 @@ def static_decode(
         graph: ``"auto"``: replay the step as a CUDA graph on a CUDA device, eager elsewhere;
             ``"on"``: a CUDA graph or an error; ``"off"``: eager.
         say: Called with one line when capture fails and decoding goes on eagerly (``"auto"``).
+        fuse_lora: In a recorded graph, each unmerged LoRA term as one kernel (:class:`StaticDecoder`).
 
     Returns:
         The new tokens ``[B, n]`` on the model's device, ``n <= max_new_tokens``.
@@ -283,7 +353,9 @@ def static_decode(
         raise ConfigError(f"temperature must be > 0 when sampling, got {temperature!r}.")
     device = next(model.parameters()).device
     graphed = graph == "on" or (graph == "auto" and device.type == "cuda")
-    decoder = StaticDecoder(model, input_ids.shape[1] + max_new_tokens, graph=graphed, say=say or print)
+    decoder = StaticDecoder(
+        model, input_ids.shape[1] + max_new_tokens, graph=graphed, say=say or print, fuse_lora=fuse_lora
+    )
     eos = torch.tensor([] if eos_token_id is None else _as_list(eos_token_id), dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (_as_list(eos_token_id)[0] if eos_token_id is not None else 0)
     sync_every = SYNC_EVERY if device.type == "cuda" else 1

@@ -1,0 +1,156 @@
+"""lorakit.decode_lora: a decoding step's LoRA term as one Triton kernel, and graph_decode's route through it.
+
+On a GPU these run the compiled kernel on CUDA tensors; without one, Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py) runs it on CPU tensors. The graphed decoding
+through it is tested in tests/test_graph_decode.py. References: float64 math for the kernel,
+the unrouted model for the route. The interpreter rounds float32 -> bfloat16 toward zero (a
+GPU rounds to nearest), so bfloat16 is held to a whole unit in the last place per rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_llama
+
+import lorakit
+from lorakit import decode_lora, routing
+from lorakit.errors import ConfigError
+from lorakit.graph_decode import StaticDecoder, fused_lora_terms
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _operands(rows, k, n, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, k, generator=g).to(DEVICE, dtype)
+    A = (torch.randn(r, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    B = torch.randn(n, r, generator=g).to(DEVICE, dtype)
+    y = torch.randn(rows, 1, n, generator=g).to(DEVICE, dtype)
+    return y, x, A, B
+
+
+def _exact(y, x, A, B, scale):
+    """float64 of the same math, ``x·Aᵀ`` rounded to the inputs' dtype as the kernel and F.linear do."""
+    xa = (x.double().flatten(0, -2) @ A.double().T).to(x.dtype).double()
+    return y.double().flatten(0, -2) + scale * xa @ B.double().T
+
+
+@pytest.mark.parametrize(
+    "rows,k,n,r",
+    [(1, 576, 1536, 16), (2, 1536, 576, 16), (3, 100, 70, 5), (8, 64, 192, 4), (16, 130, 33, 1), (1, 96, 64, 32)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_matches_float64(rows, k, n, r, dtype):
+    y, x, A, B = _operands(rows, k, n, r, dtype)
+    out = decode_lora.add_lora_(y.clone(), x, A, B, 1.5)
+    exact = _exact(y, x, A, B, 1.5).view_as(out)
+    reference = decode_lora.reference(y, x, A, B, 1.5).double()  # the torch ops it stands for
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16 keeps 8 bits: one rounding of x·Aᵀ (each term off by <= 2^-7 of itself) and one of the sum
+        xa = (x.double().flatten(0, -2) @ A.double().T).abs()
+        bound = 2**-7 * (exact.abs() + 1.5 * (xa @ B.double().abs().T).view_as(out)) + 1e-6
+        assert ((out.double() - exact).abs() <= bound).all()
+        assert ((out.double() - reference).abs() <= 2 * bound).all()  # each within the bound of the exact
+
+
+def test_only_its_rows_are_written_and_strided_inputs_are_read_right():
+    y, x, A, B = _operands(5, 96, 80, 4, torch.float32)
+    buffer = torch.randn(8, 80, device=DEVICE)
+    before = buffer.clone()
+    target = buffer[:5]  # rows 5-7 lie right after the output: a stray write lands there
+    wide = torch.randn(5, 200, device=DEVICE)
+    x_strided = wide[:, 7:103]  # row stride 200, not 96
+    decode_lora.add_lora_(target, x_strided, A, B, 2.0)
+    torch.testing.assert_close(target.double(), _exact(before[:5], x_strided, A, B, 2.0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(buffer[5:], before[5:])
+
+
+def test_bad_calls_are_clear_errors():
+    y, x, A, B = _operands(2, 32, 48, 4, torch.float32)
+    with pytest.raises(ConfigError, match="shapes"):
+        decode_lora.add_lora_(y, x, A.T, B, 1.0)
+    with pytest.raises(ConfigError, match="rows"):
+        big = torch.zeros(decode_lora.MAX_ROWS + 1, 32, device=DEVICE)
+        decode_lora.add_lora_(torch.zeros(decode_lora.MAX_ROWS + 1, 48, device=DEVICE), big, A, B, 1.0)
+    assert decode_lora.fits(2, 16) and decode_lora.fits(16, 2) and not decode_lora.fits(8, 16)
+    with pytest.raises(ConfigError, match="rows"):  # within MAX_ROWS, but too many for this rank
+        decode_lora.add_lora_(
+            torch.zeros(8, 48, device=DEVICE), torch.zeros(8, 32, device=DEVICE), A.repeat(4, 1), B.repeat(1, 4), 1.0
+        )
+    with pytest.raises(ConfigError, match="dtypes"):
+        decode_lora.add_lora_(y, x.double(), A, B, 1.0)
+
+
+def _lora_model(r=4):
+    torch.manual_seed(3)
+    config = lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = lorakit.inject(make_llama(0, layers=2), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model.to(DEVICE).eval()
+
+
+def _decode(model, ids, mask, steps, **route):
+    """Prefill plus ``steps`` eager static-cache steps (fed the argmax); the logits of each."""
+    decoder = StaticDecoder(model, ids.shape[1] + steps + 1)
+    out = [decoder.prefill(ids, mask)]
+    for _ in range(steps):
+        if route:
+            with fused_lora_terms(model, **route):
+                out.append(decoder.step(out[-1].argmax(-1)).clone())
+        else:
+            out.append(decoder.step(out[-1].argmax(-1)).clone())
+    return torch.stack(out)
+
+
+def test_a_routed_decoding_step_equals_the_torch_ops(monkeypatch):
+    model = _lora_model()
+    calls = []
+    kernel = decode_lora.add_lora_
+    monkeypatch.setattr(decode_lora, "add_lora_", lambda *a: calls.append(a[2].shape) or kernel(*a))
+    ids = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 1, 2, 7]], device=DEVICE)
+    mask = (ids > 0).long()
+    routed = _decode(model, ids, mask, 3, device_types=(DEVICE,))
+    assert len(calls) == 3 * 2 * 4  # every step, both layers, the four adapted projections each
+    torch.testing.assert_close(routed, _decode(model, ids, mask, 3), rtol=1e-5, atol=1e-5)
+    assert all(routing.forward_owner(m) is None for m in model.modules())  # the route ends with the block
+
+
+def test_calls_the_kernel_does_not_fit_run_the_layers_own_forward(monkeypatch):
+    model = _lora_model()
+    monkeypatch.setattr(decode_lora, "add_lora_", lambda *a: pytest.fail("the kernel ran"))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(decode_lora.MAX_ROWS + 1, 1, layer.in_features, device=DEVICE)  # prefill-sized
+    with torch.inference_mode():
+        want = layer(x)
+        with fused_lora_terms(model, device_types=(DEVICE,)) as routed:
+            assert layer in routed
+            torch.testing.assert_close(layer(x), want)  # too many rows: the torch ops
+            lorakit.add_adapter(model, "other", lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+            layer.active_adapters = ["default", "other"]  # two adapters at once: the layer's composition
+            torch.testing.assert_close(layer(x[:2]), want[:2])
+            layer.active_adapters = ["default"]
+            layer.disabled = True  # the base alone
+            torch.testing.assert_close(layer(x[:2]), layer.base_layer(x[:2]))
+            layer.disabled = False
+    with torch.enable_grad(), fused_lora_terms(model, device_types=(DEVICE,)):  # training: the autograd op
+        out = layer(x[:2].requires_grad_())
+        out.sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None
+
+
+def test_nothing_is_routed_off_the_named_devices_or_over_another_route():
+    model = _lora_model()
+    layer = model.model.layers[1].self_attn.o_proj
+    layer.forward = layer.forward  # user code owns this one
+    with fused_lora_terms(model, device_types=("meta",)) as routed:  # none of the model's layers is on these
+        assert routed == []
+    with fused_lora_terms(model, device_types=(DEVICE,)) as routed:
+        assert layer not in routed and len(routed) == 2 * 4 - 1
+        assert routing.forward_owner(layer) == routing.USER
