@@ -17,8 +17,10 @@ and fixed addresses:
   and the cache slot; the attention mask ``[B, 1, 1, max_len]`` is built inside the
   step from the prompt's padding mask and the slot, so nothing is read back to the host;
 * the adapters' route is whatever LoraLinear picks at capture (the active adapter,
-  unmerged): a graph lives for one :func:`static_decode` call and is never reused
-  after an adapter change. Mixed-adapter batches (``adapter_batch``) are refused.
+  unmerged), except that while recording, an unmerged LoRA term of batch 1-2 is one
+  Triton kernel (:mod:`lorakit.decode_lora`, :func:`fused_lora_terms`) instead of three
+  torch ops; a graph lives for one :func:`static_decode` call and is never reused after
+  an adapter change. Mixed-adapter batches (``adapter_batch``) are refused.
 
 Per token the host then copies the new tokens into the input buffer, replays, and
 picks the next tokens (argmax, or a temperature sample) outside the graph; it reads
