@@ -14,7 +14,7 @@ import torch
 from conftest import make_llama
 
 import lorakit
-from lorakit import decode_lora, routing
+from lorakit import decode_lora, graph_decode, routing
 from lorakit.errors import ConfigError
 from lorakit.graph_decode import StaticDecoder, fused_lora_terms
 
@@ -111,6 +111,7 @@ def _decode(model, ids, mask, steps, **route):
 
 def test_a_routed_decoding_step_equals_the_torch_ops(monkeypatch):
     model = _lora_model()
+    assert decode_lora.available(DEVICE) is None  # its trial call done before the kernel is counted
     calls = []
     kernel = decode_lora.add_lora_
     monkeypatch.setattr(decode_lora, "add_lora_", lambda *a: calls.append(a[2].shape) or kernel(*a))
@@ -154,3 +155,29 @@ def test_nothing_is_routed_off_the_named_devices_or_over_another_route():
     with fused_lora_terms(model, device_types=(DEVICE,)) as routed:
         assert layer not in routed and len(routed) == 2 * 4 - 1
         assert routing.forward_owner(layer) == routing.USER
+
+
+def test_the_kernel_is_tried_once_per_device_and_a_failure_routes_nothing(monkeypatch):
+    assert decode_lora.available(DEVICE) is None  # built and run once here (interpreted on a CPU)
+    model = _lora_model()
+    said: list[str] = []
+    monkeypatch.setattr(decode_lora, "available", lambda device=None: "no compiler for this GPU")
+    monkeypatch.setattr(graph_decode, "_SAID", set())
+    for _ in range(2):
+        with fused_lora_terms(model, device_types=(DEVICE,), say=said.append) as routed:
+            assert routed == [] and all(routing.forward_owner(m) is None for m in model.modules())
+    assert said == ["LoRA terms recorded as torch's ops: no compiler for this GPU"]  # told once, not per call
+
+
+def test_a_wrong_result_or_an_error_in_the_trial_is_a_reason(monkeypatch):
+    decode_lora._trial.cache_clear()
+    monkeypatch.setattr(decode_lora, "add_lora_", lambda y, *a: y)  # a kernel that adds nothing
+    assert "wrong" in decode_lora._trial(DEVICE)
+    decode_lora._trial.cache_clear()
+
+    def broken(*args):
+        raise ValueError("PTX too new")
+
+    monkeypatch.setattr(decode_lora, "add_lora_", broken)
+    assert decode_lora._trial(DEVICE) == f"the kernel fails on {DEVICE}: ValueError: PTX too new"
+    decode_lora._trial.cache_clear()

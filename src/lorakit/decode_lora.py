@@ -42,12 +42,34 @@ _ACC = 4096  # padded rows x rank x input columns summed per loop step (32 float
 _BLOCK_N = 32  # output columns per program: N / 32 programs (18-48 at the default model's shapes)
 
 
-def available() -> str | None:
-    """Why :func:`add_lora_` cannot run here, or None when it can (Triton importable)."""
+def available(device: torch.device | str | None = None) -> str | None:
+    """Why :func:`add_lora_` cannot run here, or None when it can.
+
+    Args:
+        device: Also build and run the kernel once on this device (a tiny call, checked against
+            its known result; cached per device): a GPU Triton cannot compile for, or a broken
+            install, shows here rather than inside a CUDA graph's capture. None: Triton importable.
+
+    Returns:
+        The reason, or None.
+    """
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return f"Triton is not installed ({e}); it comes with torch's CUDA builds"
+    return None if device is None else _trial(str(torch.device(device)))
+
+
+@functools.cache
+def _trial(device: str) -> str | None:
+    """One tiny call on ``device``: None if it gives ``0.5 · 16 = 8`` everywhere, else why not."""
+    try:
+        ones = torch.ones(1, 16, device=device)
+        y = add_lora_(torch.zeros(1, 16, device=device), ones, ones, ones.T.contiguous(), 0.5)
+        if not torch.equal(y.cpu(), torch.full((1, 16), 8.0)):
+            return f"the kernel's result on {device} is wrong"
+    except Exception as e:  # noqa: BLE001 - whatever Triton raises (no compiler for this GPU, a broken install)
+        return f"the kernel fails on {device}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     return None
 
 

@@ -55,6 +55,7 @@ __all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "fused_lora_terms",
 SYNC_EVERY = 8  # on a GPU, read "every row stopped" back to the host once per this many steps
 _WARMUP = 2  # eager steps on a side stream before capture (allocator, cuBLAS workspace, lazy inits)
 _REFUSED_OWNERS = {"lorakit.mixed": "a mixed-adapter batch (adapter_batch) routes rows per block in Python"}
+_SAID: set[str] = set()  # why decode_lora could not run, as already told (fused_lora_terms)
 _OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_lora while a graph is recorded
 
 
@@ -83,31 +84,42 @@ def _fused_lora_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs
 
 
 @contextlib.contextmanager
-def fused_lora_terms(model: nn.Module, device_types: Sequence[str] = ("cuda",)) -> Iterator[list[LoraLinear]]:
+def fused_lora_terms(
+    model: nn.Module, device_types: Sequence[str] = ("cuda",), say: Any = None
+) -> Iterator[list[LoraLinear]]:
     """Within the block, ``model``'s unmerged LoRA Linears add their LoRA term with one kernel.
 
     Each unrouted :class:`~lorakit.layers.LoraLinear` whose base weight is on one of
-    ``device_types`` runs ``F.linear(x, W, bias)`` plus :func:`lorakit.decode_lora.add_lora_`
-    for calls that fit it (one active unmerged adapter, a plain base, at most
-    :data:`~lorakit.decode_lora.MAX_ROWS` rows (:func:`~lorakit.decode_lora.fits`), no autograd, one dtype);
-    other calls run the
-    class's forward. :class:`StaticDecoder` records its graph inside this block. Nothing is routed
-    when Triton is missing.
+    ``device_types`` runs ``F.linear(x, W, bias)`` plus :func:`lorakit.decode_lora.add_lora_` for
+    calls that fit it (one active unmerged adapter, a plain base, few rows and a small rank:
+    :func:`~lorakit.decode_lora.fits`, no autograd, one dtype); other calls run the class's
+    forward. :class:`StaticDecoder` records its graph inside this block. Nothing is routed where
+    the kernel cannot run (:func:`~lorakit.decode_lora.available`: no Triton, or a GPU it cannot
+    compile for); ``say`` is then told why.
 
     Args:
         model: The model.
         device_types: Where to route (the CPU runs the kernel only in Triton's interpreter).
+        say: Called with one line when the kernel cannot run on a device the model is on.
 
     Yields:
         The routed layers (their routes are removed when the block ends).
     """
     routed: list[LoraLinear] = []
-    if decode_lora.available() is None:
-        for module in model.modules():
-            if isinstance(module, LoraLinear) and routing.forward_owner(module) is None and module.quantized is None:
-                if module.base_layer.weight.device.type in device_types:
-                    routing.set_forward(module, functools.partial(_fused_lora_forward, module), _OWNER)
-                    routed.append(module)
+    refused: dict[torch.device, str | None] = {}
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and routing.forward_owner(module) is None and module.quantized is None:
+            device = module.base_layer.weight.device
+            if device.type not in device_types:
+                continue
+            if device not in refused:
+                refused[device] = decode_lora.available(device)
+                if refused[device] is not None and say is not None and refused[device] not in _SAID:
+                    _SAID.add(refused[device])  # once per process: decoding calls come in loops
+                    say(f"LoRA terms recorded as torch's ops: {refused[device]}")
+            if refused[device] is None:
+                routing.set_forward(module, functools.partial(_fused_lora_forward, module), _OWNER)
+                routed.append(module)
     try:
         yield routed
     finally:
@@ -273,7 +285,7 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         # The LoRA terms' one-kernel route only while warming up and recording: the graph keeps it.
-        with fused_lora_terms(self.model) if self.fuse_lora else contextlib.nullcontext():
+        with fused_lora_terms(self.model, say=self.say) if self.fuse_lora else contextlib.nullcontext():
             try:
                 with torch.cuda.stream(side):
                     torch.cuda.set_sync_debug_mode("error")  # a host read in the step raises here, naming the op
