@@ -85,10 +85,10 @@ def test_bad_calls_are_clear_errors():
         decode_lora.add_lora_(y, x.double(), A, B, 1.0)
 
 
-def _lora_model(r=4):
-    torch.manual_seed(3)
-    config = lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    model = lorakit.inject(make_llama(0, layers=2), config)
+def _lora_model(r=4, targets=("q_proj", "v_proj", "o_proj", "down_proj"), seed=0):
+    torch.manual_seed(3 + seed)
+    config = lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
+    model = lorakit.inject(make_llama(seed, layers=2), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -181,3 +181,59 @@ def test_a_wrong_result_or_an_error_in_the_trial_is_a_reason(monkeypatch):
     monkeypatch.setattr(decode_lora, "add_lora_", broken)
     assert decode_lora._trial(DEVICE) == f"the kernel fails on {DEVICE}: ValueError: PTX too new"
     decode_lora._trial.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_of_siblings_matches_each_alone_in_float64(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 96, generator=g).to(DEVICE, dtype)
+    shapes = [(80, 8), (32, 4), (48, 16)]  # q/k/v-like: different widths and ranks
+    ys = [torch.randn(2, 1, n, generator=g).to(DEVICE, dtype) for n, _ in shapes]
+    As = [(torch.randn(r, 96, generator=g) / 10).to(DEVICE, dtype) for _, r in shapes]
+    Bs = [torch.randn(n, r, generator=g).to(DEVICE, dtype) for n, r in shapes]
+    scales = [2.0, 0.5, 1.0]
+    for members in (2, 3):
+        outs = [y.clone() for y in ys[:members]]
+        decode_lora.add_lora_group_(outs, x, As[:members], Bs[:members], scales[:members])
+        for out, y, A, B, s in zip(outs, ys, As, Bs, scales):
+            exact = _exact(y, x, A, B, s).view_as(out)
+            xa = (x.double().flatten(0, -2) @ A.double().T).abs()
+            ulp = 2**-7 if dtype == torch.bfloat16 else 2**-20
+            bound = ulp * (exact.abs() + 1.5 * (xa @ B.double().abs().T).view_as(out)) + 1e-6
+            assert ((out.double() - exact).abs() <= bound).all()
+    with pytest.raises(ConfigError, match="1-3"):
+        decode_lora.add_lora_group_(ys * 2, x, As * 2, Bs * 2, scales * 2)
+
+
+def _all_projections_model():
+    return _lora_model(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=1)
+
+
+def test_grouped_siblings_decode_as_the_torch_ops_with_four_kernels_a_layer(monkeypatch):
+    model = _all_projections_model()
+    ids = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 1, 2, 7]], device=DEVICE)
+    mask = (ids > 0).long()
+    want = _decode(model, ids, mask, 3)
+    assert decode_lora.available(DEVICE) is None
+    calls = []
+    kernel = decode_lora.add_lora_group_
+    monkeypatch.setattr(decode_lora, "add_lora_group_", lambda ys, *a: calls.append(len(ys)) or kernel(ys, *a))
+    decoder = StaticDecoder(model, ids.shape[1] + 4)
+    got = [decoder.prefill(ids, mask)]
+    for _ in range(3):
+        with fused_lora_terms(model, device_types=(DEVICE,), group_siblings=True):
+            got.append(decoder.step(got[-1].argmax(-1)).clone())
+    torch.testing.assert_close(torch.stack(got), want, rtol=1e-5, atol=1e-5)
+    assert calls == [3, 1, 2, 1] * 2 * 3  # per layer q/k/v, o, gate/up, down; 2 layers; 3 steps
+
+
+def test_a_sibling_fed_another_input_computes_alone():
+    model = _all_projections_model()
+    attn = model.model.layers[0].self_attn
+    x, other = torch.randn(2, 1, 32, device=DEVICE), torch.randn(2, 1, 32, device=DEVICE)
+    with torch.inference_mode():
+        want = attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)
+        with fused_lora_terms(model, device_types=(DEVICE,), group_siblings=True):
+            got = attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)  # cross-attention-like
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

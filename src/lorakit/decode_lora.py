@@ -27,13 +27,14 @@ without a GPU.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "fits", "reference"]
+__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits", "reference"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes (one dtype for all four tensors)
 MAX_ROWS = 16  # rows (batch x new tokens) up to which a step's LoRA term runs as one kernel
@@ -73,55 +74,9 @@ def _trial(device: str) -> str | None:
     return None
 
 
-@functools.cache
 def _kernel() -> Any:
-    """The jitted kernel, built on first use (Triton reads TRITON_INTERPRET when it decorates)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def lora_add_kernel(
-        x_ptr, a_ptr, b_ptr, y_ptr,
-        M, N, R, scale,
-        stride_xm, stride_ak, stride_bn, stride_ym,
-        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        # x (M, K) row stride stride_xm; A (R, K) row stride stride_ak; B (N, R) row stride stride_bn;
-        # y (M, N) row stride stride_ym. Last dimensions contiguous. No tl.dot: at these sizes its
-        # operand shuffles through shared memory cost more than the math (16 µs a call with a dot per
-        # 64 columns of K), so products are summed in registers, and the K loop is unrolled (K is a
-        # compile-time constant) so that its loads can be in flight at once.
-        pid = tl.program_id(0)
-        rows = tl.arange(0, BLOCK_M)
-        ranks = tl.arange(0, BLOCK_R)
-        outs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        b = tl.load(
-            b_ptr + outs[:, None] * stride_bn + ranks[None, :],
-            mask=(outs[:, None] < N) & (ranks[None, :] < R),
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_N, BLOCK_R), loaded before x·Aᵀ is needed
-        where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
-        keep = (rows[:, None] < M) & (outs[None, :] < N)
-        y = tl.load(where, mask=keep, other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                mask=(rows[:, None] < M) & (cols[None, :] < K),
-                other=0.0,
-            ).to(tl.float32)
-            a = tl.load(
-                a_ptr + ranks[:, None] * stride_ak + cols[None, :],
-                mask=(ranks[:, None] < R) & (cols[None, :] < K),
-                other=0.0,
-            ).to(tl.float32)
-            acc += x[:, None, :] * a[None, :, :]
-        xa = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_R) in float32
-        xa = xa.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as F.linear(x, A) is
-        delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-        tl.store(where, (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+    """The jitted kernel (its module is imported on first use)."""
+    from .decode_lora_triton import lora_add_kernel
 
     return lora_add_kernel
 
@@ -152,37 +107,71 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         ``y``.
 
     Raises:
-        ConfigError: shapes that do not fit, more than :data:`MAX_ROWS` rows, dtypes that differ,
+        ConfigError: shapes that do not fit, a call :func:`fits` refuses, dtypes that differ,
             tensors on different devices, or no Triton.
+    """
+    add_lora_group_([y], x, [A], [B], [scale])
+    return y
+
+
+def add_lora_group_(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> None:
+    """:func:`add_lora_` for 1-3 projections that read one ``x`` (q/k/v, gate/up), in one kernel.
+
+    Args:
+        ys: Each projection's output ``[..., out_i]`` (written in place).
+        x: ``[..., in]``, their common input.
+        As: Each one's ``[r_i, in]`` A weight.
+        Bs: Each one's ``[out_i, r_i]`` B weight.
+        scales: Each one's scale.
+
+    Raises:
+        ConfigError: as :func:`add_lora_` (the largest rank counts for :func:`fits`), or not 1-3 members.
     """
     why = available()
     if why is not None:
         raise ConfigError(f"decode_lora.add_lora_ cannot run: {why}; use the torch ops (lorakit's LoRA layers)")
-    K, N, R = x.shape[-1], y.shape[-1], A.shape[0]
+    members = len(ys)
+    if not 1 <= members <= 3 or not len(As) == len(Bs) == len(scales) == members:
+        raise ConfigError("decode_lora.add_lora_group_ takes 1-3 projections, each with y, A, B and a scale")
+    K = x.shape[-1]
     rows = x.numel() // K if K else 0
     problems = []
-    if A.shape != (R, K) or B.shape != (N, R) or y.shape[:-1] != x.shape[:-1]:
-        problems.append(f"shapes x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}")
-    if not fits(rows, R):
-        problems.append(f"{rows} rows at rank {R} (at most {MAX_ROWS} rows, rows x rank <= {_MAX_CELLS}: a step's)")
-    if len({x.dtype, A.dtype, B.dtype, y.dtype}) != 1 or x.dtype not in DTYPES:
-        problems.append(f"dtypes {x.dtype}, {A.dtype}, {B.dtype}, {y.dtype} (one of {[str(d) for d in DTYPES]})")
-    if len({x.device, A.device, B.device, y.device}) != 1:
+    for y, A, B in zip(ys, As, Bs):
+        N, R = y.shape[-1], A.shape[0]
+        if A.shape != (R, K) or B.shape != (N, R) or y.shape[:-1] != x.shape[:-1]:
+            problems.append(f"shapes x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}")
+    tensors = [x, *ys, *As, *Bs]
+    r = max(A.shape[0] for A in As)
+    if not fits(rows, r):
+        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {_MAX_CELLS}: a step's)")
+    if len({t.dtype for t in tensors}) != 1 or x.dtype not in DTYPES:
+        problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
+    if len({t.device for t in tensors}) != 1:
         problems.append("tensors on different devices")
     if problems:
         raise ConfigError("decode_lora.add_lora_: " + "; ".join(problems))
-    x2, y2 = x.reshape(rows, K), y.view(rows, N)
-    A, B = (t if t.stride(-1) == 1 else t.contiguous() for t in (A, B))
+    x2 = x.reshape(rows, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    _kernel()[(-(-N // _BLOCK_N),)](
-        x2, A, B, y2,
-        rows, N, R, float(scale),
-        x2.stride(0), A.stride(0), B.stride(0), y2.stride(0),
-        K=K, BLOCK_M=_pow2(rows), BLOCK_R=_pow2(R), BLOCK_K=max(16, _ACC // (_pow2(rows) * _pow2(R))),
-        BLOCK_N=_BLOCK_N,
+    args = []  # per member: A, B, y (2-D, last dimension contiguous), N, R, scale, and the three row strides
+    for y, A, B, scale in zip(ys, As, Bs, scales):
+        A, B = (t if t.stride(-1) == 1 else t.contiguous() for t in (A, B))
+        args.append((A, B, y.view(rows, y.shape[-1]), y.shape[-1], A.shape[0], float(scale)))
+    args += [args[0]] * (3 - members)  # unused slots repeat the first member
+    blocks = sum(-(-a[3] // _BLOCK_N) for a in args[:members])
+    _kernel()[(blocks,)](
+        x2, *(t for a in args for t in a[:3]),
+        rows, *(a[3] for a in args), *(a[4] for a in args), *(a[5] for a in args),
+        x2.stride(0), *(s for a in args for s in (a[0].stride(0), a[1].stride(0), a[2].stride(0))),
+        K=K, BLOCK_M=_pow2(rows), BLOCK_R=_pow2(r), BLOCK_K=max(16, _ACC // (_pow2(rows) * _pow2(r))),
+        BLOCK_N=_BLOCK_N, MEMBERS=members,
     )  # fmt: skip
-    return y
 
 
 def reference(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

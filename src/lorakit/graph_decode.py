@@ -48,6 +48,7 @@ from torch import nn
 
 from . import decode_lora, routing
 from .errors import ConfigError
+from .fusion import SHARED_INPUT_NAMES
 from .layers import LoraLinear
 
 __all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "fused_lora_terms", "static_decode", "fake_step"]
@@ -59,33 +60,79 @@ _SAID: set[str] = set()  # why decode_lora could not run, as already told (fused
 _OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_lora while a graph is recorded
 
 
-def _fused_lora_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``layer``'s inference forward with its LoRA term as one kernel (decode_lora), where that applies."""
+def _kernel_operands(layer: LoraLinear, x: torch.Tensor) -> tuple[Any, ...] | None:
+    """``(W, bias, A, B, scale)`` for decode_lora to run ``layer`` on ``x``, or None where it does not apply."""
     active = layer.active_adapters
     if (
-        not args
-        and not kwargs
-        and len(active) == 1
-        and not layer.merged_adapters
-        and not layer.disabled
-        and active[0] in layer.r
-        and layer.quantized is None
-        and layer.shared_input is None
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
-        and decode_lora.fits(x.numel() // max(1, x.shape[-1]), layer.r[active[0]])
+        len(active) != 1
+        or layer.merged_adapters
+        or layer.disabled
+        or active[0] not in layer.r
+        or layer.quantized is not None
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
     ):
-        name = active[0]
-        A, B, W = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_weight()
-        if x.dtype == A.dtype == B.dtype == W.dtype and x.dtype in decode_lora.DTYPES:
-            y = F.linear(x, W, getattr(layer.base_layer, "bias", None))
-            return decode_lora.add_lora_(y, x, A, B, layer.scaling[name])
+        return None
+    name = active[0]
+    A, B, W = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_weight()
+    if not (x.dtype == A.dtype == B.dtype == W.dtype and x.dtype in decode_lora.DTYPES and W.shape[1] == x.shape[-1]):
+        return None
+    return W, getattr(layer.base_layer, "bias", None), A, B, layer.scaling[name]
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+class _Siblings:
+    """Routed projections that read one input (q/k/v, gate/up): the first one's call runs all their LoRA terms.
+
+    As :mod:`lorakit.fusion`'s training groups do: the leader computes every member's output
+    and keeps the others' for the siblings' calls with the very same input object; a sibling
+    called with another input (cross-attention) drops them and computes alone.
+    """
+
+    def __init__(self, members: tuple[LoraLinear, ...]) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.stash: dict[LoraLinear, torch.Tensor] = {}
+
+    def output(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output from the group's one kernel, or None: then ``layer`` computes it alone."""
+        if layer is not self.members[0]:
+            out = self.stash.pop(layer, None) if x is self.x else None
+            if out is None or not self.stash:
+                self.x, self.stash = None, {}
+            return out
+        self.x, self.stash = None, {}
+        operands = [_kernel_operands(m, x) for m in self.members]
+        if any(o is None for o in operands) or not decode_lora.fits(_rows(x), max(o[2].shape[0] for o in operands)):
+            return None
+        ys = [F.linear(x, W, bias) for W, bias, *_ in operands]
+        decode_lora.add_lora_group_(ys, x, [o[2] for o in operands], [o[3] for o in operands], [o[4] for o in operands])
+        self.x, self.stash = x, dict(zip(self.members[1:], ys[1:]))
+        return ys[0]
+
+
+def _fused_lora_forward(
+    layer: LoraLinear, group: _Siblings | None, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """``layer``'s inference forward with its LoRA term as one kernel (decode_lora), where that applies."""
+    if not args and not kwargs:
+        if group is not None:
+            y = group.output(layer, x)
+            if y is not None:
+                return y
+        operands = _kernel_operands(layer, x)
+        if operands is not None and decode_lora.fits(_rows(x), operands[2].shape[0]):
+            W, bias, A, B, scale = operands
+            return decode_lora.add_lora_(F.linear(x, W, bias), x, A, B, scale)
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def fused_lora_terms(
-    model: nn.Module, device_types: Sequence[str] = ("cuda",), say: Any = None
+    model: nn.Module, device_types: Sequence[str] = ("cuda",), say: Any = None, group_siblings: bool = False
 ) -> Iterator[list[LoraLinear]]:
     """Within the block, ``model``'s unmerged LoRA Linears add their LoRA term with one kernel.
 
@@ -101,25 +148,41 @@ def fused_lora_terms(
         model: The model.
         device_types: Where to route (the CPU runs the kernel only in Triton's interpreter).
         say: Called with one line when the kernel cannot run on a device the model is on.
+        group_siblings: Also run the LoRA terms of projections that read one input
+            (:data:`lorakit.fusion.SHARED_INPUT_NAMES`: q/k/v, gate/up) as one kernel per group
+            (:func:`~lorakit.decode_lora.add_lora_group_`): 4 LoRA kernels a Llama layer instead of 7.
 
     Yields:
         The routed layers (their routes are removed when the block ends).
     """
-    routed: list[LoraLinear] = []
     refused: dict[torch.device, str | None] = {}
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and routing.forward_owner(module) is None and module.quantized is None:
-            device = module.base_layer.weight.device
-            if device.type not in device_types:
-                continue
-            if device not in refused:
-                refused[device] = decode_lora.available(device)
-                if refused[device] is not None and say is not None and refused[device] not in _SAID:
-                    _SAID.add(refused[device])  # once per process: decoding calls come in loops
-                    say(f"LoRA terms recorded as torch's ops: {refused[device]}")
-            if refused[device] is None:
-                routing.set_forward(module, functools.partial(_fused_lora_forward, module), _OWNER)
-                routed.append(module)
+
+    def routable(module: nn.Module) -> bool:
+        if not isinstance(module, LoraLinear) or routing.forward_owner(module) is not None:
+            return False
+        if module.quantized is not None:
+            return False
+        device = module.base_layer.weight.device
+        if device.type not in device_types:
+            return False
+        if device not in refused:
+            refused[device] = decode_lora.available(device)
+            if refused[device] is not None and say is not None and refused[device] not in _SAID:
+                _SAID.add(refused[device])  # once per process: decoding calls come in loops
+                say(f"LoRA terms recorded as torch's ops: {refused[device]}")
+        return refused[device] is None
+
+    groups: dict[LoraLinear, _Siblings] = {}
+    if group_siblings:
+        for parent in model.modules():
+            for names in SHARED_INPUT_NAMES:
+                members = tuple(parent._modules[n] for n in names if routable(parent._modules.get(n)))
+                if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                    group = _Siblings(members)
+                    groups.update(dict.fromkeys(members, group))
+    routed = [module for module in model.modules() if routable(module)]
+    for module in routed:
+        routing.set_forward(module, functools.partial(_fused_lora_forward, module, groups.get(module)), _OWNER)
     try:
         yield routed
     finally:
@@ -162,13 +225,21 @@ class StaticDecoder:
         say: Called with one line if capture fails and the step runs eagerly instead.
         fuse_lora: Record each unmerged LoRA Linear's LoRA term as one Triton kernel
             (:mod:`lorakit.decode_lora`) instead of three torch ops: fewer kernels per replay.
+        group_siblings: With ``fuse_lora``, one kernel per group of projections reading one input
+            (q/k/v, gate/up; :func:`fused_lora_terms`). Off by default: not yet timed on a GPU.
 
     Raises:
         ConfigError: :func:`capture_blocker` names a reason, or ``graph`` off a CUDA device.
     """
 
     def __init__(
-        self, model: nn.Module, max_len: int, graph: bool = False, say: Any = None, fuse_lora: bool = True
+        self,
+        model: nn.Module,
+        max_len: int,
+        graph: bool = False,
+        say: Any = None,
+        fuse_lora: bool = True,
+        group_siblings: bool = False,
     ) -> None:
         from transformers import StaticCache
 
@@ -179,7 +250,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, the model is on {self.device.type}; use graph=False")
-        self.graph_wanted, self.fuse_lora = graph, fuse_lora
+        self.graph_wanted, self.fuse_lora, self.group_siblings = graph, fuse_lora, group_siblings
         self.graph: torch.cuda.CUDAGraph | None = None
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         kinds = {type(layer).__name__ for layer in self.cache.layers}
@@ -285,7 +356,8 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         # The LoRA terms' one-kernel route only while warming up and recording: the graph keeps it.
-        with fused_lora_terms(self.model, say=self.say) if self.fuse_lora else contextlib.nullcontext():
+        fused = fused_lora_terms(self.model, say=self.say, group_siblings=self.group_siblings)
+        with fused if self.fuse_lora else contextlib.nullcontext():
             try:
                 with torch.cuda.stream(side):
                     torch.cuda.set_sync_debug_mode("error")  # a host read in the step raises here, naming the op

@@ -1,0 +1,84 @@
+"""The Triton kernels of :mod:`lorakit.decode_lora` (imported on first use: Triton is a GPU-side dependency).
+
+Triton resolves a kernel's callees among its module's globals, so they live at module level here;
+Triton reads ``TRITON_INTERPRET`` when this module is first imported (the CPU tests' interpreter).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["lora_add_kernel"]
+
+
+@triton.jit
+def one_block(
+    x_ptr, a_ptr, b_ptr, y_ptr,
+    M, N, R, scale,
+    stride_xm, stride_ak, stride_bn, stride_ym, block,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Output columns [block * BLOCK_N, +BLOCK_N) of one projection: y += scale·(x·Aᵀ)·Bᵀ.
+    # x (M, K) row stride stride_xm; A (R, K) row stride stride_ak; B (N, R) row stride stride_bn;
+    # y (M, N) row stride stride_ym. Last dimensions contiguous. No tl.dot: at these sizes its
+    # operand shuffles through shared memory cost more than the math (16 µs a call with a dot per
+    # 64 columns of K), so products are summed in registers, and the K loop is unrolled (K is a
+    # compile-time constant) so that its loads can be in flight at once.
+    rows = tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.load(
+        b_ptr + outs[:, None] * stride_bn + ranks[None, :],
+        mask=(outs[:, None] < N) & (ranks[None, :] < R),
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_N, BLOCK_R), loaded before x·Aᵀ is needed
+    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
+    keep = (rows[:, None] < M) & (outs[None, :] < N)
+    y = tl.load(where, mask=keep, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :],
+            mask=(rows[:, None] < M) & (cols[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        a = tl.load(
+            a_ptr + ranks[:, None] * stride_ak + cols[None, :],
+            mask=(ranks[:, None] < R) & (cols[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        acc += x[:, None, :] * a[None, :, :]
+    xa = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_R) in float32
+    xa = xa.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as F.linear(x, A) is
+    delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+    tl.store(where, (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def lora_add_kernel(
+    x_ptr, a0, b0, y0, a1, b1, y1, a2, b2, y2,
+    M, N0, N1, N2, R0, R1, R2, s0, s1, s2,
+    stride_xm, sa0, sb0, sy0, sa1, sb1, sy1, sa2, sb2, sy2,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, MEMBERS: tl.constexpr,
+):  # fmt: skip
+    # 1-3 projections reading one x (q/k/v); the programs cover their outputs one after another.
+    pid = tl.program_id(0)
+    if MEMBERS == 1:
+        one_block(x_ptr, a0, b0, y0, M, N0, R0, s0, stride_xm, sa0, sb0, sy0, pid,
+                  K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N)  # fmt: skip
+    else:
+        p0 = tl.cdiv(N0, BLOCK_N)
+        p1 = tl.cdiv(N1, BLOCK_N)
+        if pid < p0:
+            one_block(x_ptr, a0, b0, y0, M, N0, R0, s0, stride_xm, sa0, sb0, sy0, pid,
+                      K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N)  # fmt: skip
+        elif pid < p0 + p1:
+            one_block(x_ptr, a1, b1, y1, M, N1, R1, s1, stride_xm, sa1, sb1, sy1, pid - p0,
+                      K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N)  # fmt: skip
+        else:
+            one_block(x_ptr, a2, b2, y2, M, N2, R2, s2, stride_xm, sa2, sb2, sy2, pid - p0 - p1,
+                      K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N)  # fmt: skip
