@@ -224,7 +224,8 @@ class StaticDecoder:
         graph: Record the step as a CUDA graph (CUDA only) on the first :meth:`step`.
         say: Called with one line if capture fails and the step runs eagerly instead.
         fuse_lora: Record each unmerged LoRA Linear's LoRA term as one Triton kernel
-            (:mod:`lorakit.decode_lora`) instead of three torch ops: fewer kernels per replay.
+            (:mod:`lorakit.decode_lora`) instead of three torch ops where
+            :func:`~lorakit.decode_lora.fits` (batch 1-2 at r=16): fewer kernels per replay.
         group_siblings: With ``fuse_lora``, one kernel per group of projections reading one input
             (q/k/v, gate/up; :func:`fused_lora_terms`). Off by default: not yet timed on a GPU.
 
