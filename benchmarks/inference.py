@@ -113,6 +113,7 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
 
 
 UNFUSED = "static graph, LoRA as 3 ops"
+REUSED = "static graph, decoder kept (reuse=True)"
 SINGLE = "one decode_lora kernel"  # per projection (StaticDecoder's default)
 GROUPED = "one kernel per q/k/v, gate/up group"  # StaticDecoder(group_siblings=True)
 
@@ -130,6 +131,7 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
     if device.type == "cuda":
         methods["static graph"] = ["plain", "lorakit-unmerged", "lorakit-merged"]
         methods[UNFUSED] = ["lorakit-unmerged"]  # the LoRA terms recorded as torch's three ops (fuse_lora=False)
+        methods[REUSED] = ["plain", "lorakit-unmerged"]  # static_decode(reuse=True): recorded once, replayed per call
     else:
         methods["static eager"].append("lorakit-merged")
     runs = {}
@@ -147,6 +149,7 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
                     max_new_tokens=new_tokens,
                     graph=graph,
                     fuse_lora=method != UNFUSED,
+                    reuse=method == REUSED,
                 )
     # The same tokens as generate (both stopping at the model's EOS here; the timed calls never stop early).
     unmerged, eos = variants["lorakit-unmerged"], variants["lorakit-unmerged"].generation_config.eos_token_id

@@ -267,3 +267,80 @@ def test_a_host_read_in_the_step_falls_back_to_eager_with_a_message():
     assert torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW, graph="off"))
     with pytest.raises(ConfigError, match="graph='on'"):
         static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", say=said.append)
+
+
+def _kept(model):
+    from lorakit import graph_decode
+
+    kept = graph_decode._KEPT.get(model)
+    return None if kept is None else kept[1]
+
+
+def test_a_kept_decoder_answers_later_calls_as_a_fresh_one_with_the_same_buffers():
+    model = _lora()
+    ids, mask = _batch()
+    first = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    assert torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW))
+    decoder = _kept(model)
+    buffers = [decoder.padding, decoder.ids, decoder.positions, decoder.slot]
+    buffers += [t for layer in decoder.cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+    addresses = [t.data_ptr() for t in buffers]
+    for lengths, new in [([7, 2, 4], NEW), ([9, 9, 1], NEW - 5)]:  # other prompts and lengths, the same bucket
+        other_ids, other_mask = _batch(lengths, seed=len(lengths) + new)
+        got = static_decode(model, other_ids, other_mask, max_new_tokens=new, reuse=True)
+        assert _kept(model) is decoder
+        assert torch.equal(got, static_decode(model, other_ids, other_mask, max_new_tokens=new))
+    assert [t.data_ptr() for t in buffers] == addresses  # what a recorded graph reads stayed where it was
+    assert decoder.padding is buffers[0] and decoder.positions is buffers[2]
+
+
+def test_a_kept_decoder_is_replaced_when_what_the_step_reads_changes():
+    model = _lora()
+    ids, mask = _batch()
+    static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    decoder = _kept(model)
+    lora_b = model.model.layers[0].self_attn.q_proj.lora_B["default"]
+    with torch.no_grad():  # in place: the same addresses, so the same decoder, reading the new values
+        lora_b.weight.mul_(2)
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    assert _kept(model) is decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    lora_b.weight = torch.nn.Parameter(lora_b.weight.detach().clone() * -1)  # a new tensor: a new decoder
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    decoder = _kept(model)
+    with lorakit.disable_adapters(model):  # the adapters' state: a new decoder, answering as the base
+        got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+        assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    decoder = _kept(model)
+    static_decode(model, ids[:2], mask[:2], max_new_tokens=NEW, reuse=True)  # another batch size
+    assert _kept(model) is not decoder
+
+
+def test_a_kept_decoder_does_not_keep_its_model_alive():
+    import gc
+
+    from lorakit import graph_decode
+
+    model = _lora()
+    ids, mask = _batch()
+    static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    assert model in graph_decode._KEPT
+    before = len(graph_decode._KEPT)
+    del model
+    gc.collect()
+    assert len(graph_decode._KEPT) == before - 1
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_kept_graph_replays_later_calls_as_fresh_ones(dtype):
+    model = _on_cuda("unmerged-lora", dtype)
+    ids, mask = _batch(device="cuda")
+    first = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", reuse=True)
+    graph = _kept(model).graph
+    assert graph is not None and torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW, graph="on"))
+    for lengths, seed in [([7, 2, 4], 3), ([9, 9, 1], 4)]:
+        other_ids, other_mask = _batch(lengths, seed=seed, device="cuda")
+        got = static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on", reuse=True)
+        assert _kept(model).graph is graph  # replayed, not recorded again
+        assert torch.equal(got, static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on"))

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -49,13 +51,15 @@ from torch import nn
 from . import decode_lora, routing
 from .errors import ConfigError
 from .fusion import SHARED_INPUT_NAMES
-from .layers import LoraLinear
+from .layers import LoraLayer, LoraLinear
 
 __all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "fused_lora_terms", "static_decode", "fake_step"]
 
 SYNC_EVERY = 8  # on a GPU, read "every row stopped" back to the host once per this many steps
 _WARMUP = 2  # eager steps on a side stream before capture (allocator, cuBLAS workspace, lazy inits)
 _REFUSED_OWNERS = {"lorakit.mixed": "a mixed-adapter batch (adapter_batch) routes rows per block in Python"}
+REUSE_BUCKET = 64  # static_decode(reuse=True): cache lengths rounded up to this, so calls of nearby lengths share
+_KEPT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, StaticDecoder]] = weakref.WeakKeyDictionary()
 _SAID: set[str] = set()  # why decode_lora could not run, as already told (fused_lora_terms)
 _OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_lora while a graph is recorded
 
@@ -247,7 +251,8 @@ class StaticDecoder:
         blocker = capture_blocker(model)
         if blocker is not None:
             raise ConfigError(f"static-cache decoding cannot run this model: {blocker}; decode without static_cache")
-        self.model, self.max_len, self.say = model, max_len, say or (lambda msg: None)
+        self._model = weakref.ref(model)  # weak: static_decode(reuse=True) keeps decoders per model
+        self.max_len, self.say = max_len, say or (lambda msg: None)
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, the model is on {self.device.type}; use graph=False")
@@ -264,6 +269,14 @@ class StaticDecoder:
         self.padding: torch.Tensor | None = None  # (B, L) bool: prompt mask, then True for new tokens
         self.next_slot = 0
         self._out: torch.Tensor | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this decoder runs."""
+        model = self._model()
+        if model is None:
+            raise ConfigError("this StaticDecoder's model no longer exists; make a new decoder")
+        return model
 
     def _mask(self, query_slots: torch.Tensor) -> torch.Tensor:
         """The 4D attention mask ``[B, 1, Q, L]`` of queries at ``query_slots`` (Q,): padding and causality."""
@@ -291,11 +304,20 @@ class StaticDecoder:
         if width >= self.max_len:
             raise ConfigError(f"prompt width {width} leaves no room in a cache of {self.max_len}; raise max_len")
         mask = attention_mask.to(self.device, torch.bool)
-        self.padding = torch.ones(batch, self.max_len, dtype=torch.bool, device=self.device)
+        if self.padding is None:  # the step's inputs: made once, then written in place (a graph reads them)
+            self.padding = torch.ones(batch, self.max_len, dtype=torch.bool, device=self.device)
+            self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        elif self.padding.shape[0] != batch:
+            raise ConfigError(f"this StaticDecoder decodes batches of {self.padding.shape[0]} rows, got {batch}")
+        else:  # a later call: the cache's write positions start again at 0 (old keys lie beyond the mask)
+            self.padding.fill_(True)
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.zero_()
         self.padding[:, :width] = mask
         positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # as model.generate numbers left padding
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.positions = mask.sum(-1, keepdim=True)  # (B, 1): the first new token's position per row
+        self.positions.copy_(mask.sum(-1, keepdim=True))  # (B, 1): the first new token's position per row
         self.slot.fill_(width)
         self.next_slot = width  # the same, on the host: only to refuse a step past the cache's end
         out = self.model(
@@ -388,6 +410,18 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _state_key(model: nn.Module) -> tuple:
+    """What a recorded step depends on beyond its own buffers: every weight's and buffer's address
+    (a tensor replaced, e.g. by loading an adapter again, moves), the adapters' states and routes."""
+    states = tuple(
+        (tuple(m.active_adapters), tuple(m.merged_adapters), m.disabled, routing.forward_owner(m))
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+    )
+    tensors = tuple((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(model.parameters(), model.buffers()))
+    return states, tensors, model.training, model.config._attn_implementation
+
+
 @torch.inference_mode()
 def static_decode(
     model: nn.Module,
@@ -403,6 +437,7 @@ def static_decode(
     graph: str = "auto",
     say: Any = None,
     fuse_lora: bool = True,
+    reuse: bool = False,
 ) -> torch.Tensor:
     """Continue a batch of left-padded prompts with a static KV cache (greedy, or sampled with a temperature).
 
@@ -424,6 +459,11 @@ def static_decode(
             ``"on"``: a CUDA graph or an error; ``"off"``: eager.
         say: Called with one line when capture fails and decoding goes on eagerly (``"auto"``).
         fuse_lora: In a recorded graph, each unmerged LoRA term as one kernel (:class:`StaticDecoder`).
+        reuse: Keep this call's decoder (its KV cache and recorded graph) for the model's next call of
+            the same batch size and cache length (``prompt width + max_new_tokens`` rounded up to
+            :data:`REUSE_BUCKET`), so that call records no graph; one decoder per model, replaced when
+            any weight or buffer moves or an adapter's state or route changes (in-place weight updates
+            are read by the graph as they are). Off by default: not yet run on a GPU.
 
     Returns:
         The new tokens ``[B, n]`` on the model's device, ``n <= max_new_tokens``.
@@ -440,9 +480,17 @@ def static_decode(
         raise ConfigError(f"temperature must be > 0 when sampling, got {temperature!r}.")
     device = next(model.parameters()).device
     graphed = graph == "on" or (graph == "auto" and device.type == "cuda")
-    decoder = StaticDecoder(
-        model, input_ids.shape[1] + max_new_tokens, graph=graphed, say=say or print, fuse_lora=fuse_lora
-    )
+    max_len = input_ids.shape[1] + max_new_tokens
+    decoder = None
+    if reuse:
+        max_len = -(-max_len // REUSE_BUCKET) * REUSE_BUCKET
+        key = (input_ids.shape[0], max_len, graphed, fuse_lora, _state_key(model))
+        kept = _KEPT.get(model)
+        decoder = kept[1] if kept is not None and kept[0] == key else None
+    if decoder is None:
+        decoder = StaticDecoder(model, max_len, graph=graphed, say=say or print, fuse_lora=fuse_lora)
+        if reuse:
+            _KEPT[model] = (key, decoder)
     eos = torch.tensor([] if eos_token_id is None else _as_list(eos_token_id), dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (_as_list(eos_token_id)[0] if eos_token_id is not None else 0)
     sync_every = SYNC_EVERY if device.type == "cuda" else 1
