@@ -81,6 +81,8 @@ def test_bad_calls_are_clear_errors():
         decode_lora.add_lora_(
             torch.zeros(8, 48, device=DEVICE), torch.zeros(8, 32, device=DEVICE), A.repeat(4, 1), B.repeat(1, 4), 1.0
         )
+    with pytest.raises(ConfigError, match="contiguous"):
+        decode_lora.add_lora_(torch.zeros(48, 2, device=DEVICE).T, x, A, B, 1.0)
     with pytest.raises(ConfigError, match="dtypes"):
         decode_lora.add_lora_(y, x.double(), A, B, 1.0)
 

@@ -6,6 +6,9 @@ computes: ``x·Aᵀ``, then ``(x·Aᵀ)·Bᵀ``, which cuBLAS runs as a split-K 
 reduction. :func:`add_lora_` does the same math in one kernel: every program recomputes
 the rows' ``x·Aᵀ`` in registers (``r x in`` products, A read from L2; the K loop unrolled so
 that its loads are in flight together) and adds its block of ``s·(x·Aᵀ)·Bᵀ`` into ``y``.
+:func:`add_lora_group_` does it for 1-3 projections that read one ``x`` (q/k/v, gate/up) in
+one launch, the programs covering their outputs one after another (``add_lora_`` is its
+one-member case; the kernels live in :mod:`lorakit.decode_lora_triton`).
 
 Measured on an H200 (SmolLM2-135M, r=16 on all seven projections, one decoding step as a
 CUDA-graph replay, fp32; benchmarks/RESULTS.md, ``inference.py --static (cuda)``): at batch 1
@@ -154,6 +157,8 @@ def add_lora_group_(
         problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
     if len({t.device for t in tensors}) != 1:
         problems.append("tensors on different devices")
+    if not all(y.is_contiguous() for y in ys):
+        problems.append("an output y that is not contiguous (written in place through a 2-D view)")
     if problems:
         raise ConfigError("decode_lora.add_lora_: " + "; ".join(problems))
     x2 = x.reshape(rows, K)
