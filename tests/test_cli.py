@@ -140,6 +140,23 @@ def test_generate_prints_the_answer(capsys, env):
     assert out.rstrip("\n") == expected
 
 
+def test_static_cache_decoding_answers_the_same(capsys, env, monkeypatch):
+    from lorakit import graph_decode
+
+    model, tokenizer, _ = runs.open_adapter(env["run"])
+    expected = generation.generate(model, tokenizer, "say ab", max_new_tokens=6)
+    calls = []
+    real = graph_decode.static_decode
+    monkeypatch.setattr(generation, "static_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, out, err = run_cli(capsys, "generate", env["run"], "-p", "say ab", "--max-new-tokens", 6, "--static-cache")
+    assert code == 0, err
+    assert out.rstrip("\n") == expected and calls == [1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("say ab\n"))
+    code, out, err = run_cli(capsys, "chat", env["run"], "--max-new-tokens", 6, "--static-cache")
+    assert code == 0, err
+    assert f"assistant> {expected}" in out and calls == [1, 1]
+
+
 @pytest.mark.parametrize("columns", ["200", "60"])  # a table when wide, labelled blocks when narrow
 def test_generate_compare_base_from_prompts_file(capsys, env, tmp_path, monkeypatch, columns):
     monkeypatch.setenv("COLUMNS", columns)

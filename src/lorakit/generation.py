@@ -169,6 +169,7 @@ def generate(
     do_sample: bool = False,
     temperature: float = 0.7,
     adapter_name: str | None = None,
+    static_cache: bool = False,
 ) -> str:
     """Answer one prompt.
 
@@ -183,6 +184,8 @@ def generate(
         temperature: Sampling temperature (only with ``do_sample``).
         adapter_name: Answer with this adapter (``"__base__"``: none) whatever is active;
             None uses the active adapters.
+        static_cache: Decode with a static KV cache, each step one CUDA-graph replay on a GPU
+            (as :func:`generate_batch`); not with ``adapter_name``.
 
     Returns:
         The generated text, special tokens removed.
@@ -199,6 +202,7 @@ def generate(
         do_sample=do_sample,
         temperature=temperature,
         adapter_names=None if adapter_name is None else [adapter_name],
+        static_cache=static_cache,
     )[0]
 
 
