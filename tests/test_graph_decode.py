@@ -19,6 +19,7 @@ import lorakit
 from lorakit import generation
 from lorakit.errors import ConfigError
 from lorakit.graph_decode import StaticDecoder, capture_blocker, fake_step, static_decode
+from lorakit.layers import ModulesToSaveWrapper
 from lorakit.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -314,6 +315,19 @@ def test_a_kept_decoder_is_replaced_when_what_the_step_reads_changes():
     decoder = _kept(model)
     static_decode(model, ids[:2], mask[:2], max_new_tokens=NEW, reuse=True)  # another batch size
     assert _kept(model) is not decoder
+
+
+def test_a_kept_decoder_is_replaced_when_another_saved_module_copy_runs():
+    model = lorakit.inject(
+        _plain(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    ).eval()
+    ids, mask = _batch()
+    static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    decoder = _kept(model)
+    (wrapper,) = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    wrapper.disabled = True  # the original head runs instead of the saved copy; the LoRA layers are as they were
+    got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
+    assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
 
 
 def test_a_kept_decoder_does_not_keep_its_model_alive():

@@ -51,7 +51,7 @@ from torch import nn
 from . import decode_lora, routing
 from .errors import ConfigError
 from .fusion import SHARED_INPUT_NAMES
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLayer, LoraLinear, ModulesToSaveWrapper
 
 __all__ = ["SYNC_EVERY", "StaticDecoder", "capture_blocker", "fused_lora_terms", "static_decode", "fake_step"]
 
@@ -415,8 +415,10 @@ def _state_key(model: nn.Module) -> tuple:
     (a tensor replaced, e.g. by loading an adapter again, moves), the adapters' states and routes."""
     states = tuple(
         (tuple(m.active_adapters), tuple(m.merged_adapters), m.disabled, routing.forward_owner(m))
-        for m in model.modules()
         if isinstance(m, LoraLayer)
+        else (m.active_adapter, m.disabled, routing.forward_owner(m))  # which copy of a saved module runs
+        for m in model.modules()
+        if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
     )
     tensors = tuple((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(model.parameters(), model.buffers()))
     return states, tensors, model.training, model.config._attn_implementation
