@@ -180,7 +180,8 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
         "",
         f"Greedy decoding of {new_tokens} tokens (batch {batch}, no EOS stop), median of {repeats} calls; "
         f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; an unmerged LoRA term is one "
-        f"decode_lora kernel in the graph, or torch's three ops in the last row); its unmerged tokens equal "
+        f"decode_lora kernel in the graph where it fits, torch's three ops in the 'LoRA as 3 ops' row; the "
+        f"'decoder kept' rows record once and replay in later calls); its unmerged tokens equal "
         f"model.generate's: {same}.",
         "",
         "| variant | method | tokens/s | x plain (same method) |",
