@@ -37,7 +37,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits", "reference"]
+__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes (one dtype for all four tensors)
 MAX_ROWS = 16  # rows (batch x new tokens) up to which a step's LoRA term runs as one kernel
@@ -177,11 +177,3 @@ def add_lora_group_(
         K=K, BLOCK_M=_pow2(rows), BLOCK_R=_pow2(r), BLOCK_K=max(16, _ACC // (_pow2(rows) * _pow2(r))),
         BLOCK_N=_BLOCK_N, MEMBERS=members,
     )  # fmt: skip
-
-
-def reference(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """The torch ops :func:`add_lora_` replaces (lorakit's inference path), on a copy of ``y``."""
-    out = y.clone()
-    xa = torch.nn.functional.linear(x, A)
-    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=scale)
-    return out

@@ -66,22 +66,13 @@ _OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_l
 
 def _kernel_operands(layer: LoraLinear, x: torch.Tensor) -> tuple[Any, ...] | None:
     """``(W, bias, A, B, scale)`` for decode_lora to run ``layer`` on ``x``, or None where it does not apply."""
-    active = layer.active_adapters
-    if (
-        len(active) != 1
-        or layer.merged_adapters
-        or layer.disabled
-        or active[0] not in layer.r
-        or layer.quantized is not None
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled(x.device.type)
-    ):
+    operands = layer.inference_operands(x)  # the layer's own rule for its inference path
+    if operands is None:
         return None
-    name = active[0]
-    A, B, W = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_weight()
-    if not (x.dtype == A.dtype == B.dtype == W.dtype and x.dtype in decode_lora.DTYPES and W.shape[1] == x.shape[-1]):
+    W, _, A, B, _ = operands
+    if not (B.dtype == x.dtype and x.dtype in decode_lora.DTYPES and W.shape[1] == x.shape[-1]):
         return None
-    return W, getattr(layer.base_layer, "bias", None), A, B, layer.scaling[name]
+    return operands
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -379,8 +370,11 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         # The LoRA terms' one-kernel route only while warming up and recording: the graph keeps it.
-        fused = fused_lora_terms(self.model, say=self.say, group_siblings=self.group_siblings)
-        with fused if self.fuse_lora else contextlib.nullcontext():
+        if self.fuse_lora:
+            route = fused_lora_terms(self.model, say=self.say, group_siblings=self.group_siblings)
+        else:
+            route = contextlib.nullcontext()
+        with route:
             try:
                 with torch.cuda.stream(side):
                     torch.cuda.set_sync_debug_mode("error")  # a host read in the step raises here, naming the op

@@ -269,6 +269,29 @@ class LoraLinear(LoraLayer):
         """What lorakit's LoRA ops take in the weight slot: the quantized base, else :meth:`base_weight`."""
         return self.quantized if self.quantized is not None else self.base_weight()
 
+    def _plain_inference(self, x: torch.Tensor, A: torch.Tensor, W: torch.Tensor) -> bool:
+        """Whether a one-adapter call on ``x`` takes the inference path (``F.linear`` plus an in-place LoRA term)."""
+        return (
+            self.quantized is None
+            and not torch.is_grad_enabled()
+            and x.dtype == A.dtype == W.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def inference_operands(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        """``(W, bias, A, B, scale)`` when :meth:`forward` on ``x`` would compute ``F.linear(x, W, bias) +
+        scale·(x·Aᵀ)·Bᵀ`` on its inference path (one active unmerged adapter, a full-precision base, no
+        autograd, autocast or dropout, ``x`` in the weights' dtype), else None: for other implementations
+        of the same call (lorakit.graph_decode's one-kernel LoRA term)."""
+        active = self.active_adapters
+        if len(active) != 1 or self.merged_adapters or self.disabled or active[0] not in self.r:
+            return None
+        name = active[0]
+        A, B, W = self.lora_A[name].weight, self.lora_B[name].weight, self.base_weight()
+        if (self.training and isinstance(self.lora_dropout[name], nn.Dropout)) or not self._plain_inference(x, A, W):
+            return None
+        return W, getattr(self.base_layer, "bias", None), A, B, self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_adapters
         # The common case (one active adapter, unmerged) without building the pending list.
@@ -291,13 +314,7 @@ class LoraLinear(LoraLayer):
             W = self.frozen_base()  # a quantized base is dequantized per call inside the op, never kept
             bias = base._parameters["bias"] if "bias" in base._parameters else getattr(base, "bias", None)
             dropping = self.training and isinstance(drop, nn.Dropout)
-            if (
-                not dropping
-                and self.quantized is None
-                and not torch.is_grad_enabled()
-                and x.dtype == A.dtype == W.dtype
-                and not torch.is_autocast_enabled(x.device.type)
-            ):
+            if not dropping and self._plain_inference(x, A, W):
                 # Inference: no autograd bookkeeping, LoRA term added into the base output in place.
                 y = F.linear(x, W, bias)  # (..., out)
                 xa = F.linear(x, A)  # (..., r)
