@@ -11,7 +11,7 @@
 #       transformers==5.23.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 typing_extensions==4.16.0 tokenizers==0.23.3
 # Usage there:  bash benchmarks/device_run.sh [what ...]   (carry .whl and .bench_model)
-#   what: env train layer inference profile compile decode, or a pytest target such as tests/test_cuda.py
+#   what: env train layer inference profile compile decode static, or a pytest target such as tests/test_cuda.py
 #   decode: lorakit.graph_decode's CUDA tests (graphed step == eager step), then its benchmark
 #           (inference.py --static: unmerged vs plain decoding with CUDA graphs, batch 1 and 8)
 if [ "${1:-}" = prep ]; then
@@ -46,6 +46,7 @@ for w in $what; do
     decode) python3 -m pytest -q -rs tests/test_decode_lora.py tests/test_graph_decode.py
             python3 benchmarks/inference.py --device cuda --static
             python3 benchmarks/inference.py --device cuda --static --batch 8 --no-write ;;
+    static) python3 benchmarks/inference.py --device cuda --static ;;  # batch 1 only
     *) python3 -m pytest -q -x $w ;;
   esac 2>&1 | tee -a "$out/log.txt"
 done

@@ -113,9 +113,22 @@ def overhead_proxy(device: torch.device, repeats: int) -> list[str]:
 
 
 UNFUSED = "static graph, LoRA as 3 ops"
-REUSED = "static graph, decoder kept (reuse=True)"
-SINGLE = "one decode_lora kernel"  # per projection (StaticDecoder's default)
-GROUPED = "one kernel per q/k/v, gate/up group"  # StaticDecoder(group_siblings=True)
+REUSED = "static graph, decoder kept (the default)"
+# Kept decoders with other LoRA routes than the default (q/k/v and gate/up each one kernel with their base
+# matmuls, o and down a base matmul plus one LoRA kernel): static_decode's options per row.
+REUSED_OTHER = {
+    "static graph, decoder kept, base matmuls apart": dict(fuse_base="off"),
+    "static graph, decoder kept, one LoRA kernel per projection": dict(group_siblings=False, fuse_base="off"),
+    "static graph, decoder kept, every projection whole in one kernel": dict(fuse_base="all"),
+}
+# The replay table's LoRA routes: StaticDecoder's options per row.
+ROUTES = {
+    "one decode_lora kernel per projection": dict(group_siblings=False, fuse_base="off"),
+    "one per q/k/v, gate/up group": dict(fuse_base="off"),
+    "groups whole (base matmul in the kernel; the default)": dict(fuse_base="groups"),
+    "every projection whole": dict(fuse_base="all"),
+    "torch's 3 ops": dict(fuse_lora=False),
+}
 
 
 def static_decode_table(variants, prompt, device: torch.device, new_tokens: int, repeats: int, batch: int) -> str:
@@ -132,8 +145,14 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
         methods["static graph"] = ["plain", "lorakit-unmerged", "lorakit-merged"]
         methods[UNFUSED] = ["lorakit-unmerged"]  # the LoRA terms recorded as torch's three ops (fuse_lora=False)
         methods[REUSED] = ["plain", "lorakit-unmerged"]  # static_decode(reuse=True): recorded once, replayed per call
+        for name in REUSED_OTHER:
+            methods[name] = ["lorakit-unmerged"]
     else:
         methods["static eager"].append("lorakit-merged")
+    # static_decode keeps one decoder per model: each kept unmerged row but the first gets its own copy of the
+    # model, or the kept rows would replace each other's decoder (and record its graphs) in every call.
+    kept = [REUSED, *REUSED_OTHER]
+    copies = {m: copy.deepcopy(variants["lorakit-unmerged"]) for m in REUSED_OTHER if m in methods}
     runs = {}
     for method, names in methods.items():
         for k in names:
@@ -143,15 +162,20 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
                 graph = "off" if method == "static eager" else "on"
                 runs[(k, method)] = functools.partial(
                     static_decode,
-                    variants[k],
+                    copies[method] if k == "lorakit-unmerged" and method in copies else variants[k],
                     ids,
                     mask,
                     max_new_tokens=new_tokens,
                     graph=graph,
                     fuse_lora=method != UNFUSED,
-                    reuse=method == REUSED,
+                    reuse=method in kept,
+                    **REUSED_OTHER.get(method, {}),
                 )
-    # The same tokens as generate (both stopping at the model's EOS here; the timed calls never stop early).
+    for (_, method), run in runs.items():
+        if method in kept:  # the steady state: step and prefill graphs recorded, untimed
+            run(), run()
+    # The same tokens as generate (both stopping at the model's EOS here; the timed calls never stop early); on a GPU
+    # from the kept decoder, its prefill and step replayed.
     unmerged, eos = variants["lorakit-unmerged"], variants["lorakit-unmerged"].generation_config.eos_token_id
     last = "static graph" if "static graph" in methods else "static eager"
     same = torch.equal(
@@ -179,16 +203,18 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
         f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.",
         "",
         f"Greedy decoding of {new_tokens} tokens (batch {batch}, no EOS stop), median of {repeats} calls; "
-        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; an unmerged LoRA term is one "
-        f"decode_lora kernel in the graph where it fits, torch's three ops in the 'LoRA as 3 ops' row; the "
-        f"'decoder kept' rows record once and replay in later calls); its unmerged tokens equal "
-        f"model.generate's: {same}.",
+        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; where they fit (batch 1-2), "
+        f"the unmerged q/k/v and gate/up projections are one decode_lora kernel per group with their base "
+        f"matmuls, o and down a base matmul plus one LoRA kernel; torch's three ops per LoRA term in the 'LoRA "
+        f"as 3 ops' row; the 'decoder kept' rows are timed after two untimed calls recorded the step and the "
+        f"prefill, so each call replays both); its unmerged tokens equal model.generate's: {same}.",
         "",
         "| variant | method | tokens/s | x plain (same method) |",
         "|---|---|---:|---:|",
     ]
     for (k, method), ts in times.items():
-        ratio = median(ts) / median(times[("plain", "static graph" if method == UNFUSED else method)])
+        base = "static graph" if method == UNFUSED else REUSED if method in kept else method
+        ratio = median(ts) / median(times[("plain", base)])
         lines.append(f"| {k} | {method} | {batch * new_tokens / median(ts):.1f} | {ratio:.2f} |")
     if device.type == "cuda":
         lines += replay_table(variants, ids, mask, new_tokens, repeats)
@@ -199,8 +225,7 @@ def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
     """One decoding step's time as a graph replay (recorded once, outside the timing): the steady state."""
     from lorakit.graph_decode import StaticDecoder
 
-    rows = [("plain", "-"), ("lorakit-unmerged", SINGLE), ("lorakit-unmerged", GROUPED)]
-    rows += [("lorakit-unmerged", "torch's 3 ops"), ("lorakit-merged", "-")]
+    rows = [("plain", "-"), *(("lorakit-unmerged", how) for how in ROUTES), ("lorakit-merged", "-")]
     times: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
     decoders = {}
     for k, how in rows:
@@ -208,8 +233,7 @@ def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
             variants[k],
             ids.shape[1] + (repeats + 1) * steps + 1,
             graph=True,
-            fuse_lora=how != "torch's 3 ops",
-            group_siblings=how == GROUPED,
+            **ROUTES.get(how, {}),
         )
         tokens = decoder.prefill(ids, mask).argmax(-1)
         decoder.step(tokens)  # records the graph

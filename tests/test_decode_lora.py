@@ -215,6 +215,65 @@ def test_a_group_of_siblings_matches_each_alone_in_float64(dtype):
         decode_lora.add_lora_group_(ys * 2, x, As * 2, Bs * 2, scales * 2)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_projections_in_one_kernel_match_float64(dtype, bias):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(80, 8), (32, 4), (48, 16)]
+    x = torch.randn(2, 1, 96, generator=g).to(DEVICE, dtype)
+    Ws = [(torch.randn(n, 96, generator=g) / 10).to(DEVICE, dtype) for n, _ in shapes]
+    cs = [torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None for n, _ in shapes]
+    As = [(torch.randn(r, 96, generator=g) / 10).to(DEVICE, dtype) for _, r in shapes]
+    Bs = [torch.randn(n, r, generator=g).to(DEVICE, dtype) for n, r in shapes]
+    scales = [2.0, 0.5, 1.0]
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-20
+    for members in (1, 2, 3):
+        outs = decode_lora.linear_lora_group(
+            x, Ws[:members], cs[:members], As[:members], Bs[:members], scales[:members]
+        )
+        assert len(outs) == members
+        for out, W, c, A, B, s in zip(outs, Ws, cs, As, Bs, scales):
+            assert out.shape == (2, 1, W.shape[0]) and out.dtype == dtype
+            x64 = x.double().flatten(0, -2)
+            base = x64 @ W.double().T + (c.double() if bias else 0)
+            exact = _exact(base.to(dtype).view_as(out), x, A, B, s).view_as(out)  # the base rounded, as F.linear
+            torch_ops = _torch_ops(torch.nn.functional.linear(x, W, c), x, A, B, s)  # what it stands for
+            xa = (x64 @ A.double().T).abs()
+            spread = (x64.abs() @ W.double().abs().T + 1.5 * xa @ B.double().abs().T).view_as(out)
+            bound = ulp * (2 * exact.abs() + spread) + 1e-5 * (dtype == torch.float32) * spread + 1e-6
+            assert ((out.double() - exact).abs() <= bound).all()
+            assert ((out.double() - torch_ops.double()).abs() <= 2 * bound).all()
+    with pytest.raises(ConfigError, match="for every projection or for none"):
+        mixed = [torch.zeros(80, device=DEVICE, dtype=dtype), None]
+        decode_lora.linear_lora_group(x, Ws[:2], mixed, As[:2], Bs[:2], scales[:2])
+    with pytest.raises(ConfigError, match="weights or biases"):
+        decode_lora.linear_lora_group(x, [Ws[0][:, :50]], [None], As[:1], Bs[:1], scales[:1])
+    with pytest.raises(ConfigError, match="dtypes"):
+        decode_lora.linear_lora_group(x, [Ws[0].double()], [None], As[:1], Bs[:1], scales[:1])
+
+
+@pytest.mark.parametrize("fuse_base", ["groups", "all"])
+def test_whole_projections_routed_decode_as_the_torch_ops(monkeypatch, fuse_base):
+    model = _all_projections_model()
+    ids = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 1, 2, 7]], device=DEVICE)
+    mask = (ids > 0).long()
+    want = _decode(model, ids, mask, 3)
+    assert decode_lora.available(DEVICE) is None
+    whole, terms = [], []
+    linear, group = decode_lora.linear_lora_group, decode_lora.add_lora_group_
+    monkeypatch.setattr(decode_lora, "linear_lora_group", lambda x, Ws, *a: whole.append(len(Ws)) or linear(x, Ws, *a))
+    monkeypatch.setattr(decode_lora, "add_lora_group_", lambda ys, *a: terms.append(len(ys)) or group(ys, *a))
+    got = _decode(model, ids, mask, 3, device_types=(DEVICE,), group_siblings=True, fuse_base=fuse_base)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if fuse_base == "all":  # per layer q/k/v, o, gate/up, down; 2 layers; 3 steps
+        assert whole == [3, 1, 2, 1] * 2 * 3 and terms == []
+    else:  # the groups whole; o and down as base matmul plus the LoRA kernel
+        assert whole == [3, 2] * 2 * 3 and terms == [1, 1] * 2 * 3
+    with pytest.raises(ConfigError, match="fuse_base"):
+        with fused_lora_terms(model, fuse_base="yes"):
+            pass
+
+
 def _all_projections_model():
     return _lora_model(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=1)
 

@@ -73,6 +73,22 @@ def test_greedy_tokens_equal_generate(kind):
     assert torch.equal(one[0], got[1])  # the unpadded row alone: padding changes nothing
 
 
+@pytest.mark.parametrize("bucket", [4, 16])
+def test_prompts_padded_to_a_bucket_decode_as_generate(bucket):
+    model = _lora()
+    ids, mask = _batch()
+    decoder = StaticDecoder(model, 64, prefill_bucket=bucket)
+    assert decoder.padded_width(ids.shape[1]) == bucket * -(-ids.shape[1] // bucket) > ids.shape[1]
+    tokens = [decoder.prefill(ids, mask).argmax(-1)]
+    assert int(decoder.slot) == decoder.padded_width(ids.shape[1])
+    for _ in range(NEW - 1):
+        tokens.append(decoder.step(tokens[-1]).argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), _reference(model, ids, mask))
+    assert StaticDecoder(model, 10, prefill_bucket=bucket).padded_width(9) == 9  # never past the cache's room
+    with pytest.raises(ConfigError, match="prefill_bucket"):
+        StaticDecoder(model, 64, prefill_bucket=0)
+
+
 def test_the_adapter_is_decoded_unmerged():
     plain, lora = _plain(), _lora()
     ids, mask = _batch()
@@ -241,17 +257,40 @@ def test_graphed_step_equals_eager_step(kind, dtype):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fuse_base", ["groups", "all"])
+def test_a_graph_with_whole_projections_in_one_kernel_steps_as_eager(fuse_base, dtype):
+    model = _on_cuda("unmerged-lora", dtype)
+    ids, mask = _batch(device="cuda")
+    eager = StaticDecoder(model, ids.shape[1] + NEW)
+    graphed = StaticDecoder(model, ids.shape[1] + NEW, graph=True, fuse_base=fuse_base)
+    a, b = eager.prefill(ids, mask), graphed.prefill(ids, mask)
+    for _ in range(NEW - 1):
+        tokens = a.argmax(-1)
+        a, b = eager.step(tokens).clone(), graphed.step(tokens).clone()
+        torch.testing.assert_close(b, a, **TOL[dtype])
+    assert graphed.graph is not None
+    if dtype == torch.float32:
+        assert torch.equal(
+            static_decode(model, ids, mask, max_new_tokens=NEW, fuse_base=fuse_base), _reference(model, ids, mask)
+        )
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_graphed_decoding_tokens_equal_eager(kind, dtype):
     model = _on_cuda(kind, dtype)
     ids, mask = _batch(device="cuda")
-    graphed = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on")
+    # bf16 tokens equal the eager ones' where the graph runs the same ops (the base matmuls apart; fused with
+    # them, its sums round in another order: test_graphed_step_equals_eager_step holds those to TOL)
+    route = {"fuse_base": "off"} if dtype == torch.bfloat16 else {}
+    graphed = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", **route)
     assert torch.equal(graphed, static_decode(model, ids, mask, max_new_tokens=NEW, graph="off"))
     if dtype == torch.float32:
         assert torch.equal(graphed, _reference(model, ids, mask))
     eos = [int(graphed[1, 2]), int(graphed[0, 9])]  # a stop between two of the every-8-steps host checks
     assert torch.equal(
-        static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, graph="on"),
+        static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, graph="on", **route),
         static_decode(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, graph="off"),
     )
 
@@ -270,6 +309,10 @@ def test_a_host_read_in_the_step_falls_back_to_eager_with_a_message():
         static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", say=said.append)
 
 
+def _fresh(model, ids, mask, **kwargs):
+    return static_decode(model, ids, mask, max_new_tokens=NEW, reuse=False, **kwargs)
+
+
 def _kept(model):
     from lorakit import graph_decode
 
@@ -281,7 +324,7 @@ def test_a_kept_decoder_answers_later_calls_as_a_fresh_one_with_the_same_buffers
     model = _lora()
     ids, mask = _batch()
     first = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
-    assert torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW))
+    assert torch.equal(first, _fresh(model, ids, mask))
     decoder = _kept(model)
     buffers = [decoder.padding, decoder.ids, decoder.positions, decoder.slot]
     buffers += [t for layer in decoder.cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
@@ -290,7 +333,7 @@ def test_a_kept_decoder_answers_later_calls_as_a_fresh_one_with_the_same_buffers
         other_ids, other_mask = _batch(lengths, seed=len(lengths) + new)
         got = static_decode(model, other_ids, other_mask, max_new_tokens=new, reuse=True)
         assert _kept(model) is decoder
-        assert torch.equal(got, static_decode(model, other_ids, other_mask, max_new_tokens=new))
+        assert torch.equal(got, static_decode(model, other_ids, other_mask, max_new_tokens=new, reuse=False))
     assert [t.data_ptr() for t in buffers] == addresses  # what a recorded graph reads stayed where it was
     assert decoder.padding is buffers[0] and decoder.positions is buffers[2]
 
@@ -304,17 +347,20 @@ def test_a_kept_decoder_is_replaced_when_what_the_step_reads_changes():
     with torch.no_grad():  # in place: the same addresses, so the same decoder, reading the new values
         lora_b.weight.mul_(2)
     got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
-    assert _kept(model) is decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    assert _kept(model) is decoder and torch.equal(got, _fresh(model, ids, mask))
     lora_b.weight = torch.nn.Parameter(lora_b.weight.detach().clone() * -1)  # a new tensor: a new decoder
     got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
-    assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    assert _kept(model) is not decoder and torch.equal(got, _fresh(model, ids, mask))
     decoder = _kept(model)
     with lorakit.disable_adapters(model):  # the adapters' state: a new decoder, answering as the base
         got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
-        assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+        assert _kept(model) is not decoder and torch.equal(got, _fresh(model, ids, mask))
     decoder = _kept(model)
     static_decode(model, ids[:2], mask[:2], max_new_tokens=NEW, reuse=True)  # another batch size
     assert _kept(model) is not decoder
+    decoder = _kept(model)
+    static_decode(model, ids[:2], mask[:2], max_new_tokens=NEW, group_siblings=False, reuse=True)  # another route
+    assert _kept(model) is not decoder and not _kept(model).group_siblings
 
 
 def test_a_kept_decoder_is_replaced_when_another_saved_module_copy_runs():
@@ -327,7 +373,22 @@ def test_a_kept_decoder_is_replaced_when_another_saved_module_copy_runs():
     (wrapper,) = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
     wrapper.disabled = True  # the original head runs instead of the saved copy; the LoRA layers are as they were
     got = static_decode(model, ids, mask, max_new_tokens=NEW, reuse=True)
-    assert _kept(model) is not decoder and torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW))
+    assert _kept(model) is not decoder and torch.equal(got, _fresh(model, ids, mask))
+
+
+def test_decoders_are_kept_by_default_until_forgotten():
+    from lorakit import graph_decode
+
+    model = _lora()
+    ids, mask = _batch()
+    static_decode(model, ids, mask, max_new_tokens=NEW)  # reuse=True is the default, as generate keeps its cache
+    decoder = _kept(model)
+    assert decoder is not None
+    static_decode(model, ids, mask, max_new_tokens=NEW, reuse=False)  # a fresh one, the kept one left alone
+    assert _kept(model) is decoder
+    graph_decode.forget(model)
+    assert _kept(model) is None
+    graph_decode.forget(model)  # nothing kept: nothing to do
 
 
 def test_a_kept_decoder_does_not_keep_its_model_alive():
@@ -347,15 +408,28 @@ def test_a_kept_decoder_does_not_keep_its_model_alive():
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_kept_graph_replays_later_calls_as_fresh_ones(dtype):
+@pytest.mark.parametrize(("dtype", "group"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_a_kept_graph_replays_later_calls_as_fresh_ones(dtype, group):
     model = _on_cuda("unmerged-lora", dtype)
     ids, mask = _batch(device="cuda")
-    first = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", reuse=True)
-    graph = _kept(model).graph
-    assert graph is not None and torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW, graph="on"))
-    for lengths, seed in [([7, 2, 4], 3), ([9, 9, 1], 4)]:
+    first = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", group_siblings=group, reuse=True)
+    decoder = _kept(model)
+    graph = decoder.graph
+    assert graph is not None and decoder.prefill_bucket > 1
+    assert torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", reuse=False))
+    if dtype == torch.float32:  # bf16: the eager ops round the base matmuls apart (see above)
+        assert torch.equal(first, static_decode(model, ids, mask, max_new_tokens=NEW, graph="off", reuse=False))
+    padded = decoder.padded_width(ids.shape[1])
+    recorded = None
+    for lengths, seed in [([7, 2, 4], 3), ([9, 9, 1], 4), ([3, 1, 8], 5)]:  # all in the first prompt's bucket
         other_ids, other_mask = _batch(lengths, seed=seed, device="cuda")
-        got = static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on", reuse=True)
-        assert _kept(model).graph is graph  # replayed, not recorded again
-        assert torch.equal(got, static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on"))
+        got = static_decode(
+            model, other_ids, other_mask, max_new_tokens=NEW, graph="on", group_siblings=group, reuse=True
+        )
+        assert _kept(model) is decoder and decoder.padded_width(other_ids.shape[1]) == padded
+        assert decoder.graph is graph  # the step replayed, not recorded again
+        prefill = decoder._prefills[padded][1]  # recorded in the second call, then replayed
+        assert prefill is not None and (recorded is None or prefill is recorded)
+        recorded = prefill
+        fresh = static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on", reuse=False)
+        assert torch.equal(got, fresh)

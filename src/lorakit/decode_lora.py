@@ -1,4 +1,4 @@
-"""A decoding step's LoRA term as one Triton kernel on a GPU: ``y += s·(x·Aᵀ)·Bᵀ`` in one launch.
+"""A decoding step's LoRA terms as Triton kernels on a GPU: ``y += s·(x·Aᵀ)·Bᵀ``, or whole projections.
 
 In a decoding step each adapted projection sees a few rows (the batch), and the
 unmerged LoRA term costs three tiny kernels, each 1-3 µs of latency however little it
@@ -8,19 +8,27 @@ the rows' ``x·Aᵀ`` in registers (``r x in`` products, A read from L2; the K l
 that its loads are in flight together) and adds its block of ``s·(x·Aᵀ)·Bᵀ`` into ``y``.
 :func:`add_lora_group_` does it for 1-3 projections that read one ``x`` (q/k/v, gate/up) in
 one launch, the programs covering their outputs one after another (``add_lora_`` is its
-one-member case; the kernels live in :mod:`lorakit.decode_lora_triton`).
+one-member case), and :func:`linear_lora_group` computes whole projections, the base
+matmul ``x·Wᵀ + bias`` in the same kernel as the LoRA term, so that q/k/v (or gate/up)
+cost one launch where plain decoding launches a cuBLAS kernel per projection. The kernels
+live in :mod:`lorakit.decode_lora_triton`.
 
 Measured on an H200 (SmolLM2-135M, r=16 on all seven projections, one decoding step as a
 CUDA-graph replay, fp32; benchmarks/RESULTS.md, ``inference.py --static (cuda)``): at batch 1
-the unmerged step is 1.21x the plain model's with this kernel, 1.35x with the three ops; at
-batch 8 the kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows with the
-rows). So :func:`fits` takes it only up to :data:`_MAX_CELLS` padded rows x rank (batch 1-2 at
+the unmerged step is 1.35x the plain model's with torch's three ops, 1.22x with one LoRA
+kernel per projection, 1.13x with one per q/k/v and gate/up group, 1.05x with those groups
+whole (base matmuls in the kernel; o and down a base matmul plus a LoRA kernel) and 1.08x
+with every projection whole (o and down alone keep too few programs busy). At batch 8 the
+LoRA kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows with the rows).
+So :func:`fits` takes it only up to :data:`_MAX_CELLS` padded rows x rank (batch 1-2 at
 r=16); larger calls keep the three ops. A first version with ``tl.dot`` per 64 input columns
 took 16 µs a call (operands shuffled through shared memory): slower than the three ops.
 
 The rounding follows the torch ops it replaces: ``x·Aᵀ`` is accumulated in float32 and
 rounded to the model's dtype, the product with ``Bᵀ`` accumulated in float32 and added to
-``y`` with one rounding. :mod:`lorakit.graph_decode` routes unmerged LoRA Linears through it
+``y`` with one rounding (a whole projection's base is rounded first, as ``F.linear`` rounds
+it; its sum runs in another order than cuBLAS's, so it equals the torch ops to rounding).
+:mod:`lorakit.graph_decode` routes unmerged LoRA Linears through it
 while it records a CUDA graph (where the kernel's Python launch cost is paid once). The
 kernel is built on first use, from Triton (part of every CUDA build of torch), and runs in
 Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how it is tested
@@ -37,7 +45,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits"]
+__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits", "linear_lora_group"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes (one dtype for all four tensors)
 MAX_ROWS = 16  # rows (batch x new tokens) up to which a step's LoRA term runs as one kernel
@@ -61,20 +69,144 @@ def available(device: torch.device | str | None = None) -> str | None:
         import triton  # noqa: F401
     except ImportError as e:
         return f"Triton is not installed ({e}); it comes with torch's CUDA builds"
-    return None if device is None else _trial(str(torch.device(device)))
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device: one trial
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _trial(str(device))
 
 
 @functools.cache
 def _trial(device: str) -> str | None:
-    """One tiny call on ``device``: None if it gives ``0.5 · 16 = 8`` everywhere, else why not."""
+    """Tiny calls of both kernels on ``device``: None if they give ``0.5 · 16 = 8`` and ``16 + 8 = 24``
+    everywhere, else why not."""
     try:
         ones = torch.ones(1, 16, device=device)
         y = add_lora_(torch.zeros(1, 16, device=device), ones, ones, ones.T.contiguous(), 0.5)
-        if not torch.equal(y.cpu(), torch.full((1, 16), 8.0)):
+        (whole,) = linear_lora_group(ones, [ones.T @ ones], [None], [ones], [ones.T.contiguous()], [0.5])
+        if not (torch.equal(y.cpu(), torch.full((1, 16), 8.0)) and torch.equal(whole.cpu(), torch.full((1, 16), 24.0))):
             return f"the kernel's result on {device} is wrong"
     except Exception as e:  # noqa: BLE001 - whatever Triton raises (no compiler for this GPU, a broken install)
         return f"the kernel fails on {device}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     return None
+
+
+def _check(
+    what: str,
+    x: torch.Tensor,
+    ys: Sequence[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    more: Sequence[torch.Tensor] = (),
+    in_place: bool = False,
+) -> tuple[int, int]:
+    """``(rows, in)`` of a call of 1-3 projections reading ``x``, after checking what the kernels need.
+
+    ``ys`` are the outputs (or, for :func:`linear_lora_group`, tensors of the outputs' shapes);
+    ``more`` other tensors that must share the dtype and device (base weights, biases);
+    ``in_place``: the ``ys`` are written in place (so they must be contiguous).
+    """
+    why = available()
+    if why is not None:
+        raise ConfigError(f"decode_lora.{what} cannot run: {why}; use the torch ops (lorakit's LoRA layers)")
+    members = len(ys)
+    if not 1 <= members <= 3 or not len(As) == len(Bs) == len(scales) == members:
+        raise ConfigError(f"decode_lora.{what} takes 1-3 projections, each with its A, B and scale")
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    problems = []
+    for y, A, B in zip(ys, As, Bs):
+        N, R = y.shape[-1], A.shape[0]
+        if A.shape != (R, K) or B.shape != (N, R) or y.shape[:-1] != x.shape[:-1]:
+            problems.append(f"shapes x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}")
+    tensors = [x, *ys, *As, *Bs, *more]
+    r = max(A.shape[0] for A in As)
+    if not fits(rows, r):
+        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {_MAX_CELLS}: a step's)")
+    if len({t.dtype for t in tensors}) != 1 or x.dtype not in DTYPES:
+        problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
+    if len({t.device for t in tensors}) != 1:
+        problems.append("tensors on different devices")
+    if in_place and not all(y.is_contiguous() for y in ys):
+        problems.append("an output y that is not contiguous (written in place through a 2-D view)")
+    if problems:
+        raise ConfigError(f"decode_lora.{what}: " + "; ".join(problems))
+    return rows, K
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 2-D with a contiguous last dimension (a view where it can be)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def linear_lora_group(
+    x: torch.Tensor,
+    Ws: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> list[torch.Tensor]:
+    """Whole projections reading one ``x``, in one kernel: ``F.linear(x, W, bias) + s·(x·Aᵀ)·Bᵀ`` each.
+
+    The base matmul runs in the same kernel as the LoRA term (1-3 projections: q/k/v, gate/up),
+    so a batch-1 decoding step's adapted projections cost one launch per group instead of a
+    cuBLAS kernel per projection plus one for the LoRA terms. Rounding: the base is rounded to
+    the model's dtype before the LoRA term is added, as ``F.linear`` then ``addmm_`` do; its
+    float32 sum runs in another order than cuBLAS's, so results equal the torch ops to
+    rounding, not bit for bit.
+
+    Args:
+        x: ``[..., in]``, at most :data:`MAX_ROWS` rows.
+        Ws: Each projection's base weight ``[out_i, in]``.
+        biases: Each one's bias ``[out_i]``, or None; all or none of them.
+        As: Each one's ``[r_i, in]`` A weight.
+        Bs: Each one's ``[out_i, r_i]`` B weight.
+        scales: Each one's scale.
+
+    Returns:
+        The outputs ``[..., out_i]``, new tensors.
+
+    Raises:
+        ConfigError: as :func:`add_lora_group_`, or a weight of the wrong shape, or some biases None.
+    """
+    if len(Ws) != len(As) or len(biases) != len(As):
+        raise ConfigError("decode_lora.linear_lora_group takes one W and one bias (or None) per projection")
+    has_bias = biases[0] is not None
+    if any((c is not None) != has_bias for c in biases):
+        raise ConfigError("decode_lora.linear_lora_group: give a bias for every projection or for none")
+    bad = [tuple(W.shape) for W in Ws if W.dim() != 2 or W.shape[1] != x.shape[-1]]
+    bad += [tuple(c.shape) for W, c in zip(Ws, biases) if c is not None and c.shape != W.shape[:1]]
+    if bad:
+        raise ConfigError(f"decode_lora.linear_lora_group: weights or biases of shapes {bad} for x {tuple(x.shape)}")
+    ys = [x.new_empty(*x.shape[:-1], W.shape[0]) for W in Ws]
+    rows, K = _check("linear_lora_group", x, ys, As, Bs, scales, [*Ws, *(c for c in biases if c is not None)])
+    x2, r = _rows_2d(x), max(A.shape[0] for A in As)
+    args = []  # per member: W, bias, A, B, y (2-D), N, R, scale, and the four row strides
+    for W, c, A, B, y, scale in zip(Ws, biases, As, Bs, ys, scales):
+        W, A, B = (t if t.stride(-1) == 1 else t.contiguous() for t in (W, A, B))
+        c = (c if c.is_contiguous() else c.contiguous()) if c is not None else W  # W: an unread placeholder
+        args.append((W, c, A, B, y.view(rows, y.shape[-1]), W.shape[0], A.shape[0], float(scale)))
+    members = len(args)
+    args += [args[0]] * (3 - members)
+    block_m = _pow2(rows)
+    _linear_kernel()[(sum(-(-a[5] // _BLOCK_N) for a in args[:members]),)](
+        x2, *(t for a in args for t in a[:5]),
+        rows, *(a[5] for a in args), *(a[6] for a in args), *(a[7] for a in args),
+        x2.stride(0), *(s for a in args for s in (a[0].stride(0), a[2].stride(0), a[3].stride(0), a[4].stride(0))),
+        K=K, BLOCK_M=block_m, BLOCK_R=_pow2(r), BLOCK_K=max(16, min(128, _ACC // (block_m * _BLOCK_N))),
+        BLOCK_N=_BLOCK_N, MEMBERS=members, HAS_BIAS=has_bias,
+    )  # fmt: skip
+    return ys
+
+
+def _linear_kernel() -> Any:
+    from .decode_lora_triton import linear_lora_kernel
+
+    return linear_lora_kernel
 
 
 def _kernel() -> Any:
@@ -136,34 +268,8 @@ def add_lora_group_(
     Raises:
         ConfigError: as :func:`add_lora_` (the largest rank counts for :func:`fits`), or not 1-3 members.
     """
-    why = available()
-    if why is not None:
-        raise ConfigError(f"decode_lora.add_lora_ cannot run: {why}; use the torch ops (lorakit's LoRA layers)")
-    members = len(ys)
-    if not 1 <= members <= 3 or not len(As) == len(Bs) == len(scales) == members:
-        raise ConfigError("decode_lora.add_lora_group_ takes 1-3 projections, each with y, A, B and a scale")
-    K = x.shape[-1]
-    rows = x.numel() // K if K else 0
-    problems = []
-    for y, A, B in zip(ys, As, Bs):
-        N, R = y.shape[-1], A.shape[0]
-        if A.shape != (R, K) or B.shape != (N, R) or y.shape[:-1] != x.shape[:-1]:
-            problems.append(f"shapes x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}")
-    tensors = [x, *ys, *As, *Bs]
-    r = max(A.shape[0] for A in As)
-    if not fits(rows, r):
-        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {_MAX_CELLS}: a step's)")
-    if len({t.dtype for t in tensors}) != 1 or x.dtype not in DTYPES:
-        problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
-    if len({t.device for t in tensors}) != 1:
-        problems.append("tensors on different devices")
-    if not all(y.is_contiguous() for y in ys):
-        problems.append("an output y that is not contiguous (written in place through a 2-D view)")
-    if problems:
-        raise ConfigError("decode_lora.add_lora_: " + "; ".join(problems))
-    x2 = x.reshape(rows, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    rows, K = _check("add_lora_", x, ys, As, Bs, scales, in_place=True)
+    x2, r, members = _rows_2d(x), max(A.shape[0] for A in As), len(ys)
     args = []  # per member: A, B, y (2-D, last dimension contiguous), N, R, scale, and the three row strides
     for y, A, B, scale in zip(ys, As, Bs, scales):
         A, B = (t if t.stride(-1) == 1 else t.contiguous() for t in (A, B))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["lora_add_kernel"]
+__all__ = ["linear_lora_kernel", "lora_add_kernel"]
 
 
 @triton.jit
@@ -82,3 +82,78 @@ def lora_add_kernel(
         else:
             one_block(x_ptr, a2, b2, y2, M, N2, R2, s2, stride_xm, sa2, sb2, sy2, pid - p0 - p1,
                       K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N)  # fmt: skip
+
+
+@triton.jit
+def linear_block(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
+    M, N, R, scale,
+    stride_xm, stride_wn, stride_ak, stride_bn, stride_ym, block,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    # Output columns [block * BLOCK_N, +BLOCK_N) of one projection: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ.
+    # W (N, K) row stride stride_wn; the rest as one_block. x is read once per K step for both
+    # products; the base is rounded to the model's dtype before the LoRA term is added, as
+    # F.linear and then addmm_ round it.
+    rows = tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.load(
+        b_ptr + outs[:, None] * stride_bn + ranks[None, :],
+        mask=(outs[:, None] < N) & (ranks[None, :] < R),
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_N, BLOCK_R)
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :],
+            mask=(rows[:, None] < M) & (cols[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(
+            w_ptr + outs[:, None] * stride_wn + cols[None, :],
+            mask=(outs[:, None] < N) & (cols[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        a = tl.load(
+            a_ptr + ranks[:, None] * stride_ak + cols[None, :],
+            mask=(ranks[:, None] < R) & (cols[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        acc_w += x[:, None, :] * w[None, :, :]
+        acc_a += x[:, None, :] * a[None, :, :]
+    base = tl.sum(acc_w, axis=2)  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        base += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    base = base.to(y_ptr.dtype.element_ty).to(tl.float32)
+    xa = tl.sum(acc_a, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_M, BLOCK_R)
+    delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
+    keep = (rows[:, None] < M) & (outs[None, :] < N)
+    tl.store(where, (base + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def linear_lora_kernel(
+    x_ptr, w0, c0, a0, b0, y0, w1, c1, a1, b1, y1, w2, c2, a2, b2, y2,
+    M, N0, N1, N2, R0, R1, R2, s0, s1, s2,
+    stride_xm, sw0, sa0, sb0, sy0, sw1, sa1, sb1, sy1, sw2, sa2, sb2, sy2,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    # 1-3 whole projections (base and LoRA term) reading one x; programs cover their outputs in turn.
+    pid = tl.program_id(0)
+    p0 = tl.cdiv(N0, BLOCK_N)
+    p1 = tl.cdiv(N1, BLOCK_N)
+    if MEMBERS == 1 or pid < p0:
+        linear_block(x_ptr, w0, c0, a0, b0, y0, M, N0, R0, s0, stride_xm, sw0, sa0, sb0, sy0, pid,
+                     K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, HAS_BIAS)  # fmt: skip
+    elif pid < p0 + p1:
+        linear_block(x_ptr, w1, c1, a1, b1, y1, M, N1, R1, s1, stride_xm, sw1, sa1, sb1, sy1, pid - p0,
+                     K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, HAS_BIAS)  # fmt: skip
+    else:
+        linear_block(x_ptr, w2, c2, a2, b2, y2, M, N2, R2, s2, stride_xm, sw2, sa2, sb2, sy2, pid - p0 - p1,
+                     K, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, HAS_BIAS)  # fmt: skip
