@@ -433,3 +433,21 @@ def test_a_kept_graph_replays_later_calls_as_fresh_ones(dtype, group):
         recorded = prefill
         fresh = static_decode(model, other_ids, other_mask, max_new_tokens=NEW, graph="on", reuse=False)
         assert torch.equal(got, fresh)
+
+
+@cuda
+def test_kept_prefill_graphs_of_several_widths_share_a_pool_up_to_the_cap(monkeypatch):
+    from lorakit import graph_decode
+
+    monkeypatch.setattr(graph_decode, "PREFILL_GRAPHS", 2)
+    model = _on_cuda("unmerged-lora", torch.float32)
+    batches = [
+        _batch(lengths, seed=i, device="cuda") for i, lengths in enumerate([[5, 2, 4], [20, 9, 17], [33, 1, 30]])
+    ]
+    for _ in range(3):  # widths 16, 32 and 48 (one cache length bucket); each recorded on its second call
+        for ids, mask in batches:
+            got = static_decode(model, ids, mask, max_new_tokens=NEW, graph="on")
+            assert torch.equal(got, static_decode(model, ids, mask, max_new_tokens=NEW, graph="on", reuse=False))
+    decoder = _kept(model)
+    assert sorted(w for w, (_, r) in decoder._prefills.items() if r is not None) == [16, 32]  # the cap: 48 eager
+    assert decoder._prefill_pool is not None

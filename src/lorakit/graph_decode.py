@@ -78,6 +78,7 @@ _REFUSED_OWNERS = {"lorakit.mixed": "a mixed-adapter batch (adapter_batch) route
 REUSE_BUCKET = 64  # static_decode(reuse=True): cache lengths rounded up to this, so calls of nearby lengths share
 FUSE_BASE = ("off", "groups", "all")  # fused_lora_terms(fuse_base=): where the base matmul joins the LoRA kernel
 PREFILL_BUCKET = 16  # a kept graphed decoder left-pads prompts to a multiple of this: one prefill graph per width
+PREFILL_GRAPHS = 8  # prefill widths a decoder records at most (more run eagerly); they share one memory pool
 _KEPT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, StaticDecoder]] = weakref.WeakKeyDictionary()
 _SAID: set[str] = set()  # why decode_lora could not run, as already told (fused_lora_terms)
 _OWNER = "lorakit.graph_decode"  # routes unmerged LoRA Linears through decode_lora while a graph is recorded
@@ -268,7 +269,8 @@ class StaticDecoder:
             the plain model's with ``"groups"``, 1.08x with ``"all"``, 1.13x with ``"off"``.
         graph_prefill: With ``graph``, record the prefill of a padded width as a CUDA graph the
             second time that width comes (the first prefill of a decoder is always eager: it lays
-            out the cache), and replay it after: for a decoder kept across calls.
+            out the cache), and replay it after: for a decoder kept across calls. At most
+            :data:`PREFILL_GRAPHS` widths, their graphs sharing one memory pool.
 
     Raises:
         ConfigError: :func:`capture_blocker` names a reason, or ``graph`` off a CUDA device.
@@ -306,6 +308,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         # graph_prefill: per padded width, its ids buffer and then (graph, logits); widths prefilled eagerly once
         self._prefills: dict[int, tuple[torch.Tensor, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None]] = {}
+        self._prefill_pool: Any = None
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         kinds = {type(layer).__name__ for layer in self.cache.layers}
         if kinds != {"StaticLayer"}:  # sliding-window layers keep a host-side length: not replayable
@@ -385,8 +388,11 @@ class StaticDecoder:
             ids = torch.zeros(batch, padded, dtype=torch.long, device=self.device)
         ids[:, : padded - width] = 0
         ids[:, padded - width :] = input_ids
-        if recorded is None and padded in self._prefills and not first:
-            recorded = self._record(functools.partial(self._run_prefill, ids), "prefill")
+        graphs = sum(r is not None for _, r in self._prefills.values())
+        if recorded is None and padded in self._prefills and not first and graphs < PREFILL_GRAPHS:
+            if self._prefill_pool is None:  # one memory pool for all prefill graphs: never replayed at once
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            recorded = self._record(functools.partial(self._run_prefill, ids), "prefill", self._prefill_pool)
             if recorded is None:
                 self.graph_prefill = False
         self._prefills[padded] = (ids, recorded)
@@ -457,11 +463,13 @@ class StaticDecoder:
         for layer, value in zip(self.cache.layers, saved):
             layer.cumulative_length.copy_(value)
 
-    def _record(self, run: Any, what: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    def _record(self, run: Any, what: str, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """Warm ``run`` up on a side stream, then record it: ``(graph, its output)``, or None after saying why.
 
         The cache's write counters are as before afterwards (the warm-ups write the slots ``run``
-        writes, which its replay writes again).
+        writes, which its replay writes again). ``pool``: a memory pool shared with other graphs
+        that are never replayed at once (another graph's replay may overwrite this one's output,
+        so it is read before the next replay).
         """
         saved, previous = self._counters(), torch.cuda.get_sync_debug_mode()
         side = torch.cuda.Stream(self.device)
@@ -486,7 +494,7 @@ class StaticDecoder:
                         torch.cuda.set_sync_debug_mode(previous)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=pool):
                     out = run()
                 recorded = graph, out
             except Exception as e:  # noqa: BLE001 - a host read (RuntimeError), or Triton failing on a shape
