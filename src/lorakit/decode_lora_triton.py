@@ -13,6 +13,13 @@ __all__ = ["linear_lora_kernel", "lora_add_kernel"]
 
 
 @triton.jit
+def tile(ptr, rows, cols, stride, n_rows, n_cols):
+    # ptr[rows, cols] in float32 (row stride `stride`, columns contiguous), 0 outside [n_rows) x [n_cols).
+    where = ptr + rows[:, None] * stride + cols[None, :]
+    return tl.load(where, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def one_block(
     x_ptr, a_ptr, b_ptr, y_ptr,
     M, N, R, scale,
@@ -29,32 +36,19 @@ def one_block(
     rows = tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.load(
-        b_ptr + outs[:, None] * stride_bn + ranks[None, :],
-        mask=(outs[:, None] < N) & (ranks[None, :] < R),
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_N, BLOCK_R), loaded before x·Aᵀ is needed
-    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
-    keep = (rows[:, None] < M) & (outs[None, :] < N)
-    y = tl.load(where, mask=keep, other=0.0)
+    b = tile(b_ptr, outs, ranks, stride_bn, N, R)  # (BLOCK_N, BLOCK_R), loaded before x·Aᵀ is needed
+    y = tile(y_ptr, rows, outs, stride_ym, M, N)
     acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_K), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :],
-            mask=(rows[:, None] < M) & (cols[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        a = tl.load(
-            a_ptr + ranks[:, None] * stride_ak + cols[None, :],
-            mask=(ranks[:, None] < R) & (cols[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
+        x = tile(x_ptr, rows, cols, stride_xm, M, K)
+        a = tile(a_ptr, ranks, cols, stride_ak, R, K)
         acc += x[:, None, :] * a[None, :, :]
-    xa = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_R) in float32
-    xa = xa.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as F.linear(x, A) is
+    xa = tl.sum(acc, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear(x, A) rounds it
     delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-    tl.store(where, (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
+    keep = (rows[:, None] < M) & (outs[None, :] < N)
+    tl.store(where, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -99,30 +93,14 @@ def linear_block(
     rows = tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.load(
-        b_ptr + outs[:, None] * stride_bn + ranks[None, :],
-        mask=(outs[:, None] < N) & (ranks[None, :] < R),
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_N, BLOCK_R)
+    b = tile(b_ptr, outs, ranks, stride_bn, N, R)  # (BLOCK_N, BLOCK_R)
     acc_w = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_K), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :],
-            mask=(rows[:, None] < M) & (cols[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(
-            w_ptr + outs[:, None] * stride_wn + cols[None, :],
-            mask=(outs[:, None] < N) & (cols[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        a = tl.load(
-            a_ptr + ranks[:, None] * stride_ak + cols[None, :],
-            mask=(ranks[:, None] < R) & (cols[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
+        x = tile(x_ptr, rows, cols, stride_xm, M, K)
+        w = tile(w_ptr, outs, cols, stride_wn, N, K)
+        a = tile(a_ptr, ranks, cols, stride_ak, R, K)
         acc_w += x[:, None, :] * w[None, :, :]
         acc_a += x[:, None, :] * a[None, :, :]
     base = tl.sum(acc_w, axis=2)  # (BLOCK_M, BLOCK_N)
