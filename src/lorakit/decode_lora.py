@@ -18,7 +18,7 @@ CUDA-graph replay, fp32; benchmarks/RESULTS.md, ``inference.py --static (cuda)``
 the unmerged step is 1.35x the plain model's with torch's three ops, 1.22x with one LoRA
 kernel per projection, 1.13x with one per q/k/v and gate/up group, 1.05x with those groups
 whole (base matmuls in the kernel; o and down a base matmul plus a LoRA kernel) and 1.08x
-with every projection whole (o and down alone keep too few programs busy). At batch 8 the
+with every projection whole. At batch 8 the
 LoRA kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows with the rows).
 So :func:`fits` takes it only up to :data:`_MAX_CELLS` padded rows x rank (batch 1-2 at
 r=16); larger calls keep the three ops. A first version with ``tl.dot`` per 64 input columns
@@ -104,8 +104,7 @@ def _check(
 ) -> tuple[int, int]:
     """``(rows, in)`` of a call of 1-3 projections reading ``x``, after checking what the kernels need.
 
-    ``ys`` are the outputs (or, for :func:`linear_lora_group`, tensors of the outputs' shapes);
-    ``more`` other tensors that must share the dtype and device (base weights, biases);
+    ``ys`` are the outputs; ``more`` other tensors that must share the dtype and device (base weights, biases);
     ``in_place``: the ``ys`` are written in place (so they must be contiguous).
     """
     why = available()
@@ -175,7 +174,7 @@ def linear_lora_group(
     """
     if len(Ws) != len(As) or len(biases) != len(As):
         raise ConfigError("decode_lora.linear_lora_group takes one W and one bias (or None) per projection")
-    has_bias = biases[0] is not None
+    has_bias = bool(biases) and biases[0] is not None
     if any((c is not None) != has_bias for c in biases):
         raise ConfigError("decode_lora.linear_lora_group: give a bias for every projection or for none")
     bad = [tuple(W.shape) for W in Ws if W.dim() != 2 or W.shape[1] != x.shape[-1]]
