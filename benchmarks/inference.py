@@ -8,8 +8,9 @@ On the CPU also plain-int8 and lorakit-int8-unmerged: the base's Linears in int8
 (`--quantize int8`, lorakit.int8), the adapter unmerged in fp32 on top.
 
 `--static` times lorakit.graph_decode instead (its own RESULTS section): static-KV-cache
-decoding of plain / unmerged / merged, each step one CUDA graph replay on a GPU (the graph
-recorded inside every timed call) and eager on the CPU, next to `model.generate`; the
+decoding of plain / unmerged / merged, each step one CUDA graph replay on a GPU (recorded
+inside every timed call, or once by a kept decoder whose later calls replay step and prefill)
+and eager on the CPU, next to `model.generate`, then one replayed step per LoRA route; the
 "x plain" column is the ratio issue 14 targets (unmerged <= 1.2x plain on a GPU).
 
     python benchmarks/inference.py [--new-tokens 48] [--repeats 5] [--static [--batch 1]] [--no-write]
