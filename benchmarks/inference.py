@@ -235,9 +235,9 @@ def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
     times: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
     decoders = {}
     for k, how in rows:
-        cells = decode_lora._MAX_CELLS
+        cells = decode_lora.MAX_CELLS
         if how == forced:
-            decode_lora._MAX_CELLS = 1 << 30  # a private limit, lifted while this row's graph is recorded
+            decode_lora.MAX_CELLS = 1 << 30  # the measured limit, lifted while this row's graph is recorded
         try:
             decoder = StaticDecoder(
                 variants[k],
@@ -248,7 +248,7 @@ def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
             tokens = decoder.prefill(ids, mask).argmax(-1)
             decoder.step(tokens)  # records the graph
         finally:
-            decode_lora._MAX_CELLS = cells
+            decode_lora.MAX_CELLS = cells
         decoders[(k, how)] = (decoder, tokens)
     for _ in range(repeats):
         for row, (decoder, tokens) in decoders.items():

@@ -123,8 +123,10 @@ def test_a_routed_decoding_step_equals_the_torch_ops(monkeypatch):
     model = _lora_model()
     assert decode_lora.available(DEVICE) is None  # its trial call done before the kernel is counted
     calls = []
-    kernel = decode_lora.add_lora_
-    monkeypatch.setattr(decode_lora, "add_lora_", lambda *a: calls.append(a[2].shape) or kernel(*a))
+    kernel = decode_lora.add_lora_group_
+    monkeypatch.setattr(
+        decode_lora, "add_lora_group_", lambda ys, x, As, *a: calls.append(len(As)) or kernel(ys, x, As, *a)
+    )
     ids = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 1, 2, 7]], device=DEVICE)
     mask = (ids > 0).long()
     routed = _decode(model, ids, mask, 3, device_types=(DEVICE,))
@@ -135,7 +137,7 @@ def test_a_routed_decoding_step_equals_the_torch_ops(monkeypatch):
 
 def test_calls_the_kernel_does_not_fit_run_the_layers_own_forward(monkeypatch):
     model = _lora_model()
-    monkeypatch.setattr(decode_lora, "add_lora_", lambda *a: pytest.fail("the kernel ran"))
+    monkeypatch.setattr(decode_lora, "add_lora_group_", lambda *a: pytest.fail("the kernel ran"))
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(decode_lora.MAX_ROWS + 1, 1, layer.in_features, device=DEVICE)  # prefill-sized
     with torch.inference_mode():

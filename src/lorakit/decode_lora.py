@@ -20,7 +20,7 @@ kernel per projection, 1.13x with one per q/k/v and gate/up group, 1.05x with th
 whole (base matmuls in the kernel; o and down a base matmul plus a LoRA kernel) and 1.08x
 with every projection whole. At batch 8 the
 LoRA kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows with the rows).
-So :func:`fits` takes it only up to :data:`_MAX_CELLS` padded rows x rank (batch 1-2 at
+So :func:`fits` takes it only up to :data:`MAX_CELLS` padded rows x rank (batch 1-2 at
 r=16); larger calls keep the three ops. A first version with ``tl.dot`` per 64 input columns
 took 16 µs a call (operands shuffled through shared memory): slower than the three ops.
 
@@ -45,11 +45,11 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DTYPES", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits", "linear_lora_group"]
+__all__ = ["DTYPES", "MAX_CELLS", "MAX_ROWS", "available", "add_lora_", "add_lora_group_", "fits", "linear_lora_group"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes (one dtype for all four tensors)
 MAX_ROWS = 16  # rows (batch x new tokens) up to which a step's LoRA term runs as one kernel
-_MAX_CELLS = 32  # padded rows x padded rank: measured faster at 1 x 16, slower at 8 x 16 (module docstring)
+MAX_CELLS = 32  # padded rows x padded rank: measured faster at 1 x 16, slower at 8 x 16 (module docstring)
 _ACC = 4096  # padded rows x rank x input columns summed per loop step (32 float32 registers a thread)
 _BLOCK_N = 32  # output columns per program: N / 32 programs (18-48 at the default model's shapes)
 
@@ -123,7 +123,7 @@ def _check(
     tensors = [x, *ys, *As, *Bs, *more]
     r = max(A.shape[0] for A in As)
     if not fits(rows, r):
-        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {_MAX_CELLS}: a step's)")
+        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {MAX_CELLS}: a step's)")
     if len({t.dtype for t in tensors}) != 1 or x.dtype not in DTYPES:
         problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
     if len({t.device for t in tensors}) != 1:
@@ -192,7 +192,7 @@ def linear_lora_group(
     members = len(args)
     args += [args[0]] * (3 - members)
     block_m = _pow2(rows)
-    _linear_kernel()[(sum(-(-a[5] // _BLOCK_N) for a in args[:members]),)](
+    _kernels().linear_lora_kernel[(sum(-(-a[5] // _BLOCK_N) for a in args[:members]),)](
         x2, *(t for a in args for t in a[:5]),
         rows, *(a[5] for a in args), *(a[6] for a in args), *(a[7] for a in args),
         x2.stride(0), *(s for a in args for s in (a[0].stride(0), a[2].stride(0), a[3].stride(0), a[4].stride(0))),
@@ -202,17 +202,11 @@ def linear_lora_group(
     return ys
 
 
-def _linear_kernel() -> Any:
-    from .decode_lora_triton import linear_lora_kernel
+def _kernels() -> Any:
+    """The module of the jitted kernels (imported on first use)."""
+    from . import decode_lora_triton
 
-    return linear_lora_kernel
-
-
-def _kernel() -> Any:
-    """The jitted kernel (its module is imported on first use)."""
-    from .decode_lora_triton import lora_add_kernel
-
-    return lora_add_kernel
+    return decode_lora_triton
 
 
 def _pow2(n: int) -> int:
@@ -224,7 +218,7 @@ def fits(rows: int, r: int) -> bool:
 
     Padded to powers of two, ``rows x r <= 32``: measured faster at 1 x 16, slower at 8 x 16 (H200).
     """
-    return 0 < rows <= MAX_ROWS and _pow2(rows) * _pow2(r) <= _MAX_CELLS
+    return 0 < rows <= MAX_ROWS and _pow2(rows) * _pow2(r) <= MAX_CELLS
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -275,7 +269,7 @@ def add_lora_group_(
         args.append((A, B, y.view(rows, y.shape[-1]), y.shape[-1], A.shape[0], float(scale)))
     args += [args[0]] * (3 - members)  # unused slots repeat the first member
     blocks = sum(-(-a[3] // _BLOCK_N) for a in args[:members])
-    _kernel()[(blocks,)](
+    _kernels().lora_add_kernel[(blocks,)](
         x2, *(t for a in args for t in a[:3]),
         rows, *(a[3] for a in args), *(a[4] for a in args), *(a[5] for a in args),
         x2.stride(0), *(s for a in args for s in (a[0].stride(0), a[1].stride(0), a[2].stride(0))),

@@ -123,14 +123,20 @@ class _Siblings:
         operands = [_kernel_operands(m, x) for m in self.members]
         if any(o is None for o in operands) or not decode_lora.fits(_rows(x), max(o[2].shape[0] for o in operands)):
             return None
-        Ws, biases, As, Bs, scales = zip(*operands)
-        if self.fuse_base and len({b is None for b in biases}) == 1:
-            ys = decode_lora.linear_lora_group(x, Ws, biases, As, Bs, scales)
-        else:
-            ys = [F.linear(x, W, bias) for W, bias in zip(Ws, biases)]
-            decode_lora.add_lora_group_(ys, x, As, Bs, scales)
+        ys = _project(x, operands, self.fuse_base)
         self.x, self.stash = x, dict(zip(self.members[1:], ys[1:]))
         return ys[0]
+
+
+def _project(x: torch.Tensor, operands: Sequence[tuple[Any, ...]], whole: bool) -> list[torch.Tensor]:
+    """The outputs of projections reading ``x``, each ``(W, bias, A, B, scale)``, in decode_lora kernels:
+    ``whole``, the base matmuls in the kernel too (where all or none have a bias), else cuBLAS's."""
+    Ws, biases, As, Bs, scales = zip(*operands)
+    if whole and len({b is None for b in biases}) == 1:
+        return decode_lora.linear_lora_group(x, Ws, biases, As, Bs, scales)
+    ys = [F.linear(x, W, bias) for W, bias in zip(Ws, biases)]
+    decode_lora.add_lora_group_(ys, x, As, Bs, scales)
+    return ys
 
 
 def _fused_lora_forward(
@@ -145,10 +151,7 @@ def _fused_lora_forward(
                 return y
         operands = _kernel_operands(layer, x)
         if operands is not None and decode_lora.fits(_rows(x), operands[2].shape[0]):
-            W, bias, A, B, scale = operands
-            if fuse_base:
-                return decode_lora.linear_lora_group(x, [W], [bias], [A], [B], [scale])[0]
-            return decode_lora.add_lora_(F.linear(x, W, bias), x, A, B, scale)
+            return _project(x, [operands], fuse_base)[0]
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
@@ -378,16 +381,11 @@ class StaticDecoder:
         self.positions.copy_(mask.sum(-1, keepdim=True))  # (B, 1): the first new token's position per row
         self.slot.fill_(padded)
         self.next_slot = padded  # the same, on the host: only to refuse a step past the cache's end
+        ids = F.pad(input_ids.to(self.device), (padded - width, 0))  # a new tensor, the bucket's padding 0
         if not self.graph_prefill:
-            ids = input_ids.to(self.device)
-            if padded > width:
-                ids = F.pad(ids, (padded - width, 0))
             return self._run_prefill(ids)
-        ids, recorded = self._prefills.get(padded, (None, None))
-        if ids is None:
-            ids = torch.zeros(batch, padded, dtype=torch.long, device=self.device)
-        ids[:, : padded - width] = 0
-        ids[:, padded - width :] = input_ids
+        kept, recorded = self._prefills.get(padded, (None, None))
+        ids = ids if kept is None else kept.copy_(ids)  # a recorded prefill reads its own ids buffer
         graphs = sum(r is not None for _, r in self._prefills.values())
         if recorded is None and padded in self._prefills and not first and graphs < PREFILL_GRAPHS:
             if self._prefill_pool is None:  # one memory pool for all prefill graphs: never replayed at once
