@@ -13,7 +13,7 @@
 # Usage there:  bash benchmarks/device_run.sh [what ...]   (carry .whl and .bench_model)
 #   what: env train layer inference profile compile decode static, or a pytest target such as tests/test_cuda.py
 #   decode: lorakit.graph_decode's CUDA tests (graphed step == eager step), then its benchmark
-#           (inference.py --static: unmerged vs plain decoding with CUDA graphs, batch 1 and 8)
+#           (inference.py --static: unmerged vs plain decoding with CUDA graphs, batch 1, 8 and 16)
 #   cpu-int8: train_step.py on the host's CPU (4 cores pinned with taskset where it exists, 4 threads):
 #           PEFT fp32/bf16 against lorakit auto (bf16 there) and int8, 6 steps, for an AMX CPU's int8 numbers.
 #           It can run beside a GPU target pinned to the other cores, e.g.
@@ -49,7 +49,8 @@ for w in $what; do
     compile) python3 benchmarks/train_step.py --device cuda --keep --variants lorakit-compile ;;
     decode) python3 -m pytest -q -rs tests/test_decode_lora.py tests/test_graph_decode.py
             python3 benchmarks/inference.py --device cuda --static
-            python3 benchmarks/inference.py --device cuda --static --batch 8 --no-write ;;
+            python3 benchmarks/inference.py --device cuda --static --batch 8 --no-write
+            python3 benchmarks/inference.py --device cuda --static --batch 16 --no-write ;;
     cpu-int8) lscpu | grep -E "Model name|Flags" | grep -o -E "Model name.*|amx_int8|amx_bf16|avx512_vnni|avx512_bf16" | sort -u
               pin=""; command -v taskset >/dev/null && pin="taskset -c 0-3"
               OMP_NUM_THREADS=4 timeout 420 $pin python3 benchmarks/train_step.py --device cpu --steps 6 --repeats 1 \

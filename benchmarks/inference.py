@@ -204,11 +204,12 @@ def static_decode_table(variants, prompt, device: torch.device, new_tokens: int,
         f"Machine: {machine()}; commit {git_rev()}; device {device.type}; {model_note()}.",
         "",
         f"Greedy decoding of {new_tokens} tokens (batch {batch}, no EOS stop), median of {repeats} calls; "
-        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; where they fit (batch 1-2), "
-        f"the unmerged q/k/v and gate/up projections are one decode_lora kernel per group with their base "
-        f"matmuls, o and down a base matmul plus one LoRA kernel; torch's three ops per LoRA term in the 'LoRA "
-        f"as 3 ops' row; the 'decoder kept' rows are timed after two untimed calls recorded the step and the "
-        f"prefill, so each call replays both); its unmerged tokens equal model.generate's: {same}.",
+        f"`static` = lorakit.graph_decode.static_decode on a static KV cache ({how}; the unmerged q/k/v and "
+        f"gate/up projections are one decode_lora kernel per group with their base matmuls (up to 16 rows), o and "
+        f"down a base matmul plus one LoRA kernel where that fits (rows x rank <= 32: batch 1-2 at r=16), else "
+        f"torch's three ops, as every LoRA term in the 'LoRA as 3 ops' row; the 'decoder kept' rows are timed "
+        f"after two untimed calls recorded the step and the prefill, so each call replays both); its unmerged "
+        f"tokens equal model.generate's: {same}.",
         "",
         "| variant | method | tokens/s | x plain (same method) |",
         "|---|---|---:|---:|",
@@ -229,8 +230,8 @@ def replay_table(variants, ids, mask, steps: int, repeats: int) -> list[str]:
 
     rows = [("plain", "-"), *(("lorakit-unmerged", how) for how in ROUTES), ("lorakit-merged", "-")]
     forced = None
-    if not decode_lora.fits(ids.shape[0], 16):  # the kernels' limit, lifted for one row: is it still right here?
-        forced = "groups whole, past decode_lora.fits (the kernels' row limit lifted)"
+    if not decode_lora.fits(ids.shape[0], 16):  # the LoRA kernel's limit, lifted for one row: still right here?
+        forced = "groups whole, o and down's LoRA kernel past decode_lora.fits (its limit lifted)"
         rows.insert(-1, ("lorakit-unmerged", forced))
     times: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
     decoders = {}

@@ -85,6 +85,8 @@ def test_bad_calls_are_clear_errors():
         big = torch.zeros(decode_lora.MAX_ROWS + 1, 32, device=DEVICE)
         decode_lora.add_lora_(torch.zeros(decode_lora.MAX_ROWS + 1, 48, device=DEVICE), big, A, B, 1.0)
     assert decode_lora.fits(2, 16) and decode_lora.fits(16, 2) and not decode_lora.fits(8, 16)
+    assert decode_lora.fits(8, 16, whole=True) and decode_lora.fits(16, 64, whole=True)  # whole: rows only
+    assert not decode_lora.fits(decode_lora.MAX_ROWS + 1, 1, whole=True) and not decode_lora.fits(0, 1, whole=True)
     with pytest.raises(ConfigError, match="rows"):  # within MAX_ROWS, but too many for this rank
         decode_lora.add_lora_(
             torch.zeros(8, 48, device=DEVICE), torch.zeros(8, 32, device=DEVICE), A.repeat(4, 1), B.repeat(1, 4), 1.0
@@ -274,6 +276,33 @@ def test_whole_projections_routed_decode_as_the_torch_ops(monkeypatch, fuse_base
     with pytest.raises(ConfigError, match="fuse_base"):
         with fused_lora_terms(model, fuse_base="yes"):
             pass
+
+
+@pytest.mark.parametrize("fuse_base", ["off", "groups", "all"])
+def test_past_the_lora_kernels_limit_only_whole_projections_run_as_kernels(monkeypatch, fuse_base):
+    model = _all_projections_model()  # r=4: 12 rows pad to 16 x 4 cells, past MAX_CELLS for the LoRA kernel
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 96, (12, 5), generator=g).to(DEVICE)
+    ids[::3, :2] = 0  # some rows left-padded
+    mask = (ids > 0).long()
+    want = _decode(model, ids, mask, 2)
+    assert decode_lora.available(DEVICE) is None
+    assert not decode_lora.fits(12, 4) and decode_lora.fits(12, 4, whole=True)
+    whole = []
+    linear = decode_lora.linear_lora_group
+    monkeypatch.setattr(decode_lora, "linear_lora_group", lambda x, Ws, *a: whole.append(len(Ws)) or linear(x, Ws, *a))
+    monkeypatch.setattr(decode_lora, "add_lora_group_", lambda *a: pytest.fail("the LoRA kernel ran past its limit"))
+    got = _decode(model, ids, mask, 2, device_types=(DEVICE,), group_siblings=True, fuse_base=fuse_base)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # per layer and step: q/k/v, gate/up whole ("groups"), and o, down too ("all"); 2 layers, 2 steps
+    assert whole == {"off": [], "groups": [3, 2] * 2 * 2, "all": [3, 1, 2, 1] * 2 * 2}[fuse_base]
+    x = torch.randn(8, 1, 32, device=DEVICE)  # the kernel itself takes 8 rows at rank 16 whole
+    W, A, B = torch.randn(48, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE), torch.randn(48, 16, device=DEVICE)
+    (y,) = linear(x, [W], [None], [A], [B], [0.5])
+    exact = x.double() @ W.double().T + 0.5 * (x.double() @ A.double().T) @ B.double().T
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ConfigError, match="rows"):
+        linear(torch.randn(decode_lora.MAX_ROWS + 1, 32, device=DEVICE), [W], [None], [A], [B], [0.5])
 
 
 def _all_projections_model():

@@ -258,9 +258,11 @@ def test_graphed_step_equals_eager_step(kind, dtype):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse_base", ["groups", "all"])
-def test_a_graph_with_whole_projections_in_one_kernel_steps_as_eager(fuse_base, dtype):
+@pytest.mark.parametrize("lengths", [LENGTHS, [5, 9, 3, 7, 1, 8, 6, 2, 9, 4, 7, 5]], ids=["3 rows", "12 rows"])
+def test_a_graph_with_whole_projections_in_one_kernel_steps_as_eager(lengths, fuse_base, dtype):
+    # 12 rows at r=4: past decode_lora.fits for the LoRA kernel alone, within it for whole projections
     model = _on_cuda("unmerged-lora", dtype)
-    ids, mask = _batch(device="cuda")
+    ids, mask = _batch(lengths, device="cuda")
     eager = StaticDecoder(model, ids.shape[1] + NEW)
     graphed = StaticDecoder(model, ids.shape[1] + NEW, graph=True, fuse_base=fuse_base)
     a, b = eager.prefill(ids, mask), graphed.prefill(ids, mask)

@@ -21,8 +21,12 @@ whole (base matmuls in the kernel; o and down a base matmul plus a LoRA kernel) 
 with every projection whole. At batch 8 the
 LoRA kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows with the rows).
 So :func:`fits` takes it only up to :data:`MAX_CELLS` padded rows x rank (batch 1-2 at
-r=16); larger calls keep the three ops. A first version with ``tl.dot`` per 64 input columns
-took 16 µs a call (operands shuffled through shared memory): slower than the three ops.
+r=16); larger calls keep the three ops. The whole-projection kernel wins at batch 8 too (the
+base matmul's weight is read once for all rows, where cuBLAS's fp32 kernels for 8 rows take
+twice their batch-1 time): with the kernels' limit lifted a batch-8 step was 0.82x the plain
+model's, so :func:`fits` takes whole projections up to :data:`MAX_ROWS` rows at any rank. A
+first version of the LoRA kernel with ``tl.dot`` per 64 input columns took 16 µs a call
+(operands shuffled through shared memory): slower than the three ops.
 
 The rounding follows the torch ops it replaces: ``x·Aᵀ`` is accumulated in float32 and
 rounded to the model's dtype, the product with ``Bᵀ`` accumulated in float32 and added to
@@ -49,7 +53,7 @@ __all__ = ["DTYPES", "MAX_CELLS", "MAX_ROWS", "available", "add_lora_", "add_lor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel takes (one dtype for all four tensors)
 MAX_ROWS = 16  # rows (batch x new tokens) up to which a step's LoRA term runs as one kernel
-MAX_CELLS = 32  # padded rows x padded rank: measured faster at 1 x 16, slower at 8 x 16 (module docstring)
+MAX_CELLS = 32  # LoRA term alone: padded rows x padded rank; measured faster at 1 x 16, slower at 8 x 16
 _ACC = 4096  # padded rows x rank x input columns summed per loop step (32 float32 registers a thread)
 _BLOCK_N = 32  # output columns per program: N / 32 programs (18-48 at the default model's shapes)
 
@@ -104,8 +108,9 @@ def _check(
 ) -> tuple[int, int]:
     """``(rows, in)`` of a call of 1-3 projections reading ``x``, after checking what the kernels need.
 
-    ``ys`` are the outputs; ``more`` other tensors that must share the dtype and device (base weights, biases);
-    ``in_place``: the ``ys`` are written in place (so they must be contiguous).
+    ``ys`` are the outputs; ``more`` other tensors that must share the dtype and device (a whole projection's
+    base weights and biases: then :func:`fits` is asked with ``whole``); ``in_place``: the ``ys`` are written in
+    place (so they must be contiguous).
     """
     why = available()
     if why is not None:
@@ -122,8 +127,9 @@ def _check(
             problems.append(f"shapes x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}")
     tensors = [x, *ys, *As, *Bs, *more]
     r = max(A.shape[0] for A in As)
-    if not fits(rows, r):
-        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows, rows x rank <= {MAX_CELLS}: a step's)")
+    if not fits(rows, r, whole=bool(more)):
+        limit = "" if more else f", rows x rank <= {MAX_CELLS}"
+        problems.append(f"{rows} rows at rank {r} (at most {MAX_ROWS} rows{limit}: a step's)")
     if len({t.dtype for t in tensors}) != 1 or x.dtype not in DTYPES:
         problems.append(f"dtypes {sorted({str(t.dtype) for t in tensors})} (one of {[str(d) for d in DTYPES]})")
     if len({t.device for t in tensors}) != 1:
@@ -213,11 +219,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def fits(rows: int, r: int) -> bool:
-    """Whether a call of ``rows`` rows and rank ``r`` is one the kernel runs faster than the three ops.
+def fits(rows: int, r: int, whole: bool = False) -> bool:
+    """Whether a call of ``rows`` rows and rank ``r`` is one the kernels run faster than torch's ops.
 
-    Padded to powers of two, ``rows x r <= 32``: measured faster at 1 x 16, slower at 8 x 16 (H200).
+    The LoRA term alone (:func:`add_lora_group_`): padded to powers of two, ``rows x r <= 32``,
+    measured faster than the three ops at 1 x 16, slower at 8 x 16 (H200). ``whole`` projections,
+    base matmul included (:func:`linear_lora_group`): up to :data:`MAX_ROWS` rows at any rank
+    (faster than cuBLAS plus the three ops at batch 1 and 8).
     """
+    if whole:
+        return 0 < rows <= MAX_ROWS
     return 0 < rows <= MAX_ROWS and _pow2(rows) * _pow2(r) <= MAX_CELLS
 
 

@@ -121,18 +121,24 @@ class _Siblings:
             return out
         self.x, self.stash = None, {}
         operands = [_kernel_operands(m, x) for m in self.members]
-        if any(o is None for o in operands) or not decode_lora.fits(_rows(x), max(o[2].shape[0] for o in operands)):
+        if any(o is None for o in operands):
             return None
         ys = _project(x, operands, self.fuse_base)
+        if ys is None:
+            return None
         self.x, self.stash = x, dict(zip(self.members[1:], ys[1:]))
         return ys[0]
 
 
-def _project(x: torch.Tensor, operands: Sequence[tuple[Any, ...]], whole: bool) -> list[torch.Tensor]:
-    """The outputs of projections reading ``x``, each ``(W, bias, A, B, scale)``, in decode_lora kernels:
-    ``whole``, the base matmuls in the kernel too (where all or none have a bias), else cuBLAS's."""
+def _project(x: torch.Tensor, operands: Sequence[tuple[Any, ...]], fuse_base: bool) -> list[torch.Tensor] | None:
+    """The outputs of projections reading ``x``, each ``(W, bias, A, B, scale)``, in decode_lora kernels, or
+    None where they do not fit (:func:`~lorakit.decode_lora.fits`): with ``fuse_base`` the base matmuls in the
+    kernel too (whole projections, where all or none have a bias), else cuBLAS's plus one LoRA kernel."""
     Ws, biases, As, Bs, scales = zip(*operands)
-    if whole and len({b is None for b in biases}) == 1:
+    whole = fuse_base and len({b is None for b in biases}) == 1
+    if not decode_lora.fits(_rows(x), max(A.shape[0] for A in As), whole=whole):
+        return None
+    if whole:
         return decode_lora.linear_lora_group(x, Ws, biases, As, Bs, scales)
     ys = [F.linear(x, W, bias) for W, bias in zip(Ws, biases)]
     decode_lora.add_lora_group_(ys, x, As, Bs, scales)
@@ -150,8 +156,9 @@ def _fused_lora_forward(
             if y is not None:
                 return y
         operands = _kernel_operands(layer, x)
-        if operands is not None and decode_lora.fits(_rows(x), operands[2].shape[0]):
-            return _project(x, [operands], fuse_base)[0]
+        ys = _project(x, [operands], fuse_base) if operands is not None else None
+        if ys is not None:
+            return ys[0]
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
