@@ -17,10 +17,10 @@ and fixed addresses:
   and the cache slot; the attention mask ``[B, 1, 1, max_len]`` is built inside the
   step from the prompt's padding mask and the slot, so nothing is read back to the host;
 * the adapters' route is whatever LoraLinear picks at capture (the active adapter,
-  unmerged), except that while recording, unmerged projections of batch 1-2 run as
-  Triton kernels (:mod:`lorakit.decode_lora`, :func:`fused_lora_terms`): q/k/v and
-  gate/up each one kernel with their base matmuls, o and down a base matmul plus one
-  kernel for the LoRA term, instead of three torch ops per LoRA term. Mixed-adapter
+  unmerged), except that while recording, unmerged projections run as Triton kernels
+  (:mod:`lorakit.decode_lora`, :func:`fused_lora_terms`): q/k/v and gate/up each one
+  kernel with their base matmuls (batch 1-16), o and down a base matmul plus one kernel
+  for the LoRA term (batch 1-2 at r=16; beyond that torch's three ops per LoRA term). Mixed-adapter
   batches (``adapter_batch``) are refused.
 
 :func:`static_decode` keeps its decoder per model (``reuse``) for the next call of the
@@ -267,7 +267,8 @@ class StaticDecoder:
         say: Called with one line if capture fails and the step runs eagerly instead.
         fuse_lora: Record each unmerged LoRA Linear's LoRA term as one Triton kernel
             (:mod:`lorakit.decode_lora`) instead of three torch ops where
-            :func:`~lorakit.decode_lora.fits` (batch 1-2 at r=16): fewer kernels per replay.
+            :func:`~lorakit.decode_lora.fits` (batch 1-2 at r=16; whole projections, ``fuse_base``,
+            batch 1-16): fewer kernels per replay.
         group_siblings: With ``fuse_lora``, one kernel per group of projections reading one input
             (q/k/v, gate/up; :func:`fused_lora_terms`): 4 LoRA kernels a Llama layer instead of 7
             (an H200, batch 1, base matmuls apart: a replayed step 1.13x the plain model's, 1.22x ungrouped).
@@ -276,7 +277,8 @@ class StaticDecoder:
         fuse_base: With ``fuse_lora``, the base matmul in the same kernel as the LoRA term
             (:func:`fused_lora_terms`): ``"groups"`` (q/k/v and gate/up each one kernel, whole),
             ``"all"`` (o and down too) or ``"off"``. On an H200 at batch 1 a replayed step is 1.05x
-            the plain model's with ``"groups"``, 1.08x with ``"all"``, 1.13x with ``"off"``.
+            the plain model's with ``"groups"``, 1.08x with ``"all"``, 1.13x with ``"off"``; at batch
+            8 0.76x, 0.93x and 1.25x.
         graph_prefill: With ``graph``, record the prefill of a padded width as a CUDA graph the
             second time that width comes (the first prefill of a decoder is always eager: it lays
             out the cache), and replay it after: for a decoder kept across calls. At most
