@@ -50,13 +50,18 @@ def test_gradcheck():
     h = torch.randn(7, 5, dtype=f64, generator=gen).requires_grad_()
     head = torch.randn(11, 5, dtype=f64, generator=gen).requires_grad_()
     labels = torch.tensor([1, -100, 10, 0, 3, -100, 7])
-    assert torch.autograd.gradcheck(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=2), (h, head))
+    for block in (None, 4):  # one block of the 11-token vocabulary, or 4 + 4 + 3
+        assert torch.autograd.gradcheck(
+            lambda h, w, block=block: chunked_cross_entropy(h, w, labels, chunk_size=2, vocab_block=block), (h, head)
+        )
 
 
+@pytest.mark.parametrize("block", [None, 7, 1], ids=["one block", "blocks of 7", "blocks of 1"])
 @pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16])
-def test_matches_full_logits(dtype):
+def test_matches_full_logits(dtype, block):
     hidden, head, labels = _data(dtype=dtype)
-    loss = chunked_cross_entropy(hidden, head, labels, chunk_size=8)  # 8 does not divide the 30 labelled rows
+    # 8 does not divide the 30 labelled rows, 7 not the 50-token vocabulary
+    loss = chunked_cross_entropy(hidden, head, labels, chunk_size=8, vocab_block=block)
     assert loss.dtype == (f64 if dtype == f64 else torch.float32)
     hr, wr, ref = _reference(hidden, head, labels)
     loss.backward()
@@ -92,7 +97,7 @@ def test_trained_head_upstream_scale_and_accumulation():
     labels2[0, :7] = -100
     labels = labels.view(2, 12)
     for lab, scale in ((labels, 3.7), (labels2, -0.5)):
-        (chunked_cross_entropy(hidden, head, lab, chunk_size=5) * scale).backward()
+        (chunked_cross_entropy(hidden, head, lab, chunk_size=5, vocab_block=16) * scale).backward()
     hr, wr, ref1 = _reference(hidden, head, labels)
     ref2 = F.cross_entropy((hr @ wr.t()).view(-1, 50), labels2.view(-1), ignore_index=-100)
     (ref1 * 3.7 + ref2 * -0.5).backward()
@@ -109,20 +114,21 @@ def test_backward_twice_with_retain_graph():
 
 
 def test_gradient_work_only_when_needed():
-    """1 head matmul per chunk for the loss, +1 for hidden's grad, +1 for a trained head's; none in backward."""
+    """Per chunk and vocabulary block, 1 head matmul for the loss, +1 for hidden's grad, +2 for a trained head's
+    (its logits again, then dW); none in backward; the loss the same bits whatever is asked."""
     hidden, head, labels = _data(n=20, dtype=torch.float32)  # 16 labelled rows, chunk 5: 4 chunks
-    chunks = 4
+    chunks = 4 * 2  # x 2 blocks of the 50-token vocabulary
 
     def run(h, w, grad=True):
         with _CountMatmuls() as fwd, torch.set_grad_enabled(grad):
-            loss = chunked_cross_entropy(h, w, labels, chunk_size=5)
+            loss = chunked_cross_entropy(h, w, labels, chunk_size=5, vocab_block=25)
         return loss, fwd.n
 
     no_grad_loss, n_no_grad = run(hidden, head, grad=False)
     plain_loss, n_plain = run(hidden.detach(), head.detach())
     assert not no_grad_loss.requires_grad and not plain_loss.requires_grad
     assert n_no_grad == n_plain == chunks
-    for h, w, per_chunk in ((hidden, head.detach(), 2), (hidden, head, 3), (hidden.detach(), head, 2)):
+    for h, w, per_chunk in ((hidden, head.detach(), 2), (hidden, head, 4), (hidden.detach(), head, 3)):
         loss, n = run(h, w)
         assert n == per_chunk * chunks
         assert torch.equal(loss.detach(), no_grad_loss) and torch.equal(plain_loss, no_grad_loss)
@@ -134,7 +140,7 @@ def test_gradient_work_only_when_needed():
 def test_bf16_autocast_matches_float64():
     hidden, head, labels = _data(n=40, hdim=32, vocab=300, seed=3, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = chunked_cross_entropy(hidden, head, labels, chunk_size=16)
+        loss = chunked_cross_entropy(hidden, head, labels, chunk_size=16, vocab_block=64)
     assert loss.dtype == torch.float32
     hr, wr, ref = _reference(hidden, head, labels)
     (loss * 3.7).backward()
@@ -143,7 +149,7 @@ def test_bf16_autocast_matches_float64():
     assert _rel(hidden.grad, hr.grad) < 2e-2 and _rel(head.grad, wr.grad) < 2e-2
     assert hidden.grad.dtype == head.grad.dtype == torch.float32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(chunked_cross_entropy(hidden, head, labels, chunk_size=16), loss.detach())
+        assert torch.equal(chunked_cross_entropy(hidden, head, labels, chunk_size=16, vocab_block=64), loss.detach())
 
 
 def test_errors():
@@ -154,6 +160,8 @@ def test_errors():
         chunked_cross_entropy(hidden, head, labels[:-1])
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_cross_entropy(hidden, head, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="vocab_block"):
+        chunked_cross_entropy(hidden, head, labels, vocab_block=0)
     bad = labels.clone()
     bad[1] = 50
     with pytest.raises(ValueError, match="label 50 is outside"):
