@@ -23,8 +23,10 @@ LoRA kernel lost (1.33x against 1.25x: each program's share of ``x·Aᵀ`` grows
 So :func:`fits` takes it only up to :data:`MAX_CELLS` padded rows x rank (batch 1-2 at
 r=16); larger calls keep the three ops. The whole-projection kernel wins at batch 8 too (the
 base matmul's weight is read once for all rows, where cuBLAS's fp32 kernels for 8 rows take
-twice their batch-1 time): with the kernels' limit lifted a batch-8 step was 0.82x the plain
-model's, so :func:`fits` takes whole projections up to :data:`MAX_ROWS` rows at any rank. A
+twice their batch-1 time), so :func:`fits` takes whole projections up to :data:`MAX_ROWS` rows
+at any rank: with q/k/v and gate/up whole and o and down on the three ops, a batch-8 step is
+0.76x the plain model's, a batch-16 one 0.78x (the LoRA kernel for o and down too, past its
+limit: 0.82x / 0.94x). A
 first version of the LoRA kernel with ``tl.dot`` per 64 input columns took 16 µs a call
 (operands shuffled through shared memory): slower than the three ops.
 
@@ -225,7 +227,7 @@ def fits(rows: int, r: int, whole: bool = False) -> bool:
     The LoRA term alone (:func:`add_lora_group_`): padded to powers of two, ``rows x r <= 32``,
     measured faster than the three ops at 1 x 16, slower at 8 x 16 (H200). ``whole`` projections,
     base matmul included (:func:`linear_lora_group`): up to :data:`MAX_ROWS` rows at any rank
-    (faster than cuBLAS plus the three ops at batch 1 and 8).
+    (faster than cuBLAS plus the three ops at batch 1, 8 and 16).
     """
     if whole:
         return 0 < rows <= MAX_ROWS

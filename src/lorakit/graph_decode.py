@@ -174,8 +174,9 @@ def fused_lora_terms(
 
     Each unrouted :class:`~lorakit.layers.LoraLinear` whose base weight is on one of
     ``device_types`` runs ``F.linear(x, W, bias)`` plus :func:`lorakit.decode_lora.add_lora_` for
-    calls that fit it (one active unmerged adapter, a plain base, few rows and a small rank:
-    :func:`~lorakit.decode_lora.fits`, no autograd, one dtype); other calls run the class's
+    calls that fit it (one active unmerged adapter, a plain base, few rows and, for the LoRA
+    kernel alone, a small rank: :func:`~lorakit.decode_lora.fits`, no autograd, one dtype), or
+    the whole projection in one kernel (``fuse_base``, below); other calls run the class's
     forward. :class:`StaticDecoder` records its graph inside this block. Nothing is routed where
     the kernel cannot run (:func:`~lorakit.decode_lora.available`: no Triton, or a GPU it cannot
     compile for); ``say`` is then told why.

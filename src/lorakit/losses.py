@@ -38,8 +38,8 @@ DEFAULT_CHUNK_SIZE = 512  # rows per chunk; measured fastest on CPU, see chunked
 # Vocabulary rows per block on a CPU: a block's logits (2048 x 512 rows x 4 bytes = 4 MiB) stay in the cache from
 # its matmul to its gradient's. The head with its input gradient for 437 rows (V = 49,152, H = 576), 2 threads on an
 # AMD EPYC (Zen 4): 286-287 ms at 1024-2048, 302 at 4096, against 381 ms holding all of a chunk's logits at once
-# (benchmarks/RESULTS.md, "loss.py"). Elsewhere (GPUs) one block holds the whole vocabulary: the same math, the fewest
-# kernel launches.
+# (benchmarks/RESULTS.md, "loss.py"). Elsewhere (GPUs) one block holds the whole vocabulary: the same math in the
+# fewest kernel launches.
 CPU_VOCAB_BLOCK = 2048
 
 
