@@ -14,7 +14,7 @@ three ways:
                     gradients computed in the forward pass, backward only scales them; on a CPU
                     block by block of the vocabulary (``CPU_VOCAB_BLOCK`` rows: a block's logits
                     stay in the cache), and once more with one block of the whole vocabulary
-                    (a chunk's logits held whole, as the function did before its blocks)
+                    (a chunk's logits held whole, as on a GPU)
 
 Times are medians over rounds in which the variants take turns (background
 load hits all alike). Peak memory comes from a fresh subprocess per variant:

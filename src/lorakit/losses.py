@@ -37,10 +37,16 @@ __all__ = ["CPU_VOCAB_BLOCK", "chunked_cross_entropy"]
 DEFAULT_CHUNK_SIZE = 512  # rows per chunk; measured fastest on CPU, see chunked_cross_entropy
 # Vocabulary rows per block on a CPU: a block's logits (2048 x 512 rows x 4 bytes = 4 MiB) stay in the cache from
 # its matmul to its gradient's. The head with its input gradient for 437 rows (V = 49,152, H = 576), 2 threads on an
-# AMD EPYC (Zen 4): 286-287 ms at 1024-2048, 302 at 4096, against 381 ms holding all of a chunk's logits at once
-# (benchmarks/RESULTS.md, "loss.py"). Elsewhere (GPUs) one block holds the whole vocabulary: the same math in the
-# fewest kernel launches.
+# AMD EPYC (Zen 4): 286-287 ms at 1024-2048, 302 at 4096, against 381 ms before the blocks (a chunk's logits whole)
+# (benchmarks/RESULTS.md, "The head in vocabulary blocks"). Elsewhere (GPUs) one block holds the whole vocabulary: the
+# same math in the fewest kernel launches.
 CPU_VOCAB_BLOCK = 2048
+
+
+def _in_block(t: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """Targets ``t [1, C]`` as row indices into the block ``[v0, v1)`` (clamped into it) and whether each is in it."""
+    local = t - v0
+    return local.clamp(0, v1 - v0 - 1), (local >= 0) & (local < v1 - v0)
 
 
 def _fused_ce(hidden, weight, rows, targets, chunk, cd, need_h, need_w, vocab_block):
@@ -76,9 +82,8 @@ def _fused_ce(hidden, weight, rows, targets, chunk, cd, need_h, need_w, vocab_bl
         g = torch.zeros(n, h.shape[1], dtype=acc, device=dev) if need_h else None  # Σ exp(logit − top) W_v
         for v0, v1 in blocks:
             logits = logits_of(v0, v1, ht)
-            local = t - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            picked += logits.gather(0, local.clamp(0, v1 - v0 - 1)).mul_(inside)
+            at, inside = _in_block(t, v0, v1)
+            picked += logits.gather(0, at).mul_(inside)
             new_top = torch.maximum(top, logits.amax(0, keepdim=True))
             rescale = (top - new_top).exp_()  # [1, C]; 0 on the first block
             expd = logits.sub_(new_top).exp_()  # in place: one exp pass, no temporary
@@ -95,9 +100,8 @@ def _fused_ce(hidden, weight, rows, targets, chunk, cd, need_h, need_w, vocab_bl
         if need_w:  # the final max and sum known: each block again, normalised, into dW = dlogits h
             for v0, v1 in blocks:
                 dlogits = logits_of(v0, v1, ht).sub_(top).exp_().div_(norm).mul_(1 / m)  # softmax / M
-                local = t - v0
-                inside = (local >= 0) & (local < v1 - v0)
-                dlogits.scatter_add_(0, local.clamp(0, v1 - v0 - 1), inside.to(acc).mul_(-1 / m))  # − onehot / M
+                at, inside = _in_block(t, v0, v1)
+                dlogits.scatter_add_(0, at, inside.to(acc).mul_(-1 / m))  # − onehot / M
                 if cd == acc:
                     gw[v0:v1].addmm_(dlogits, h)  # [Vb, H], no temporary
                 else:
