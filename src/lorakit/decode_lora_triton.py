@@ -20,6 +20,16 @@ def tile(ptr, rows, cols, stride, n_rows, n_cols):
 
 
 @triton.jit
+def store_with_lora(y_ptr, rows, outs, stride_ym, M, N, base, xa, b, scale):
+    # y[rows, outs] = base + scale·(xa·Bᵀ) in y's dtype, nothing stored outside [M) x [N);
+    # base (BLOCK_M, BLOCK_N), xa (BLOCK_M, BLOCK_R) and b (BLOCK_N, BLOCK_R) in float32.
+    delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
+    keep = (rows[:, None] < M) & (outs[None, :] < N)
+    tl.store(where, (base + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
 def one_block(
     x_ptr, a_ptr, b_ptr, y_ptr,
     M, N, R, scale,
@@ -45,10 +55,7 @@ def one_block(
         a = tile(a_ptr, ranks, cols, stride_ak, R, K)
         acc += x[:, None, :] * a[None, :, :]
     xa = tl.sum(acc, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear(x, A) rounds it
-    delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
-    keep = (rows[:, None] < M) & (outs[None, :] < N)
-    tl.store(where, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+    store_with_lora(y_ptr, rows, outs, stride_ym, M, N, y, xa, b, scale)
 
 
 @triton.jit
@@ -108,10 +115,7 @@ def linear_block(
         base += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     base = base.to(y_ptr.dtype.element_ty).to(tl.float32)
     xa = tl.sum(acc_a, axis=2).to(x_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_M, BLOCK_R)
-    delta = tl.sum(xa[:, None, :] * b[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-    where = y_ptr + rows[:, None] * stride_ym + outs[None, :]
-    keep = (rows[:, None] < M) & (outs[None, :] < N)
-    tl.store(where, (base + scale * delta).to(y_ptr.dtype.element_ty), mask=keep)
+    store_with_lora(y_ptr, rows, outs, stride_ym, M, N, base, xa, b, scale)
 
 
 @triton.jit
