@@ -11,9 +11,10 @@
 #       transformers==5.23.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 typing_extensions==4.16.0 tokenizers==0.23.3
 # Usage there:  bash benchmarks/device_run.sh [what ...]   (carry .whl and .bench_model)
-#   what: env train layer inference profile compile decode static, or a pytest target such as tests/test_cuda.py
+#   what: env train layer inference profile compile decode static int8cuda, or a pytest target such as tests/test_cuda.py
 #   decode: lorakit.graph_decode's CUDA tests (graphed step == eager step), then its benchmark
 #           (inference.py --static: unmerged vs plain decoding with CUDA graphs, batch 1, 8 and 16)
+#   int8cuda: benchmarks/int8_cuda.py (would int8 base matmuls beat bf16 on this GPU?)
 #   cpu-int8: train_step.py on the host's CPU (4 cores pinned with taskset where it exists, 4 threads):
 #           PEFT fp32/bf16 against lorakit auto (bf16 there) and int8, 6 steps, for an AMX CPU's int8 numbers.
 #           It can run beside a GPU target pinned to the other cores, e.g.
@@ -56,6 +57,7 @@ for w in $what; do
               OMP_NUM_THREADS=4 timeout 420 $pin python3 benchmarks/train_step.py --device cpu --steps 6 --repeats 1 \
                   --variants peft-fp32 peft-bf16 lorakit-auto lorakit-int8 --no-write ;;
     static) python3 benchmarks/inference.py --device cuda --static ;;  # batch 1 only
+    int8cuda) python3 benchmarks/int8_cuda.py ;;
     *) python3 -m pytest -q -x $w ;;
   esac 2>&1 | tee -a "$out/log.txt"
 done

@@ -416,6 +416,8 @@ def main() -> None:
             print(f"{v}: train.precision=auto resolves to fp32 here, the same run as lorakit-fp32; skipped")
         elif v == "lorakit-eager" and args.device == "cpu":
             print("lorakit-eager: no CUDA graphs on a CPU, the same run as lorakit-auto; skipped")
+        elif "int8" in v and args.device == "cuda":
+            print(f"{v}: int8 bases run on the CPU only (benchmarks/int8_cuda.py: not faster than bf16 here); skipped")
         else:
             variants.append(v)
     commit = git_rev()  # at the start: other work may be committed while the runs go on
