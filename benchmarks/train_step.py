@@ -213,7 +213,7 @@ def build(variant: str, workload: str, steps: int, device: str = "cpu"):
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, 2e-4, 0.0, dev)  # fused AdamW on CUDA, for PEFT too
+    opt = make_optimizer(params, 2e-4, 0.0, dev)  # fused AdamW (transformers.Trainer's default), for PEFT too
     graphs = None
     if variant.startswith("peft"):  # as transformers.Trainer(bf16=True) runs it
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)

@@ -38,3 +38,27 @@ def hf_lr_factors(schedule: str, total: int, warmup: int) -> list[float]:
 def test_lr_factor_follows_transformers_schedules(schedule, total, warmup):
     ours = [lr_factor(schedule, s, total, warmup) for s in range(total)]
     assert ours == pytest.approx(hf_lr_factors(schedule, total, warmup), abs=1e-12)
+
+
+def test_optimizer_is_torchs_fused_adamw_on_a_cpu_with_the_loops_results():
+    """make_optimizer steps the fused kernel on a CPU (as transformers' default adamw_torch_fused), and its
+    parameters after 5 steps equal the per-tensor AdamW's (the reference) within float rounding."""
+    from lorakit.train.schedule import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 24), (40, 16), (7,)]
+    ours = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    start = [p.detach().clone() for p in ours]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = make_optimizer(ours, 1e-2, 0.1, torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b, a0 in zip(ours, ref, start):
+        assert (a.detach() - a0).abs().mean() > 3e-3  # they moved (5 steps of up to lr each)
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
