@@ -300,3 +300,32 @@ def test_examples_attention_is_sdpa_bitwise_and_keeps_each_output_once(dtype):
     with torch.no_grad():
         plain, _ = padding_free._attention(attn, q, k, v, None, lorakit_segments=bounds, scaling=0.3)
     assert torch.equal(plain, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [[5, 5, 5, 3, 9, 9], [6, 6, 6, 6], [4, 7, 4]])
+def test_adjacent_examples_of_one_length_run_as_one_kernel_batch(sizes, dtype, attention_calls):
+    """Runs of adjacent equal-length examples go to the kernel as one batch (views, no copies); every
+    example's output and q/k/v gradients equal those of SDPA called per example (the reference) up to
+    float rounding (the batched kernel splits its work over threads differently: the last bit moves)."""
+    n = sum(sizes)
+    bounds = tuple(int(b) for b in torch.tensor([0, *sizes]).cumsum(0))
+    g = torch.Generator().manual_seed(1)
+
+    def leaf(heads):  # [1, heads, N, d] over a [1, N, heads, d] tensor, as the model's projections give it
+        return torch.randn(1, n, heads, 8, generator=g, dtype=dtype).transpose(1, 2).requires_grad_(True)
+
+    q, k, v = leaf(6), leaf(2), leaf(2)
+    attn = torch.nn.Module()
+    attn.num_key_value_groups = 3
+    dout = torch.randn(1, n, 6, 8, generator=g, dtype=dtype)
+    ref = _stock_examples(q, k, v, sizes, 0.25)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    out, _ = padding_free._attention(attn, q, k, v, None, lorakit_segments=bounds, scaling=0.25)
+    runs = [length for i, length in enumerate(sizes) if i == 0 or sizes[i - 1] != length]
+    assert attention_calls == runs  # one kernel call per run of one length
+    tol = {"rtol": 1e-12, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(out, ref, **tol)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), ref_grads, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
