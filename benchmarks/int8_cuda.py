@@ -49,10 +49,15 @@ def _ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x ≈ s · p`` per row: int8 codes ``p`` and fp32 scales ``s [rows, 1]``."""
+    s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(x / s).to(torch.int8), s
+
+
 def int8_linear(x: torch.Tensor, q_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``x Wᵀ`` with ``W ≈ diag(w_scale) Q`` (``q_t`` = Qᵀ, column-major) and x quantized per row."""
-    s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    p = torch.round(x / s).to(torch.int8)
+    p, s = quantize_rows(x)
     return torch._int_mm(p, q_t).float() * s * w_scale
 
 
@@ -63,7 +68,7 @@ def _measure(m: int, k: int, n: int, compiled, repeats: int) -> tuple[dict, floa
     w = torch.randn(n, k, device="cuda") * 0.05
     w_scale = w.abs().amax(1) / 127
     q_t = torch.round(w / w_scale[:, None]).to(torch.int8).t()  # (k, n), column-major
-    p = torch.round(x / (x.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
+    p, _ = quantize_rows(x)
     xb, wb = x.bfloat16(), w.bfloat16()
     ref = x.double() @ w.double().t()
     err = ((compiled(x, q_t, w_scale).double() - ref).norm() / ref.norm()).item()
