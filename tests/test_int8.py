@@ -285,6 +285,29 @@ def test_training_drops_the_codes_once_both_packs_exist_and_nothing_changes():
     assert layer._packed == {} and torch.equal(layer.qweight, codes) and torch.equal(layer.output(x), y)
 
 
+def test_lora_over_int8_inference_skips_the_autograd_op_and_computes_the_same():
+    """Without autograd (generate, eval, serve) a LoraLinear over an int8 base adds its LoRA term to the base's
+    own product, as the fused op's forward does: equal outputs, but no autograd node and no argument checks."""
+    lin, x = layer_and_data(n=37, k=96, m=80)
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"q_proj": int8.Int8Linear.from_linear(lin)}))
+    torch.manual_seed(0)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model[0]["q_proj"]
+    for rows in (x, x[5:6], x.view(1, 37, 96)):  # many rows (oneDNN), one row (fbgemm: decoding), 3-D
+        want = layer(rows.clone().requires_grad_())  # the fused op: autograd on
+        assert want.grad_fn is not None
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            got = layer(rows)
+        names = {e.name for e in prof.events()}
+        assert not any("LoraLinearFn" in n for n in names), sorted(names)
+        kernel = "quantized::linear_dynamic" if rows.numel() == 96 else "onednn::qlinear_pointwise"
+        assert kernel in names
+        assert got.shape == want.shape and torch.equal(got, want.detach())
+    with torch.inference_mode():  # and the LoRA term is there: the adapter's delta on the dequantized base
+        delta = x @ layer.delta_weight("default").t()
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), delta, rtol=1e-4, atol=1e-4)
+
+
 def test_the_onednn_int8_kernel_runs_and_no_float_matmul_of_the_base():
     lin, x = layer_and_data(n=64, k=96, m=80)
     layer = int8.Int8Linear.from_linear(lin)

@@ -278,6 +278,18 @@ class LoraLinear(LoraLayer):
             and not torch.is_autocast_enabled(x.device.type)
         )
 
+    def _quantized_inference(self, x: torch.Tensor, A: torch.Tensor) -> bool:
+        """Whether a one-adapter call on ``x`` over a quantized base takes the inference path: the base's own
+        product (its integer kernel, or its dequantized weight) plus an in-place LoRA term, the same math as
+        the fused op's forward without its autograd node and argument checks (a decoding step's 210 calls
+        over the default model's int8 base: about half of each call's time)."""
+        return (
+            self.quantized is not None
+            and not torch.is_grad_enabled()
+            and x.dtype == A.dtype == getattr(self.quantized, "compute_dtype", None)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def inference_operands(self, x: torch.Tensor) -> tuple[Any, ...] | None:
         """``(W, bias, A, B, scale)`` when :meth:`forward` on ``x`` would compute ``F.linear(x, W, bias) +
         scale·(x·Aᵀ)·Bᵀ`` on its inference path (one active unmerged adapter, a full-precision base, no
@@ -320,6 +332,13 @@ class LoraLinear(LoraLayer):
                 xa = F.linear(x, A)  # (..., r)
                 y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.T, alpha=self.scaling[name])
                 return y
+            if not dropping and self._quantized_inference(x, A):
+                x2 = x.reshape(-1, x.shape[-1])
+                y = W.output(x2, x.dtype)  # [N, out], a new tensor: the base's kernel
+                if bias is not None:
+                    y.add_(bias)
+                y.addmm_(F.linear(x2, A), B.T, alpha=self.scaling[name])
+                return y.view(*x.shape[:-1], y.shape[-1])
             # The fused path: one autograd node, LoRA term added in place, x saved once.
             return ops.lora_linear(
                 x,
