@@ -10,20 +10,21 @@ GEMM itself. Compiled by inductor (``torch.compile``, one kernel: a row reductio
 then the scaled, rounded u8 write) the same math reads ``x`` twice and writes only
 the codes: 3-5x faster on a CPU (benchmarks/RESULTS.md, "int8_schemes").
 
-The compiled form is built on first use and checked against the eager one on a
-small probe; where inductor cannot compile (no C++ compiler, an unsupported
-platform) or ``LORAKIT_INT8_FUSED=0`` is set, the eager passes run instead, with
-one warning. Codes agree with the eager ones up to a rounding tie (one code step).
+The compiled form is built on first use and checked against the eager math on
+small probes (:func:`lorakit.compiled.checked_kernel`); where inductor cannot compile
+(no C++ compiler, an unsupported platform; one warning) or ``LORAKIT_INT8_FUSED=0``
+is set, the eager passes run instead. Codes agree with the eager ones up to a
+rounding tie (one code step).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
 from torch import Tensor
+
+from .compiled import checked_kernel
 
 __all__ = ["ZERO_POINT", "quantize_rows", "fused_quantizer"]
 
@@ -50,12 +51,22 @@ def _eager(x2: Tensor, in_scale: Tensor | None) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def _inductor_options() -> dict[str, int] | None:
-    """The vector width inductor generates for, named: on an AVX512-VNNI CPU (AMD Zen 4, torch 2.13) the ISA it
-    picks by itself ("avx512_vnni") compiled this kernel into one that wrote out of bounds; plain AVX-512 and AVX2
-    code is correct (tests/test_row_quant.py runs the widths this CPU has)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {"cpp.simdlen": 512} if capability == "AVX512" else {"cpp.simdlen": 256} if capability == "AVX2" else None
+def _probes() -> list[tuple[Tensor, Tensor]]:
+    """Inputs below and well above one vector's width, columns of very different sizes, an all-zero row."""
+    g = torch.Generator().manual_seed(0)
+    probes = []
+    for n, k in ((6, 8), (67, 600)):
+        probe = torch.randn(n, k, generator=g) * torch.logspace(-2, 2, k)
+        probe[2] = 0.0  # an all-zero row: scale 1, codes 128
+        probes.append((probe, torch.rand(k, generator=g) + 0.5))
+    return probes
+
+
+def _same_codes(got: Tensor, want: Tensor) -> bool:
+    """Codes equal up to a rounding tie (one step); scales to float rounding."""
+    if got.dtype == torch.uint8:
+        return bool((got.int() - want.int()).abs().max() <= 1)
+    return torch.allclose(got, want, rtol=1e-6, atol=0)
 
 
 @functools.cache
@@ -65,31 +76,9 @@ def fused_quantizer():  # noqa: ANN201 - a compiled callable, or None
     Returns:
         A callable ``(x2, col_scale) -> (q, s)`` (inductor's one-kernel form), or None: use the eager passes.
     """
-    if os.environ.get("LORAKIT_INT8_FUSED", "1") == "0":
-        return None
-    try:
-        compiled = torch.compile(
-            _rows_math, dynamic=True, options=_inductor_options()
-        )  # past the recompile limit: eager
-        g = torch.Generator().manual_seed(0)
-        for n, k in ((6, 8), (67, 600)):  # below and well above one vector's width
-            probe = torch.randn(n, k, generator=g) * torch.logspace(-2, 2, k)
-            probe[2] = 0.0  # an all-zero row: scale 1, codes 128
-            col = torch.rand(k, generator=g) + 0.5
-            with torch.no_grad():
-                q, s = compiled(probe, col)
-            q0, s0 = _eager(probe, col)
-            if not (torch.allclose(s, s0, rtol=1e-6, atol=0) and (q.int() - q0.int()).abs().max() <= 1):
-                raise RuntimeError(f"the compiled quantizer disagrees with the eager one on a {n}x{k} probe")
-    except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
-        warnings.warn(
-            f"lorakit: int8 activations are quantized in eager passes (slower): torch.compile failed here "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-            f"set LORAKIT_INT8_FUSED=0 to skip the attempt",
-            stacklevel=2,
-        )
-        return None
-    return compiled
+    return checked_kernel(
+        _rows_math, _probes(), _same_codes, "int8 activations are quantized in eager passes", "LORAKIT_INT8_FUSED"
+    )
 
 
 @functools.cache
