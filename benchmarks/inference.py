@@ -4,8 +4,10 @@ SmolLM2-135M-Instruct with a LoRA adapter (r=16 on all seven projections,
 random non-zero B so the adapter is really computed), batch 1, greedy, the
 same prompt for all; variants take turns on each repeat so machine load hits
 them alike. Also times one forward over a 8 x 128 batch (prefill-like).
-On the CPU also plain-int8 and lorakit-int8-unmerged: the base's Linears in int8
-(`--quantize int8`, lorakit.int8), the adapter unmerged in fp32 on top.
+On the CPU also plain-int8 and lorakit-int8-unmerged: the model as `--quantize int8` builds it
+(lorakit.int8_model.quantize_for_inference: the Linears int8, the output head int8 weights with
+fp32 activations, lorakit.int8_head), the adapter unmerged in fp32 on top; and plain-int8-fp32-head,
+the same with the head left fp32 (what `--quantize int8` did before the int8 head).
 
 `--static` times lorakit.graph_decode instead (its own RESULTS section): static-KV-cache
 decoding of plain / unmerged / merged, each step one CUDA graph replay on a GPU (recorded
@@ -52,14 +54,14 @@ def _variants(base, peft, tok=None, others: bool = True):
         return variants
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg)).eval()
     variants["peft-unmerged"] = peft_model
-    if next(base.parameters()).device.type == "cpu":  # --quantize int8: int8 base Linears, the adapter fp32 on top
-        from lorakit.int8_model import calibration_ids, quantize_int8
+    if next(base.parameters()).device.type == "cpu":  # --quantize int8 as the CLI builds it, the adapter fp32 on top
+        from lorakit.int8_model import quantize_for_inference
 
-        calib = calibration_ids(tok) if tok is not None else None  # SmoothQuant calibrated as the CLI does
-        variants["plain-int8"] = quantize_int8(copy.deepcopy(base), calibration=calib).eval()
+        variants["plain-int8"] = quantize_for_inference(copy.deepcopy(base), "int8", tok).eval()
+        variants["plain-int8-fp32-head"] = quantize_for_inference(copy.deepcopy(base), "int8", tok, head=False).eval()
         torch.manual_seed(0)  # the same adapter as lorakit-unmerged
         variants["lorakit-int8-unmerged"] = lorakit.inject(
-            quantize_int8(copy.deepcopy(base), calibration=calib), lorakit.LoraConfig(init_lora_weights=False, **cfg)
+            quantize_for_inference(copy.deepcopy(base), "int8", tok), lorakit.LoraConfig(init_lora_weights=False, **cfg)
         ).eval()
     return variants
 

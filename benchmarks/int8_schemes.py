@@ -11,7 +11,11 @@ Quality: SmolLM2-135M-Instruct with every Linear but the head fake-quantized in 
 per token and top-1 agreement, on 8 x 64 tokens of examples/data/quickstart_train.jsonl;
 SmoothQuant's per-channel maxima are calibrated on quickstart_eval.jsonl (or README.md's text).
 
+Decoding head (``--decode-head``): the ``--quantize int8`` model with its output head fp32 or int8 weights
+(lorakit.int8_head): quality as above, and the head's time for a few rows (decoding steps).
+
     python benchmarks/int8_schemes.py [--repeats 20] [--no-quality] [--no-speed] [--no-head] [--rounding]
+                                      [--decode-head]
 """
 
 from __future__ import annotations
@@ -315,6 +319,53 @@ def head_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def decode_head_table(repeats: int) -> str:
+    """The output head with int8 weights for inference (``--quantize int8``, :mod:`lorakit.int8_head`).
+
+    Quality: the ``--quantize int8`` model (SmoothQuant and, where weights get 7 bits, GPTQ, calibrated on the
+    built-in text, as the CLI does) with the head fp32 or int8, KL(fp32 || it) and top-1 against the fp32 model
+    on 8 x 64 tokens of quickstart_train.jsonl. Speed: the head alone for 1-64 rows, fp32 ``F.linear`` against
+    :class:`~lorakit.int8_head.Int8Head`; two copies of each take turns, so neither is in cache when called (as in
+    a decoding step, where the 30 layers' weights pass through the cache between two head calls).
+    """
+    import copy
+
+    from lorakit.int8_head import Int8Head
+    from lorakit.int8_model import quantize_for_inference
+    from lorakit.models import load_model
+
+    model, tok = load_model()
+    model.eval()
+    ids = _tokens(tok, _rows_of(ROOT / "examples" / "data" / "quickstart_train.jsonl"), 8, 64)
+    with torch.no_grad():
+        ref = model(ids).logits.float().log_softmax(-1)
+    lines = ["| `--quantize int8` model | KL per token | top-1 |", "|---|---:|---:|"]
+    for name, head in (("head fp32", False), ("head int8 weights, fp32 activations", True)):
+        q = quantize_for_inference(copy.deepcopy(model), "int8", tok, head=head)
+        assert isinstance(q.lm_head, Int8Head) == head
+        with torch.no_grad():
+            got = q(ids).logits.float().log_softmax(-1)
+        kl = F.kl_div(got.flatten(0, 1), ref.flatten(0, 1), log_target=True, reduction="batchmean").item()
+        lines.append(f"| {name} | {kl:.4f} | {(got.argmax(-1) == ref.argmax(-1)).float().mean().item():.1%} |")
+    W = model.lm_head.weight.detach().float()
+    weights = [W, W.clone()]
+    heads = [Int8Head.from_linear(model.lm_head) for _ in weights]  # two copies of the codes
+    lines += ["", f"| head {W.shape[1]} -> {W.shape[0]}, rows | fp32 ms | int8 ms | x fp32 |", "|---|---:|---:|---:|"]
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 64):
+            x = torch.randn(rows, W.shape[1])
+            turn = [0]
+
+            def both(fn):
+                turn[0] ^= 1
+                return fn(turn[0])
+
+            t32 = _time(lambda: both(lambda i: F.linear(x, weights[i])), repeats)
+            t8 = _time(lambda: both(lambda i: heads[i](x)), repeats)
+            lines.append(f"| {rows} | {t32 * 1e3:.2f} | {t8 * 1e3:.2f} | {t8 / t32:.2f} |")
+    return "\n".join(lines)
+
+
 def rounding_table() -> str:
     """Weight rounding for the real kernels: round to nearest against GPTQ (:mod:`lorakit.gptq`).
 
@@ -371,8 +422,12 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-head", action="store_true", help="skip the output head's int8 table")
     ap.add_argument("--rounding", action="store_true", help="add the GPTQ weight-rounding table (~1.5 min)")
+    ap.add_argument("--decode-head", action="store_true", help="only the int8 decoding head's table (printed)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
+    if args.decode_head:  # a table of its own, printed: RESULTS.md quotes it in its End-to-end notes
+        print(f"{machine()}; {git_rev()}\n\n{decode_head_table(args.repeats)}")
+        return
     speed = "" if args.no_speed else speed_table(args.repeats)
     print(speed, flush=True)
     quality = "" if args.no_quality else quality_table()

@@ -465,6 +465,7 @@ def test_adapter_trained_in_int8_is_plain_fp32_peft_and_merges(runs, tmp_path):
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
     # --quantize int8 for inference: the adapter unmerged on the int8 base, close to PEFT's fp32
     model, _, _ = open_adapter(root / "int8", quantize="int8")
+    assert type(model.lm_head).__name__ == "Int8Head"  # the head's weights int8 too (lorakit.int8_head)
     layer = model.model.layers[1].mlp.down_proj
     assert isinstance(layer.quantized, int8.Base8bit) and not layer.merged_adapters
     with torch.no_grad():

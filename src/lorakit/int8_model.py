@@ -3,7 +3,9 @@
 :func:`quantize_int8` swaps a loaded model's Linear layers for
 :class:`lorakit.int8.Int8Linear` (the same ones a 4-bit base quantizes: not the
 output head, embeddings or norms, which stay fp32); the layer, its kernels and
-the LoRA interface are :mod:`lorakit.int8`'s.
+the LoRA interface are :mod:`lorakit.int8`'s. For inference only,
+:func:`quantize_for_inference` gives the output head int8 weights too
+(:class:`lorakit.int8_head.Int8Head`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, ModelLoadError
 from .gptq import DAMP, gptq_quantize
 from .int8 import INT8_ALTERNATIVE, Int8Linear, require_int8, weight_code_max
+from .int8_head import Int8Head, one_row_kernel_runs
 from .memory import return_freed_memory
 from .quant_model import release_checkpoint  # shared with 4-bit bases; re-exported here
 
@@ -35,6 +38,7 @@ __all__ = [
     "describe_int8",
     "check_int8_model_spec",
     "quantize_for_inference",
+    "quantize_head_int8",
     "release_checkpoint",
 ]
 
@@ -356,9 +360,13 @@ def describe_int8(model: nn.Module) -> str:
     smoothed = sum(m.input_scale is not None for m in layers)
     gptq = sum(m.rounding == "gptq" for m in layers)
     how = (f", SmoothQuant on {smoothed}" if smoothed else "") + (f", GPTQ rounding on {gptq}" if gptq else "")
+    if any(isinstance(m, Int8Head) for m in model.modules()):
+        rest = "head int8 weights with fp32 activations; embeddings, norms and LoRA fp32"
+    else:
+        rest = "head, embeddings, norms and LoRA fp32"
     return (
         f"int8 base: {len(layers)} Linear layers (int8 weights per output channel, int8 activations per row{how}; "
-        "head, embeddings, norms and LoRA fp32)"
+        f"{rest})"
     )
 
 
@@ -377,18 +385,45 @@ def check_int8_model_spec(model: object) -> None:
         )
 
 
-def quantize_for_inference(model: nn.Module, quantize: str, tokenizer=None) -> nn.Module:  # noqa: ANN001
+def quantize_head_int8(model: nn.Module) -> bool:
+    """Swap a model's output head (a plain ``nn.Linear`` on the CPU) for an :class:`~lorakit.int8_head.Int8Head`.
+
+    Inference only (training keeps the head fp32). Done only where the head's compiled one-row
+    loop runs: without it a decoding step's int8 head is slower than fp32's. A head tied to the
+    input embeddings leaves the embedding's fp32 weight as it is.
+
+    Args:
+        model: A transformers model (``get_output_embeddings``).
+
+    Returns:
+        True if the head was swapped.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu" or not one_row_kernel_runs():
+        return False
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Head.from_linear(head))
+    return True
+
+
+def quantize_for_inference(  # noqa: ANN001 - any transformers tokenizer
+    model: nn.Module, quantize: str, tokenizer=None, head: bool = True
+) -> nn.Module:
     """``--quantize`` of ``generate`` / ``chat`` / ``eval``: the loaded base's Linear layers to int8, in place.
 
     Decoding on a CPU is memory-bound: int8 weights move a quarter of fp32's bytes.
     Called before the adapter is loaded, so LoRA wraps the int8 layers and stays
-    unmerged in fp32 on top.
+    unmerged in fp32 on top. The output head, the widest matmul of a decoding step,
+    gets int8 weights too (:func:`quantize_head_int8`; its activations stay fp32).
 
     Args:
         model: The loaded base model (CPU, no LoRA yet).
         quantize: ``"none"`` or ``"int8"``.
         tokenizer: The model's tokenizer: SmoothQuant (and GPTQ, where weights get 7 bits) calibrated on
             :data:`CALIBRATION_TEXT` (``lorakit train`` calibrates on its training rows instead).
+        head: False keeps the output head fp32 (an adapter that adapts or retrains the head).
 
     Returns:
         ``model``.
@@ -403,4 +438,7 @@ def quantize_for_inference(model: nn.Module, quantize: str, tokenizer=None) -> n
         return model
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise ConfigError("--quantize int8 needs a full-precision base, but this one is 4-bit; drop --quantize.")
-    return quantize_int8(model, calibration=calibration_ids(tokenizer) if tokenizer is not None else None)
+    quantize_int8(model, calibration=calibration_ids(tokenizer) if tokenizer is not None else None)
+    if head:
+        quantize_head_int8(model)
+    return model

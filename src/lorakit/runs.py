@@ -226,8 +226,10 @@ def open_adapter(
             ``torch.dtype``); None or ``"auto"`` keeps the dtype the weights are stored in.
             The adapter's own weights stay float32.
         device: Where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); None = the CPU.
-        quantize: ``"int8"``: the base's Linear layers (not the head) become int8 with both
-            matmuls in int8 (:mod:`lorakit.int8`, CPU), the adapter unmerged in fp32 on top;
+        quantize: ``"int8"``: the base's Linear layers become int8 with both matmuls in int8
+            (:mod:`lorakit.int8`, CPU), the output head int8 weights with fp32 activations
+            (:mod:`lorakit.int8_head`; not where the adapter adapts or replaces it), the adapter
+            unmerged in fp32 on top;
             ``"nf4"`` / ``"fp4"``: the base loaded in 4 bits (:mod:`lorakit.quant`);
             None / ``"none"``: as loaded (a run trained on a 4-bit base reopens on it).
 
@@ -243,7 +245,9 @@ def open_adapter(
         ConfigError: ``lorakit.yaml`` or ``adapter_config.json`` is invalid.
     """
     adapter_dir, run_dir = find_adapter_dir(run_or_adapter)
-    config, _ = read_adapter(adapter_dir)  # format errors before a slow model load
+    config, saved = read_adapter(adapter_dir)  # format errors before a slow model load
+    keys = list(saved)
+    del saved
     spec, source = _choose_spec(model, adapter_dir, run_dir)
     name = spec.name
     if quantize is not None and str(quantize).lower() in ("nf4", "fp4"):  # a 4-bit base asked for by name
@@ -253,7 +257,8 @@ def open_adapter(
     if quantize is not None and str(quantize).lower() != "none":  # before the adapter: LoRA wraps int8 layers
         from .int8_model import quantize_for_inference
 
-        quantize_for_inference(base, quantize, tokenizer)  # SmoothQuant calibrated on the built-in text
+        # SmoothQuant calibrated on the built-in text; the head int8 too unless the adapter adapts or replaces it
+        quantize_for_inference(base, quantize, tokenizer, head=not _adapter_touches_head(base, keys))
     try:
         load_adapter(base, adapter_dir)
     except ModelMismatchError as e:
@@ -263,6 +268,18 @@ def open_adapter(
         ) from None
     base.eval()
     return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config, spec)
+
+
+def _adapter_touches_head(model: torch.nn.Module, keys: list[str]) -> bool:
+    """Whether saved adapter tensors adapt or replace the output head, or an input embedding tied to it."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return False
+    emb = get_in() if callable(get_in) else None
+    tied = emb is not None and getattr(emb, "weight", None) is getattr(head, "weight", None)
+    names = [n for n, m in model.named_modules() if m is head or (tied and m is emb)]
+    return any(k.startswith(f"{n}.") for k in keys for n in names)
 
 
 def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
