@@ -103,8 +103,9 @@ QuantizeOpt = Annotated[
     Quantize,
     typer.Option(
         "--quantize",
-        help="int8: the base's Linear layers in int8 (weights and matmuls, CPU; faster decoding), the adapter fp32 "
-        "on top; nf4 / fp4: a 4-bit (QLoRA) base; none: as stored (a run trained on a 4-bit base reopens on it).",
+        help="int8: the base's Linear layers in int8 (weights and matmuls, CPU; faster decoding) and the output "
+        "head's weights in int8, the adapter fp32 on top; nf4 / fp4: a 4-bit (QLoRA) base; none: as stored (a run "
+        "trained on a 4-bit base reopens on it).",
     ),
 ]
 
