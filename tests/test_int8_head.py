@@ -20,7 +20,7 @@ from tiny import make_tiny_model_dir  # noqa: E402
 
 from lorakit import int8, int8_head, int8_model  # noqa: E402
 from lorakit.int8_head import BLOCK, ROWS_MAX, Int8Head  # noqa: E402
-from lorakit.runs import _adapter_touches_head  # noqa: E402
+from lorakit.io import touches_output_head  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,8 +152,8 @@ def test_an_adapter_that_adapts_or_replaces_the_head_keeps_it_fp32(tmp_path):
     layer = "model.layers.0.self_attn.q_proj"
     for tied in (False, True):
         model = load(path, tied)
-        assert not _adapter_touches_head(model, [f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"])
-        assert _adapter_touches_head(model, ["lm_head.lora_A.weight"])  # LoRA on the head
-        assert _adapter_touches_head(model, ["lm_head.weight"])  # modules_to_save: a retrained head
+        assert not touches_output_head(model, [f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"])
+        assert touches_output_head(model, ["lm_head.lora_A.weight"])  # LoRA on the head
+        assert touches_output_head(model, ["lm_head.weight"])  # modules_to_save: a retrained head
         # a retrained input embedding matters only where the head is tied to it
-        assert _adapter_touches_head(model, ["model.embed_tokens.weight"]) == tied
+        assert touches_output_head(model, ["model.embed_tokens.weight"]) == tied

@@ -498,3 +498,36 @@ def test_adapter_of_a_wider_base_is_refused_naming_the_tensors(files, tmp_path):
     with pytest.raises(lorakit.ModelMismatchError, match=r"shape mismatch for .*7 more tensor\(s\) do not fit"):
         AdapterRegistry(model, BASE_ID).load("wide", adapter)
     assert lorakit.list_adapters(model) == []
+
+
+def test_serve_quantize_int8(files, tmp_path):
+    """`lorakit serve --quantize int8`: the base's Linears and head int8, adapters unmerged on top, mixed batches
+    decode; an adapter that adapts the int8 head is refused at load with a clear error."""
+    from lorakit.int8 import Int8Linear, int8_support
+    from lorakit.int8_head import Int8Head
+    from lorakit.serve import build_app
+
+    if int8_support() is not None:
+        pytest.skip(f"no int8 kernels: {int8_support()}")
+    loaded = load_model(files["model"])
+    model = loaded[0]
+    app = build_app(files["model"], {"a": files["a"], "b": files["b"]}, loaded=loaded, quantize="int8")
+    assert isinstance(model.lm_head, Int8Head)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, Int8Linear)  # adapter a wraps it
+    server = Server(app)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # one mixed batch: a, b and the base
+            futures = [
+                pool.submit(server.client.completions.create, model=m, prompt="say abc", max_tokens=6, temperature=0)
+                for m in ("a", "b", BASE_ID)
+            ]
+            outs = [f.result() for f in futures]
+        assert all(o.usage.completion_tokens >= 1 for o in outs)
+        status, body = server.raw("/v1/models", b"", method="GET")
+        assert status == 200 and {m["id"] for m in body["data"]} == {BASE_ID, "a", "b"}
+    finally:
+        server.stop()
+    head_adapter = _save_adapter(files["model"], tmp_path / "h", 4, 2, ["lm_head"])
+    registry = AdapterRegistry(model, BASE_ID)
+    with pytest.raises(lorakit.ConfigError, match="output head .* int8 weights"):
+        registry.load("h", head_adapter)

@@ -91,7 +91,7 @@ DeviceOpt = Annotated[
 
 
 class Quantize(str, Enum):
-    """``--quantize`` of ``generate``, ``chat`` and ``eval``."""
+    """``--quantize`` of ``generate``, ``chat``, ``eval`` and ``serve``."""
 
     none = "none"
     int8 = "int8"
@@ -446,6 +446,7 @@ def serve(
     ] = 4096,
     dtype: DtypeOpt = LoadDtype.auto,
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = Quantize.none,
 ) -> None:
     """Serve the base model and adapters over OpenAI's API until Ctrl-C (one log line per request)."""
     from lorakit.serve import ServeLimits
@@ -470,6 +471,7 @@ def serve(
         limits=ServeLimits(max_tokens=max_tokens),
         dtype=dtype.value,
         device=device,
+        quantize=quantize.value,
     )
 
 

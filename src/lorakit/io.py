@@ -27,10 +27,11 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
 from .files import write_dir_atomic
 from .inject import lora_layers
+from .int8_head import Int8Head
 from .layers import LoraLayer, ModulesToSaveWrapper
 from .quant_model import quantization_info
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "LORA_KEY"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "touches_output_head", "LORA_KEY"]
 
 PREFIX = "base_model.model."
 _BIN_NAME = "adapter_model.bin"
@@ -204,6 +205,13 @@ def load_adapter(
     if adapter_name in get_configs(model):
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; load it under another name.")
     _check_modules_exist(model, path, tensors)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if isinstance(get_head() if callable(get_head) else None, Int8Head) and touches_output_head(model, list(tensors)):
+        raise ConfigError(
+            f"the adapter in {path} adapts or replaces the output head (or the input embedding tied to it), "
+            "but this model's head has int8 weights (--quantize int8); load the base without --quantize int8 "
+            "to use this adapter."
+        )
     _note_base(model, path)
     with restore_on_error(model):
         inject(model, config, adapter_name)
@@ -212,6 +220,19 @@ def load_adapter(
         if not is_trainable:
             freeze_adapter(model, adapter_name)
     return model
+
+
+def touches_output_head(model: nn.Module, keys: list[str]) -> bool:
+    """Whether adapter tensors (keys as :func:`read_adapter` gives them) adapt or replace the model's output head,
+    or an input embedding tied to it (``modules_to_save`` of either, LoRA on either)."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return False
+    emb = get_in() if callable(get_in) else None
+    tied = emb is not None and getattr(emb, "weight", None) is getattr(head, "weight", None)
+    names = [n for n, m in model.named_modules() if m is head or (tied and m is emb)]
+    return any(k.startswith(f"{n}.") for k in keys for n in names)
 
 
 def _note_base(model: nn.Module, path: Path) -> None:

@@ -29,7 +29,7 @@ import yaml
 from . import models
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFormatError, ConfigError, ModelMismatchError
-from .io import load_adapter, read_adapter
+from .io import load_adapter, read_adapter, touches_output_head
 
 __all__ = [
     "RUN_CONFIG_NAME",
@@ -258,7 +258,7 @@ def open_adapter(
         from .int8_model import quantize_for_inference
 
         # SmoothQuant calibrated on the built-in text; the head int8 too unless the adapter adapts or replaces it
-        quantize_for_inference(base, quantize, tokenizer, head=not _adapter_touches_head(base, keys))
+        quantize_for_inference(base, quantize, tokenizer, head=not touches_output_head(base, keys))
     try:
         load_adapter(base, adapter_dir)
     except ModelMismatchError as e:
@@ -268,18 +268,6 @@ def open_adapter(
         ) from None
     base.eval()
     return base, tokenizer, AdapterInfo(adapter_dir, run_dir, name, source, config, spec)
-
-
-def _adapter_touches_head(model: torch.nn.Module, keys: list[str]) -> bool:
-    """Whether saved adapter tensors adapt or replace the output head, or an input embedding tied to it."""
-    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is None:
-        return False
-    emb = get_in() if callable(get_in) else None
-    tied = emb is not None and getattr(emb, "weight", None) is getattr(head, "weight", None)
-    names = [n for n, m in model.named_modules() if m is head or (tied and m is emb)]
-    return any(k.startswith(f"{n}.") for k in keys for n in names)
 
 
 def last_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

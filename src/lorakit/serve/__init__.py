@@ -10,6 +10,7 @@ imports :mod:`lorakit.train`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -56,6 +57,7 @@ def build_app(
     dtype: str | None = None,
     device: str | None = None,
     loaded: tuple[Any, Any] | None = None,
+    quantize: str | None = None,
 ) -> Any:
     """Load the base model and adapters and return the FastAPI app that serves them.
 
@@ -69,6 +71,10 @@ def build_app(
         dtype: weight dtype (``"fp32"``, ``"bf16"``...); None keeps the stored one.
         device: where to run (``"cpu"``, ``"cuda"``); None: CPU.
         loaded: an already loaded ``(model, tokenizer)`` to serve instead of loading ``model``.
+        quantize: ``"int8"``: the base's Linear layers int8 and its output head's weights int8, as ``lorakit
+            generate --quantize int8`` (CPU; :func:`lorakit.int8_model.quantize_for_inference`; the head stays
+            fp32 when an adapter served from the start adapts or replaces it); ``"nf4"`` / ``"fp4"``: a 4-bit
+            base; None / ``"none"``: as stored.
 
     Returns:
         The app (its lifespan starts and stops the engine).
@@ -80,10 +86,20 @@ def build_app(
     from ..models import ModelSpec, load_model
 
     spec = ModelSpec.parse(model)  # a name, or {name, quantization: nf4 | fp4, ...} for a 4-bit (QLoRA) base
+    q = str(quantize or "none").lower()
+    if q in ("nf4", "fp4"):
+        spec = dataclasses.replace(spec, quantization=q)
     model = spec.name
     if loaded is None:
         loaded = load_model(model, dtype=dtype, device=device, **spec.load_kwargs())
     base, tokenizer = loaded
+    if q not in ("none", "nf4", "fp4"):
+        from ..int8_model import quantize_for_inference
+        from ..io import read_adapter, touches_output_head
+        from ..runs import find_adapter_dir
+
+        keys = [k for path in (adapters or {}).values() for k in read_adapter(find_adapter_dir(path)[0])[1]]
+        quantize_for_inference(base, q, tokenizer, head=not touches_output_head(base, keys))
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -104,6 +120,7 @@ def serve(
     limits: ServeLimits | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Serve the base model and adapters over OpenAI's API until Ctrl-C / SIGTERM.
 
@@ -112,7 +129,7 @@ def serve(
     (adapter, tokens, latency) goes to the console.
 
     Args:
-        model, adapters, max_batch, admin_token, limits, dtype, device: as in :func:`build_app`.
+        model, adapters, max_batch, admin_token, limits, dtype, device, quantize: as in :func:`build_app`.
         host: the address to bind (loopback by default; another address exposes the server).
         port: the TCP port.
 
@@ -126,7 +143,14 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("lorakit.serve").setLevel(logging.INFO)
     app = build_app(
-        model, adapters, max_batch=max_batch, admin_token=admin_token, limits=limits, dtype=dtype, device=device
+        model,
+        adapters,
+        max_batch=max_batch,
+        admin_token=admin_token,
+        limits=limits,
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
     )
     log.info("serving on http://%s:%d/v1 (admin API %s)", host, port, "on" if admin_token else "off")
     # uvicorn drains the running requests on SIGINT / SIGTERM, then raises the signal again with the handlers
