@@ -21,6 +21,8 @@ Decoding head (``--decode-head``): the ``--quantize int8`` model with its output
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import sys
 import time
@@ -48,6 +50,12 @@ def _time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def _taking_turns(fns):
+    """One callable that calls ``fns[0]``, ``fns[1]``, ... in turn, one per call."""
+    turns = itertools.cycle(fns)
+    return lambda: next(turns)()
 
 
 def _wq(W):
@@ -354,14 +362,8 @@ def decode_head_table(repeats: int) -> str:
     with torch.inference_mode():
         for rows in (1, 2, 4, 8, 64):
             x = torch.randn(rows, W.shape[1])
-            turn = [0]
-
-            def both(fn):
-                turn[0] ^= 1
-                return fn(turn[0])
-
-            t32 = _time(lambda: both(lambda i: F.linear(x, weights[i])), repeats)
-            t8 = _time(lambda: both(lambda i: heads[i](x)), repeats)
+            t32 = _time(_taking_turns([functools.partial(F.linear, x, w) for w in weights]), repeats)
+            t8 = _time(_taking_turns([functools.partial(h, x) for h in heads]), repeats)
             lines.append(f"| {rows} | {t32 * 1e3:.2f} | {t8 * 1e3:.2f} | {t8 / t32:.2f} |")
     return "\n".join(lines)
 
