@@ -104,5 +104,7 @@ def quantize_rows(x2: Tensor, in_scale: Tensor | None = None) -> tuple[Tensor, T
     fused = fused_quantizer() if x2.device.type == "cpu" and x2.shape[0] > 1 else None
     if fused is None:
         return _eager(x2, in_scale)
-    with torch.no_grad():  # codes carry no gradient; one grad mode, so one compiled entry serves training and eval
-        return fused(x2, _ones(x2.shape[1], x2.device) if in_scale is None else in_scale)
+    # codes carry no gradient; one grad mode, one requires_grad flag and one autocast state (training steps turn
+    # autocast's cache off), so one compiled entry serves training, eval and the calibration
+    with torch.no_grad(), torch.autocast("cpu", enabled=False, cache_enabled=False):
+        return fused(x2.detach(), _ones(x2.shape[1], x2.device) if in_scale is None else in_scale)
